@@ -1,0 +1,2 @@
+"""CODIS: multimodal alignment with a representation codebook, on top of ALBEF."""
+__version__ = "0.1.0"

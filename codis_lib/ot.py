@@ -1,0 +1,211 @@
+"""Entropic optimal transport between a batch of features and a codebook (Sinkhorn-Knopp).
+
+CODIS (METHOD.md, "Optimal transport plans") assigns the B teacher features of a batch to the K codes
+with an *equal-partition* constraint: every sample sends mass 1/B, every code receives mass 1/K. The
+entropic solution has the form
+
+    P = diag(a) . exp(S / eps) . diag(b)          S: (B, K) similarity scores
+
+and Sinkhorn-Knopp alternates between fixing the code marginals (update b) and the sample marginals
+(update a). SwAV's reference loop rescales the whole B x K matrix in place twice per iteration; here
+only the two scaling vectors change, so each iteration is two matrix-vector products and the plan is
+formed once at the end. Both give the same plan (tests check this against a step-by-step reference
+and against POT).
+
+In a distributed run the sample axis is split over processes. The code marginals are sums over the
+*global* batch, so they are all-reduced; the result equals the single-process plan on the
+concatenated batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from codis_lib.distributed import all_reduce_max_, all_reduce_sum_, is_distributed
+
+__all__ = ["sinkhorn", "sinkhorn_log", "ot_cost", "SinkhornResult", "sinkhorn_with_info"]
+
+
+def _check_inputs(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None) -> None:
+    """Raise a ValueError naming the offending argument when the Sinkhorn inputs are unusable."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor of shape (B, K), got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape (B, K) (samples x codes), got shape {tuple(scores.shape)}")
+    batch, codes = scores.shape
+    if batch == 0:
+        raise ValueError("scores has B = 0 samples (shape[0] == 0); Sinkhorn needs at least one sample")
+    if codes == 0:
+        raise ValueError("scores has K = 0 codes (shape[1] == 0); Sinkhorn needs at least one code")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(f"scores contains {bad} non-finite value(s) (NaN or inf); Sinkhorn needs finite scores")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (the entropic regularisation), got {eps!r}")
+    if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1):
+        raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}")
+    if tol is not None and (not isinstance(tol, (int, float)) or not tol > 0):
+        raise ValueError(f"tol must be a number > 0 (marginal error at which to stop), got {tol!r}")
+    if n_iters is None and tol is None:
+        raise ValueError("give n_iters (a fixed number of iterations) or tol (run to convergence), or both")
+
+
+@dataclass
+class SinkhornResult:
+    """A plan with each row summing to 1, the iterations run and the final code-marginal error."""
+
+    plan: torch.Tensor  # (B, K) float32, rows sum to 1
+    n_iters: int
+    marginal_error: float  # L2 distance of the mass-1 plan's code marginal from uniform 1/K
+
+
+def _working_precision(scores: torch.Tensor) -> torch.Tensor:
+    """Return detached scores in float32, or float64 when given float64 (bf16/fp16 are upcast)."""
+    scores = scores.detach()
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
+def _global_batch(local_batch: int, device: torch.device, distributed: bool) -> int:
+    """Return the number of samples over all ranks."""
+    if not (distributed and is_distributed()):
+        return local_batch
+    count = torch.tensor([float(local_batch)], device=device)
+    return int(all_reduce_sum_(count).item())
+
+
+def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None,
+                    max_iters: int, distributed: bool) -> SinkhornResult:
+    """Scaling-vector Sinkhorn in the exp domain; returns rows normalised to sum to 1."""
+    scores = _working_precision(scores)
+    batch, codes = scores.shape
+    global_batch = _global_batch(batch, scores.device, distributed)
+    # A global shift of the scores is a constant factor on the kernel and cancels in the first
+    # code-marginal update; it keeps exp() in range for ordinary eps.
+    shift = scores.max().reshape(1)
+    if distributed:
+        all_reduce_max_(shift)
+    kernel = torch.exp((scores - shift) / eps)  # (B, K)
+    sample_scale = torch.full((batch,), 1.0 / global_batch, device=scores.device, dtype=scores.dtype)  # a: (B,)
+    code_scale = torch.ones(codes, device=scores.device, dtype=scores.dtype)  # b: (K,)
+    limit = n_iters if n_iters is not None else max_iters
+    done, error = 0, float("nan")
+    for done in range(1, limit + 1):
+        code_mass = sample_scale @ kernel  # (K,) column sums of diag(a) K
+        if distributed:
+            all_reduce_sum_(code_mass)
+        if tol is not None and done > 1:
+            # The plan's current code marginal is b * (K^T a); its distance to uniform is free here.
+            error = float(torch.linalg.vector_norm(code_scale * code_mass - 1.0 / codes))
+            if error <= tol:
+                done -= 1
+                break
+        code_scale = 1.0 / (codes * code_mass)
+        sample_scale = 1.0 / (global_batch * (kernel @ code_scale))  # (B,)
+    if not (bool(torch.isfinite(code_scale).all()) and bool(torch.isfinite(sample_scale).all())):
+        raise FloatingPointError(
+            f"Sinkhorn overflowed/underflowed in the exp domain at eps={eps}: exp(scores / eps) leaves "
+            "some code or sample with zero mass. Use log_domain=True (sinkhorn_log) for small eps.")
+    plan = kernel * code_scale  # (B, K); row normalisation below equals the final a-update times B
+    plan = plan / plan.sum(dim=1, keepdim=True)
+    if tol is not None and math.isnan(error):
+        error = _code_marginal_error(plan, global_batch, distributed)
+    return SinkhornResult(plan=plan, n_iters=done, marginal_error=error)
+
+
+def _logsumexp_over_samples(log_terms: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """Return log(sum over the global batch of exp(log_terms)) per code, (K,), stable across ranks."""
+    if not (distributed and is_distributed()):
+        return torch.logsumexp(log_terms, dim=0)
+    peak = log_terms.max(dim=0).values
+    all_reduce_max_(peak)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(log_terms - peak).sum(dim=0)
+    all_reduce_sum_(total)
+    return torch.log(total) + peak
+
+
+def _sinkhorn_log(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None,
+                  max_iters: int, distributed: bool) -> SinkhornResult:
+    """Log-domain Sinkhorn: the same iterations on log-potentials, finite for tiny eps."""
+    log_kernel = _working_precision(scores) / eps  # (B, K)
+    batch, codes = log_kernel.shape
+    global_batch = _global_batch(batch, log_kernel.device, distributed)
+    log_sample = torch.full((batch,), -math.log(global_batch), device=log_kernel.device,
+                            dtype=log_kernel.dtype)  # log a
+    log_code = torch.zeros(codes, device=log_kernel.device, dtype=log_kernel.dtype)  # log b
+    limit = n_iters if n_iters is not None else max_iters
+    done, error = 0, float("nan")
+    for done in range(1, limit + 1):
+        log_code_mass = _logsumexp_over_samples(log_kernel + log_sample[:, None], distributed)  # (K,)
+        if tol is not None and done > 1:
+            error = float(torch.linalg.vector_norm(torch.exp(log_code + log_code_mass) - 1.0 / codes))
+            if error <= tol:
+                done -= 1
+                break
+        log_code = -math.log(codes) - log_code_mass
+        log_sample = -math.log(global_batch) - torch.logsumexp(log_kernel + log_code[None, :], dim=1)
+    plan = torch.softmax(log_kernel + log_code[None, :], dim=1)  # rows sum to 1
+    if tol is not None and math.isnan(error):
+        error = _code_marginal_error(plan, global_batch, distributed)
+    return SinkhornResult(plan=plan, n_iters=done, marginal_error=error)
+
+
+def _code_marginal_error(plan: torch.Tensor, global_batch: int, distributed: bool) -> float:
+    """Return the L2 distance between the mass-1 plan's code marginal and uniform 1/K."""
+    code_mass = plan.sum(dim=0) / global_batch
+    if distributed:
+        all_reduce_sum_(code_mass)
+    return float(torch.linalg.vector_norm(code_mass - 1.0 / plan.shape[1]))
+
+
+@torch.no_grad()
+def sinkhorn_with_info(scores: torch.Tensor, eps: float = 0.05, n_iters: int | None = 3, *,
+                       tol: float | None = None, max_iters: int = 10_000, log_domain: bool = False,
+                       distributed: bool = True) -> SinkhornResult:
+    """Return the Sinkhorn plan (rows sum to 1) with the iteration count and marginal error.
+
+    scores: (B, K) similarities between samples and codes (bf16/fp16/float32 are computed in float32,
+      float64 in float64).
+    eps: entropic regularisation; smaller is closer to a hard assignment.
+    n_iters: fixed number of iterations (SwAV/CODIS use 3). With `tol` as well, stops early once the
+      code-marginal error is at most `tol`; with `n_iters=None`, runs until `tol` or `max_iters`.
+    log_domain: iterate on log-potentials, finite for eps down to 0.005 and beyond.
+    distributed: all-reduce the code marginals over the process group when one is initialised.
+    """
+    _check_inputs(scores, eps, n_iters, tol)
+    solver = _sinkhorn_log if log_domain else _sinkhorn_plain
+    return solver(scores, float(eps), n_iters, tol, max_iters, distributed)
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int | None = 3, *, tol: float | None = None,
+             max_iters: int = 10_000, log_domain: bool = False, distributed: bool = True) -> torch.Tensor:
+    """Return the entropic transport plan (B, K), float32 (float64 for float64 scores), rows summing to 1.
+
+    Uniform marginals: over the whole (global) batch every code receives an equal share. No gradient
+    flows through the plan. See `sinkhorn_with_info` for the arguments.
+    """
+    return sinkhorn_with_info(scores, eps, n_iters, tol=tol, max_iters=max_iters, log_domain=log_domain,
+                              distributed=distributed).plan
+
+
+@torch.no_grad()
+def sinkhorn_log(scores: torch.Tensor, eps: float = 0.05, n_iters: int | None = 3, **kwargs) -> torch.Tensor:
+    """Return the log-domain Sinkhorn plan (B, K) with rows summing to 1 (see `sinkhorn`)."""
+    return sinkhorn(scores, eps, n_iters, log_domain=True, **kwargs)
+
+
+def ot_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """Return sum_{i,k} T[i,k] * cost[i,k] with T the plan rescaled to total mass 1 (scalar).
+
+    The plan carries no gradient; the cost may (in CODIS it is 1 - z^m . c_k, which moves the codebook).
+    """
+    if plan.shape != cost.shape:
+        raise ValueError(f"plan and cost must have the same shape, got plan {tuple(plan.shape)} "
+                         f"and cost {tuple(cost.shape)}")
+    plan = plan.detach().to(cost.dtype)
+    return (plan * cost).sum() / plan.sum()

@@ -1,0 +1,136 @@
+"""codis_lib.ot against POT, against a step-by-step reference, in low precision and with bad input."""
+import math
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codis_lib.ot import ot_cost, sinkhorn, sinkhorn_log, sinkhorn_with_info
+
+
+def cosine_scores(batch: int, codes: int, dim: int = 16, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """Cosine similarities (B, K) between random unit features and random unit codes."""
+    gen = torch.Generator().manual_seed(seed)
+    feat = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
+    code = F.normalize(torch.randn(codes, dim, generator=gen, dtype=torch.float64), dim=1)
+    return (feat @ code.t()).to(dtype)
+
+
+def pot_plan(scores: torch.Tensor, eps: float, log: bool = False) -> np.ndarray:
+    """POT's converged entropic plan for uniform marginals, rescaled so each row sums to 1."""
+    batch, codes = scores.shape
+    a, b = np.full(batch, 1.0 / batch), np.full(codes, 1.0 / codes)
+    cost = -scores.double().numpy()
+    if log:
+        plan = pot.bregman.sinkhorn_log(a, b, cost, eps, numItermax=100_000, stopThr=1e-14)
+    else:
+        plan = pot.sinkhorn(a, b, cost, eps, numItermax=100_000, stopThr=1e-14)
+    return plan * batch
+
+
+def swav_reference(scores: torch.Tensor, eps: float, n_iters: int, dtype=torch.float64) -> torch.Tensor:
+    """SwAV's loop, step by step: the whole matrix rescaled in place, then rows rescaled to sum to 1."""
+    plan = torch.exp(scores.to(dtype) / eps).t()  # (K, B) as SwAV orients it
+    codes, batch = plan.shape
+    plan /= plan.sum()
+    for _ in range(n_iters):
+        plan /= plan.sum(dim=1, keepdim=True)
+        plan /= codes
+        plan /= plan.sum(dim=0, keepdim=True)
+        plan /= batch
+    plan *= batch
+    return plan.t()
+
+
+@pytest.mark.parametrize("batch,codes", [(8, 4), (64, 16), (33, 7), (50, 200)])
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_converged_plan_matches_pot(batch, codes, eps, log_domain):
+    scores = cosine_scores(batch, codes, seed=batch + codes)
+    result = sinkhorn_with_info(scores, eps, None, tol=1e-12, log_domain=log_domain)
+    reference = pot_plan(scores, eps, log=log_domain)
+    assert result.marginal_error <= 1e-12
+    np.testing.assert_allclose(result.plan.numpy(), reference, atol=1e-6, rtol=0)
+    # Rows sum to 1 and every code receives B/K of the row-normalised mass.
+    np.testing.assert_allclose(result.plan.sum(1).numpy(), 1.0, atol=1e-12)
+    np.testing.assert_allclose(result.plan.sum(0).numpy(), batch / codes, atol=1e-6)
+
+
+def test_converged_float32_plan_matches_pot():
+    scores = cosine_scores(128, 32, seed=3, dtype=torch.float32)
+    plan = sinkhorn(scores, 0.05, None, tol=1e-7)
+    assert plan.dtype == torch.float32
+    np.testing.assert_allclose(plan.double().numpy(), pot_plan(scores, 0.05), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n_iters", [1, 3, 10])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_fixed_iterations_equal_step_by_step_reference(n_iters, log_domain):
+    scores = cosine_scores(40, 12, seed=n_iters)
+    plan = sinkhorn(scores, 0.05, n_iters, log_domain=log_domain)
+    np.testing.assert_allclose(plan.numpy(), swav_reference(scores, 0.05, n_iters).numpy(), atol=1e-10, rtol=0)
+
+
+def test_three_iterations_are_not_yet_converged():
+    # Guards the test above: with too few iterations the plan must differ from the converged one.
+    scores = cosine_scores(40, 12, seed=7)
+    assert (sinkhorn(scores, 0.05, 1) - sinkhorn(scores, 0.05, None, tol=1e-12)).abs().max() > 1e-4
+
+
+def test_log_domain_is_finite_where_the_plain_one_overflows():
+    scores = cosine_scores(64, 16, seed=11, dtype=torch.float32)
+    eps = 0.005
+    # In float32, exp(score / 0.005) overflows for any score above 0.44.
+    assert not torch.isfinite(swav_reference(scores, eps, 3, dtype=torch.float32)).all()
+    with pytest.raises(FloatingPointError, match="log_domain=True"):
+        sinkhorn(scores, eps, 3)
+    plan = sinkhorn_log(scores, eps, 3)
+    assert torch.isfinite(plan).all()
+    np.testing.assert_allclose(plan.sum(1).numpy(), 1.0, atol=1e-5)
+    # The float32 log-domain plan equals the step-by-step loop run in float64, where it does not overflow.
+    np.testing.assert_allclose(plan.double().numpy(), swav_reference(scores, eps, 3).numpy(), atol=1e-5, rtol=0)
+    # And run to convergence it is POT's log-domain plan (a small problem: eps this small converges slowly).
+    small = cosine_scores(12, 4, seed=11)
+    converged = sinkhorn_log(small, eps, None, tol=1e-12, max_iters=50_000)
+    np.testing.assert_allclose(converged.numpy(), pot_plan(small, eps, log=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_low_precision_inputs_are_computed_in_float32(dtype, log_domain):
+    scores = cosine_scores(32, 8, seed=5, dtype=dtype)
+    plan = sinkhorn(scores, 0.05, 3, log_domain=log_domain)
+    assert plan.dtype == torch.float32 and torch.isfinite(plan).all()
+    expected = sinkhorn(scores.float(), 0.05, 3, log_domain=log_domain)
+    assert torch.equal(plan, expected)
+
+
+def test_ot_cost_is_the_mass_one_weighted_cost():
+    scores = cosine_scores(10, 5, seed=2)
+    plan = sinkhorn(scores, 0.1, None, tol=1e-12)
+    cost = 1.0 - scores
+    expected = float(((plan / plan.sum()) * cost).sum())
+    assert math.isclose(float(ot_cost(plan, cost)), expected, rel_tol=1e-12)
+    p_pot = pot_plan(scores, 0.1) / 10  # mass 1
+    assert math.isclose(float(ot_cost(plan, cost)), float((p_pot * cost.numpy()).sum()), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        ot_cost(plan, cost[:, :3])
+
+
+@pytest.mark.parametrize("scores,kwargs,match", [
+    (torch.zeros(4), {}, "scores must have shape"),
+    (torch.zeros(0, 4), {}, "B = 0"),
+    (torch.zeros(4, 0), {}, "K = 0"),
+    (torch.tensor([[0.0, float("nan")]]), {}, "non-finite"),
+    (torch.tensor([[0.0, float("inf")]]), {}, "non-finite"),
+    (torch.zeros(4, 3), {"eps": 0.0}, "eps"),
+    (torch.zeros(4, 3), {"eps": -1.0}, "eps"),
+    (torch.zeros(4, 3), {"n_iters": 0}, "n_iters"),
+    (torch.zeros(4, 3, dtype=torch.int64), {}, "floating-point"),
+    (torch.zeros(4, 3), {"n_iters": None}, "n_iters"),
+])
+def test_bad_input_names_the_argument(scores, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        sinkhorn(scores, **kwargs)
