@@ -1,0 +1,196 @@
+"""The text encoder, the fusion encoder and the MLM head, built from Hugging Face BERT blocks.
+
+ALBEF splits one BERT of N layers in two (models/xbert.py there, `fusion_layer` = N - F):
+- layers 0 .. N-F-1 are the *text encoder*: plain BERT layers over the caption;
+- layers N-F .. N-1 are the *fusion encoder*: self-attention over the text, then cross-attention
+  from the text (queries) to all image tokens (keys and values), then the feed-forward block.
+The MLM head (dense, GELU, LayerNorm, decoder tied to the word embeddings + a vocabulary bias) sits
+on the fusion output. Parameter names follow ALBEF's `text_encoder.bert.*` / `text_encoder.cls.*`.
+
+Why the fusion layer is assembled here rather than taken as `BertLayer`: in transformers 5.x a
+`BertLayer` only accepts cross-attention when `config.is_decoder=True`, and that flag builds its
+self-attention as *causal* (token 0 would ignore token 4). ALBEF's fusion self-attention is
+bidirectional. So a fusion layer is composed from the same building blocks BertLayer uses -
+`BertAttention` (self, is_causal=False), `BertAttention` (cross), `BertIntermediate`, `BertOutput` -
+and tests/test_model_bert.py checks that a later token changes an earlier token's output.
+
+Attention runs through transformers' attention interface: "sdpa" (PyTorch
+scaled_dot_product_attention, a boolean mask over padded keys) or "eager" (softmax(QK^T/sqrt(h)+M)V
+with M = dtype-min on padded keys). Both equal ALBEF's additive -10000 mask in float32, because
+exp(-10000) underflows to 0 just as exp(dtype-min) does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import (BertAttention, BertEmbeddings, BertIntermediate, BertLayer,
+                                                    BertOnlyMLMHead, BertOutput)
+
+from codis_lib.config import TextConfig
+
+__all__ = ["make_bert_config", "FusionLayer", "BertTextFusion", "TextFusionEncoder", "attention_bias"]
+
+
+def make_bert_config(text: TextConfig, encoder_width: int) -> BertConfig:
+    """Return the transformers BertConfig for our text + fusion encoder (never a decoder)."""
+    config = BertConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads,
+        intermediate_size=text.intermediate_size,
+        hidden_act="gelu",  # exact erf GELU, as BERT and ALBEF
+        hidden_dropout_prob=text.hidden_dropout,
+        attention_probs_dropout_prob=text.attention_dropout,
+        max_position_embeddings=text.max_position_embeddings,
+        type_vocab_size=text.type_vocab_size,
+        layer_norm_eps=text.layer_norm_eps,
+        pad_token_id=text.pad_token_id,
+        initializer_range=0.02,
+        is_decoder=False,
+        add_cross_attention=False,
+    )
+    config._attn_implementation = text.attn_implementation
+    # ALBEF's names, kept for readers who compare with config_bert.json.
+    config.fusion_layer = text.num_layers - text.fusion_layers
+    config.encoder_width = encoder_width
+    return config
+
+
+def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype, implementation: str) -> torch.Tensor | None:
+    """Return the key mask (B, 1, 1, L) for transformers' attention interface, or None when nothing is masked.
+
+    attention_mask: (B, L) with 1 on real tokens and 0 on padding. "sdpa" gets a boolean mask (True =
+    attend); "eager" an additive one (0 or the dtype's most negative value).
+    """
+    if attention_mask is None:
+        return None
+    keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+    if implementation == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class FusionLayer(nn.Module):
+    """BERT layer: bidirectional self-attention, cross-attention to image tokens, feed-forward (post-LN)."""
+
+    def __init__(self, config: BertConfig, encoder_width: int, layer_idx: int):
+        super().__init__()
+        self.attention = BertAttention(config, is_causal=False, layer_idx=layer_idx)
+        self.crossattention = BertAttention(config, is_causal=False, layer_idx=layer_idx, is_cross_attention=True)
+        # HF sizes the cross-attention key/value projections from hidden_size; the image tokens have
+        # the ViT's width (ALBEF's `encoder_width`), which may differ.
+        cross = self.crossattention.self
+        cross.key = nn.Linear(encoder_width, cross.all_head_size)
+        cross.value = nn.Linear(encoder_width, cross.all_head_size)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the layer output (B, L, D) for text states (B, L, D) attending to image_embeds (B, N, Dv)."""
+        self_out, _ = self.attention(hidden_states, attention_mask)
+        cross_out, _ = self.crossattention(self_out, None, image_embeds, image_mask)
+        return self.output(self.intermediate(cross_out), cross_out)
+
+
+class _LayerStack(nn.Module):
+    """Holder so parameter names read `encoder.layer.N.*`, as in BERT and ALBEF."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+class BertTextFusion(nn.Module):
+    """BERT embeddings + N layers; the first N-F are text-only, the last F fuse in the image (ALBEF's `bert`)."""
+
+    def __init__(self, text: TextConfig, encoder_width: int):
+        super().__init__()
+        self.config = make_bert_config(text, encoder_width)
+        self.num_text_layers = text.num_layers - text.fusion_layers
+        self.attn_implementation = text.attn_implementation
+        self.embeddings = BertEmbeddings(self.config)
+        layers: list[nn.Module] = [BertLayer(self.config, layer_idx=i) for i in range(self.num_text_layers)]
+        layers += [FusionLayer(self.config, encoder_width, layer_idx=i)
+                   for i in range(self.num_text_layers, text.num_layers)]
+        self.encoder = _LayerStack(layers)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise as BERT: N(0, 0.02) weights and embeddings, zero biases, unit LayerNorm."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _run(self, layer: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+        """Return layer(*args), recomputed in backward when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Return the text encoder's last hidden state (B, L, D): embeddings, then the text-only layers."""
+        hidden = self.embeddings(input_ids=input_ids)  # (B, L, D)
+        mask = attention_bias(attention_mask, hidden.dtype, self.attn_implementation)
+        for layer in self.encoder.layer[: self.num_text_layers]:
+            hidden = self._run(layer, hidden, mask)
+        return hidden
+
+    def forward_fusion(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
+                       image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the fusion encoder's last hidden state (B, L, D) for text states attending to image tokens."""
+        mask = attention_bias(attention_mask, text_embeds.dtype, self.attn_implementation)
+        image_mask = attention_bias(image_attention_mask, text_embeds.dtype, self.attn_implementation)
+        hidden = text_embeds
+        for layer in self.encoder.layer[self.num_text_layers:]:
+            hidden = self._run(layer, hidden, mask, image_embeds, image_mask)
+        return hidden
+
+    def forward_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
+                           image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the last hidden state (B, L, D) of all N layers (text then fusion), ALBEF's MLM path."""
+        text_embeds = self.forward_text(input_ids, attention_mask)
+        return self.forward_fusion(text_embeds, attention_mask, image_embeds, image_attention_mask)
+
+
+class TextFusionEncoder(nn.Module):
+    """BERT text + fusion encoder with the tied MLM head (ALBEF's `text_encoder`, a BertForMaskedLM)."""
+
+    def __init__(self, text: TextConfig, encoder_width: int):
+        super().__init__()
+        self.bert = BertTextFusion(text, encoder_width)
+        self.cls = BertOnlyMLMHead(self.bert.config)
+        self.bert._init_weights(self.cls.predictions.transform.dense)
+        self.bert._init_weights(self.cls.predictions.transform.LayerNorm)
+        nn.init.zeros_(self.cls.predictions.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the decoder weight with the word embeddings and the decoder bias with predictions.bias (as BERT)."""
+        predictions = self.cls.predictions
+        predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Turn activation recomputation in backward on or off for every BERT layer."""
+        self.bert.gradient_checkpointing = enabled
+
+    def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
+                   image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return MLM logits (B, L, V) from all N layers with image cross-attention in the fusion layers."""
+        hidden = self.bert.forward_multimodal(input_ids, attention_mask, image_embeds, image_attention_mask)
+        return self.cls(hidden)
