@@ -1,0 +1,1 @@
+"""Training: configs, the DDP training loop, checkpoints, schedules and logs (see engine.py)."""

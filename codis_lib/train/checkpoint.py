@@ -1,0 +1,204 @@
+"""Training checkpoints: everything needed to resume bit-for-bit, written atomically, loaded strictly.
+
+A checkpoint is one `torch.save`d dict, loadable with `torch.load(..., weights_only=True)`:
+
+- `model`: the CODIS state_dict, which already holds the student, the momentum teacher, the queues and
+  their pointer, the codebook and the temperature (they are parameters or buffers of the model);
+- `optimizer`, `scheduler`, `scaler` (None when no fp16 grad scaler is used);
+- `rng`: the python, numpy, torch and CUDA generator states of every rank (list indexed by rank), so
+  a resumed run draws the same random numbers as an uninterrupted one;
+- `step` (optimizer steps done), `epoch` and `step_in_epoch` (optimizer steps already done in that
+  epoch, so the sampler skips the samples already seen), `world_size`;
+- `config`: the run configuration as a plain dict; `format_version`.
+
+Files are `checkpoint_<step:08d>.pt` in the run's output directory plus `checkpoint_final.pt` at the
+end. Each is written to a temporary file in the same directory, then renamed with `os.replace`, which
+is atomic on POSIX: a crash mid-write leaves the previous checkpoint intact, never a truncated one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+FINAL_CHECKPOINT_NAME = "checkpoint_final.pt"
+_NUMBERED = re.compile(r"^checkpoint_(\d{8})\.pt$")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Raised when a checkpoint's tensors do not fit the model (lists the missing/unexpected keys)."""
+
+
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """Return the path of the numbered checkpoint written after optimizer step `step`."""
+    return Path(output_dir) / f"checkpoint_{step:08d}.pt"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Return the numbered checkpoints in `output_dir`, oldest (lowest step) first."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NUMBERED.match(p.name)]
+    return sorted(found, key=lambda p: int(_NUMBERED.match(p.name).group(1)))
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Return the numbered checkpoint with the highest step in `output_dir`, or None if there is none."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
+    """Return `path` after writing `obj` to it via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Return `target` after making it a hard link to `source` (a copy where links are unsupported), atomically."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Return the numbered checkpoints deleted so that only the newest `keep_last` remain (0 keeps all)."""
+    if keep_last <= 0:
+        return []
+    doomed = list_checkpoints(output_dir)[:-keep_last]
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def capture_rng_state() -> dict:
+    """Return this process's python, numpy, torch (and CUDA) generator states as weights_only-safe values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore the generator states captured by `capture_rng_state`."""
+    random.setstate(_as_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """Return `value` with lists turned back into tuples (random.setstate needs tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def load_model_state_strict(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load `state_dict` into `model`, raising CheckpointMismatchError naming every missing/unexpected key.
+
+    Unlike `strict=False` loading, nothing is silently skipped; unlike plain `strict=True`, the error
+    names the file and lists all keys and shape mismatches at once.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                         for k in set(expected) & set(state_dict)
+                         if tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong_shape:
+        lines = [f"{source} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if wrong_shape:
+            lines.append(f"  shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Return the checkpoint dict stored at `path` (weights_only loading), with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointMismatchError(f"{path} is not a CODIS training checkpoint (no 'model' entry)")
+    return checkpoint
+
+
+def make_checkpoint(*, model: torch.nn.Module, optimizer, scheduler, scaler, step: int, epoch: int,
+                    step_in_epoch: int, config: dict, rng_states: list[dict], world_size: int,
+                    extra: dict | None = None) -> dict:
+    """Return the checkpoint dict of the current training state (see the module docstring)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": rng_states,
+        "step": int(step),
+        "epoch": int(epoch),
+        "step_in_epoch": int(step_in_epoch),
+        "world_size": int(world_size),
+        "config": config,
+        **(extra or {}),
+    }
+
+
+def restore_training_state(checkpoint: dict, *, model: torch.nn.Module, optimizer, scheduler, scaler,
+                           rank: int, world_size: int, source: str = "checkpoint") -> None:
+    """Restore model, optimizer, scheduler, scaler and this rank's RNG state from `checkpoint`.
+
+    RNG states are restored only when the world size is unchanged (ranks map one to one); otherwise
+    training continues correctly but not bit-for-bit, and we say so.
+    """
+    load_model_state_strict(model, checkpoint["model"], source)
+    if optimizer is not None and checkpoint.get("optimizer") is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint.get("scheduler") is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    rng_states = checkpoint.get("rng") or []
+    if len(rng_states) == world_size:
+        restore_rng_state(rng_states[rank])
+    else:
+        print(f"[codis] {source} was written by {len(rng_states)} process(es), resuming with {world_size}: "
+              "random generator states are not restored (training continues, not bit-identically).")

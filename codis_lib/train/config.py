@@ -1,0 +1,357 @@
+"""Typed configuration of a training run: `RunConfig` = {model: ModelConfig, data: DataConfig, train: TrainConfig}.
+
+A run is described by one YAML file with three sections (see codis_lib/configs/pretrain_*.yaml):
+
+    model:                 # codis_lib.config.ModelConfig; `preset: tiny` then per-key overrides
+      preset: tiny
+      queue_size: 1024
+    data:                  # DataConfig: which corpus, where, tokenizer, augmentation, caching
+      dataset: emoji
+    train:                 # TrainConfig: optimisation, precision, logging, checkpoints, evaluation
+      batch_size: 32
+
+    >>> run = load_run_config("pretrain_emoji")            # a packaged config, by name or path
+    >>> run = load_run_config("my.yaml", overrides=["train.batch_size=8", "model.mode=albef"])
+
+Loading is strict, as the model config's: unknown keys are listed with the valid ones, wrong types and
+impossible values name the dotted key and the file. Overrides (`--set key=value` on the command line)
+are applied to the raw YAML before validation; each value is parsed as YAML (`8` is an int, `1e-4`
+a float, `true` a bool, `null` None, `[a, b]` a list), so they obey the same checks as the file.
+The queue length must be a multiple of the global batch (batch per process x processes): that is
+checked here when the number of processes is known (`WORLD_SIZE`, set by torchrun) and again by the
+trainer.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from codis_lib.config import CONFIG_DIR, ConfigError, ModelConfig, config_from_dict
+
+__all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
+           "load_run_config", "run_config_from_dict", "parse_overrides", "apply_overrides", "resolve_config_path",
+           "run_config_names"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (ALBEF: lr 1e-4, wd 0.02, warm-up 1e-5 over 2000 steps, cosine to 1e-5)."""
+
+    lr: float = 1e-4  # peak learning rate, reached at the end of the warm-up
+    weight_decay: float = 0.02  # not applied to biases and 1-d parameters (ALBEF's groups)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_lr: float = 1e-5  # learning rate at step 0
+    warmup_steps: int = 2000  # linear warm-up length in optimizer steps ...
+    max_warmup_fraction: float = 0.1  # ... but at most this fraction of the run (tiny runs)
+    min_lr: float = 1e-5  # end of the cosine
+    clip_grad_norm: float | None = None  # max global gradient norm; None = no clipping (ALBEF clips nothing)
+
+
+@dataclass
+class DataConfig:
+    """Where the image-text pairs come from and how they are turned into batches."""
+
+    # "emoji": the offline emoji corpus (built by codis_lib.data.emoji_corpus when missing);
+    # "albef_json": ALBEF's JSON lists (pretraining: [{image, caption}], retrieval: coco/flickr files).
+    dataset: Literal["emoji", "albef_json"] = "emoji"
+    root: str = "data/emoji"  # emoji corpus directory (relative paths are relative to the working directory)
+    build_if_missing: bool = True  # emoji only: build the corpus into `root` when it is not there
+    emoji_limit: int | None = None  # emoji only: build just the first N emoji (fast tests)
+    emoji_image_size: int = 64  # emoji only: pixel size of the stored artwork
+    train_files: list[str] = field(default_factory=list)  # JSON lists; empty = the emoji corpus's own file
+    val_file: str | None = None  # retrieval JSON (image, caption list); None = the emoji val split
+    test_file: str | None = None  # retrieval JSON; None = the emoji test split
+    image_root: str = ""  # prefix of the image paths in the JSON files
+    tokenizer: str | None = None  # tokenizer directory or hub name; None = <root>/tokenizer (emoji)
+    max_tokens: int = 25  # ALBEF: 25 in pretraining, 30 in retrieval fine-tuning
+    augment: bool = True  # RandomResizedCrop + flip + RandAugment (ALBEF); off = resize only
+    cache_images: bool = True  # keep decoded images in memory (the emoji corpus fits easily)
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot (or fine-tuned) retrieval evaluation after training (ALBEF protocol)."""
+
+    at_end: bool = True  # evaluate on `split` when training finishes
+    every_epochs: int = 0  # also evaluate every N epochs (0 = never during training)
+    split: Literal["val", "test"] = "test"
+    k_test: int = 128  # candidates re-ranked with ITM per query (ALBEF: 256 COCO, 128 Flickr30K)
+    batch_size: int = 64  # images / captions per feature batch
+    pair_batch_size: int = 256  # (image, caption) pairs per ITM re-ranking batch
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpointing of one run."""
+
+    task: Literal["pretrain", "finetune"] = "pretrain"
+    batch_size: int = 64  # samples per process per forward (global batch = batch_size x processes)
+    epochs: int = 30
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans min(epochs, max_steps))
+    grad_accum_steps: int = 1  # forwards per optimizer step (effective batch = global batch x this)
+    alpha_ramp_epochs: float = 1.0  # alpha goes linearly 0 -> model.alpha over this many epochs (ALBEF: 1)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model (worth it on GPUs for long runs)
+    # Gradient checkpointing is a model setting (model.gradient_checkpointing: true), not repeated here.
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None  # torch intra-op threads per process on CPU (None = torch's default)
+    output_dir: str = "runs/pretrain"
+    init_from: str | None = None  # fine-tuning: a pretraining checkpoint to start from (weights only)
+    log_every: int = 10  # optimizer steps between log records (JSON lines + TensorBoard)
+    ckpt_every: int = 0  # optimizer steps between checkpoints (0 = at the end of every epoch only)
+    keep_last: int = 2  # numbered checkpoints kept on disk (0 = all)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar on rank 0
+    find_unused_parameters: bool = False  # DDP: needed only when a loss switch leaves modules unused
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Testing hook: at this optimizer step (1-based) the loss term `debug_nan_term` is replaced by NaN
+    # after the forward, exercising the non-finite-loss stop. Never set it in a real run.
+    debug_nan_at_step: int | None = None
+    debug_nan_term: str = "align"
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the model, the data and the training recipe."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = "<dict>"  # where this config was read from (for messages)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a plain nested dict (YAML/JSON/checkpoint friendly) that `run_config_from_dict` reads back."""
+        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+    def to_yaml(self) -> str:
+        """Return this config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> "RunConfig":
+        """Return a validated copy with `key=value` strings or a {dotted key: value} mapping applied."""
+        data = apply_overrides(self.to_dict(), overrides)
+        return run_config_from_dict(data, source=f"{self.source} + overrides")
+
+    def validate_for_world(self, world_size: int) -> "RunConfig":
+        """Return self after checking the batch-dependent constraints for `world_size` processes."""
+        global_batch = self.train.batch_size * world_size
+        try:
+            self.model.validate_for_batch(global_batch)
+        except ConfigError as error:
+            raise ConfigError(f"{self.source}: model.{error} (train.batch_size={self.train.batch_size} x "
+                              f"{world_size} process(es))") from error
+        return self
+
+
+# ---------------------------------------------------------------------- loading
+def run_config_names() -> list[str]:
+    """Return the names of the packaged run configs (codis_lib/configs/pretrain_*.yaml, finetune_*.yaml)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem.startswith(("pretrain_", "finetune_")))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """Return the YAML file for a packaged config name ("pretrain_emoji") or an existing path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.exists():
+        return packaged
+    raise ConfigError(f"unknown config {str(name_or_path)!r}: not a file, and not a packaged config "
+                      f"({', '.join(run_config_names())})")
+
+
+def load_run_config(name_or_path: str | os.PathLike = "pretrain_emoji",
+                    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+                    world_size: int | None = None) -> RunConfig:
+    """Return the validated RunConfig of a YAML file (or packaged config name) with `overrides` applied.
+
+    `world_size` (default: the WORLD_SIZE environment variable torchrun sets, else 1) is used to check
+    that the queue length is a multiple of the global batch.
+    """
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    data = apply_overrides(data or {}, overrides or [])
+    config = run_config_from_dict(data, source=str(path))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return config.validate_for_world(world_size)
+
+
+def run_config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
+    """Return a validated RunConfig from a nested mapping with sections model, data, train."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a run config must be a mapping with sections model, data, train; "
+                          f"got {type(data).__name__}")
+    sections = ("model", "data", "train")
+    unknown = [key for key in data if key not in sections]
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(map(str, unknown))}; valid sections: "
+                          f"{', '.join(sections)}")
+    if "model" not in data:
+        raise ConfigError(f"{source}: missing section 'model' (e.g. `model: {{preset: tiny}}`)")
+    model = config_from_dict(data["model"] or {}, source=f"{source} [model]")
+    data_config = _build_dataclass(DataConfig, data.get("data") or {}, source, "data.")
+    train_config = _build_dataclass(TrainConfig, data.get("train") or {}, source, "train.")
+    config = RunConfig(model=model, data=data_config, train=train_config, source=source)
+    _validate_values(config)
+    return config
+
+
+def _validate_values(config: RunConfig) -> None:
+    """Raise ConfigError listing every out-of-range value of the data and train sections."""
+    errors: list[str] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {message}")
+
+    t, d, o, e = config.train, config.data, config.train.optimizer, config.train.eval
+    for key, value in (("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every),
+                       ("data.max_tokens", d.max_tokens), ("data.emoji_image_size", d.emoji_image_size),
+                       ("train.eval.k_test", e.k_test), ("train.eval.batch_size", e.batch_size),
+                       ("train.eval.pair_batch_size", e.pair_batch_size)):
+        need(value >= 1, key, f"must be >= 1, got {value}")
+    for key, value in (("train.max_steps", t.max_steps), ("train.debug_nan_at_step", t.debug_nan_at_step),
+                       ("data.emoji_limit", d.emoji_limit), ("train.num_threads", t.num_threads)):
+        need(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
+    for key, value in (("train.ckpt_every", t.ckpt_every), ("train.keep_last", t.keep_last),
+                       ("train.eval.every_epochs", e.every_epochs), ("data.num_workers", d.num_workers)):
+        need(value >= 0, key, f"must be >= 0, got {value}")
+    need(t.alpha_ramp_epochs >= 0, "train.alpha_ramp_epochs", f"must be >= 0, got {t.alpha_ramp_epochs}")
+    need(o.lr > 0, "train.optimizer.lr", f"must be > 0, got {o.lr}")
+    need(0 <= o.warmup_lr and 0 <= o.min_lr, "train.optimizer.warmup_lr",
+         f"warmup_lr and min_lr must be >= 0, got {o.warmup_lr}, {o.min_lr}")
+    need(o.weight_decay >= 0, "train.optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "train.optimizer.betas",
+         f"must be two numbers in [0, 1), got {o.betas}")
+    need(o.warmup_steps >= 0, "train.optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.max_warmup_fraction <= 1, "train.optimizer.max_warmup_fraction",
+         f"must be in [0, 1], got {o.max_warmup_fraction}")
+    need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "train.optimizer.clip_grad_norm",
+         f"must be > 0 or null, got {o.clip_grad_norm}")
+    active = [term for term, on in config.model.active_losses().items() if on and term != "align_unimodal"]
+    need(t.debug_nan_term in active, "train.debug_nan_term",
+         f"{t.debug_nan_term!r} is not an active loss term of this model (active: {', '.join(active)})")
+    if d.dataset == "albef_json":
+        need(bool(d.train_files), "data.train_files", "albef_json needs at least one JSON file")
+        need(d.tokenizer is not None, "data.tokenizer", "albef_json needs a tokenizer directory or name")
+    if errors:
+        raise ConfigError(f"invalid run config ({config.source}):\n  " + "\n  ".join(errors))
+
+
+# ---------------------------------------------------------------------- overrides
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Return {dotted key: value} from `key=value` strings, each value parsed as YAML."""
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=8)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from error
+    return parsed
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of `data` with dotted-key overrides set (missing intermediate sections are created).
+
+    Keys are not checked here; the validation that follows rejects unknown ones by name.
+    """
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(list(overrides))
+    result = copy.deepcopy(dict(data))
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return result
+
+
+# ---------------------------------------------------------------------- typed dataclass construction
+def _build_dataclass(cls: type, data: Any, source: str, prefix: str) -> Any:
+    """Return cls(**checked values), rejecting unknown keys (listing the valid ones) and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in valid]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + str(k) for k in unknown)}; valid keys "
+                          f"of {prefix.rstrip('.')}: {', '.join(valid)}")
+    return cls(**{key: _check_type(hints[key], value, f"{prefix}{key}", source) for key, value in data.items()})
+
+
+def _check_type(hint: Any, value: Any, key: str, source: str) -> Any:
+    """Return `value` checked against `hint` (int accepted for float), or raise ConfigError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build_dataclass(hint, value, source, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(inner, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r} ({type(value).__name__})")
+        return [_check_type(args[0], item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"{source}: {key} has unsupported type {hint}")  # a bug in this module, not in the file

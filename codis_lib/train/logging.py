@@ -1,0 +1,159 @@
+"""Training logs: one JSON object per line (`metrics.jsonl`), TensorBoard scalars, and loss-curve plots.
+
+The JSON-lines file is the source of truth: plain text, appendable across resumed runs, readable
+without TensorBoard (`read_jsonl`). Each training record has `step`, `epoch`, `lr`, `alpha`,
+`loss` (weighted total), `loss/<term>` for every active term, `temperature`, `pairs_per_s` and the
+codebook diagnostics (`codebook_perplexity`, `dead_codes`) when the model reports them. Evaluation
+records carry `"kind": "eval"`. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+LOSS_PREFIX = "loss/"
+
+
+class MetricsLogger:
+    """Appends records to `<output_dir>/metrics.jsonl` and, optionally, to TensorBoard (rank 0 only)."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: TensorBoard is slow to import
+
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def log(self, record: dict, step: int) -> None:
+        """Append `record` (numbers and strings) as one JSON line and its numbers as TensorBoard scalars."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = "eval/" if record.get("kind") == "eval" else "train/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(prefix + key, value, step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str | os.PathLike, kind: str | None = "train") -> list[dict]:
+    """Return the records of a metrics.jsonl file, keeping only `kind` ("train", "eval"; None = all).
+
+    A resumed run appends after the records it already wrote; when steps repeat (a crash after the
+    last checkpoint), the later record wins, so the returned list has increasing, unique steps.
+    """
+    records = []
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not a JSON object: {error}") from error
+    if kind is not None:
+        records = [r for r in records if r.get("kind", "train") == kind]
+    if kind == "train":
+        by_step = {}
+        for record in records:
+            by_step[record["step"]] = record
+        records = [by_step[s] for s in sorted(by_step)]
+    return records
+
+
+def loss_terms(records: Sequence[dict]) -> list[str]:
+    """Return the loss term names (without the `loss/` prefix) present in `records`, in first-seen order."""
+    terms: list[str] = []
+    for record in records:
+        for key in record:
+            if key.startswith(LOSS_PREFIX) and key[len(LOSS_PREFIX):] not in terms:
+                terms.append(key[len(LOSS_PREFIX):])
+    return terms
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Return the trailing moving average of `values` over `window` points (window 1 = unchanged)."""
+    out, total, queue = [], 0.0, []
+    for value in values:
+        queue.append(value)
+        total += value
+        if len(queue) > window:
+            total -= queue.pop(0)
+        out.append(total / len(queue))
+    return out
+
+
+def plot_loss_curves(records: Sequence[dict] | str | os.PathLike, *, terms: Iterable[str] | None = None,
+                     smooth_window: int = 1, axes=None, title: str | None = None):
+    """Return a matplotlib Figure with one panel per loss term (and the total) against the optimizer step.
+
+    `records` is a list of training records or the path of a metrics.jsonl file.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(records, (list, tuple)):
+        records = read_jsonl(records)
+    terms = list(terms) if terms is not None else loss_terms(records)
+    panels = ["total"] + terms
+    if axes is None:
+        columns = min(3, len(panels))
+        rows = math.ceil(len(panels) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+        axes = axes.ravel()
+    else:
+        fig = axes[0].figure
+    for ax, name in zip(axes, panels):
+        key = "loss" if name == "total" else LOSS_PREFIX + name
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, smooth(values, smooth_window), lw=1.5)
+        ax.set_title("L (weighted total)" if name == "total" else f"L_{name}")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_series(records: Sequence[dict] | str | os.PathLike, keys: Sequence[str], *, axes=None,
+                ylabels: Sequence[str] | None = None):
+    """Return a Figure plotting the logged scalars `keys` (e.g. codebook_perplexity, lr) against the step."""
+    import matplotlib.pyplot as plt
+
+    if not isinstance(records, (list, tuple)):
+        records = read_jsonl(records)
+    if axes is None:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 2.8), squeeze=False)
+        axes = axes.ravel()
+    else:
+        fig = axes[0].figure
+    for i, (ax, key) in enumerate(zip(axes, keys)):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabels[i] if ylabels else key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,73 @@
+"""Run configs load from YAML with strict validation and `key=value` overrides."""
+import pytest
+
+from codis_lib.config import ConfigError
+from codis_lib.train.config import (apply_overrides, load_run_config, parse_overrides, run_config_from_dict,
+                                    run_config_names)
+
+
+def test_packaged_configs_load_and_validate():
+    names = run_config_names()
+    assert {"pretrain_emoji", "pretrain_4m", "finetune_coco", "finetune_flickr"} <= set(names)
+    emoji = load_run_config("pretrain_emoji", world_size=1)
+    assert emoji.model.mode == "codis" and emoji.data.dataset == "emoji"
+    paper = load_run_config("pretrain_4m", world_size=8)
+    assert paper.train.batch_size == 64 and paper.train.epochs == 30 and paper.model.queue_size == 65536
+    assert paper.train.optimizer.lr == pytest.approx(1e-4) and paper.train.optimizer.warmup_steps == 2000
+    coco = load_run_config("finetune_coco", world_size=8)
+    assert coco.model.vision.image_size == 384 and coco.train.optimizer.lr == pytest.approx(1e-5)
+    assert coco.train.task == "finetune" and coco.train.epochs == 5
+    flickr = load_run_config("finetune_flickr", world_size=8)
+    assert flickr.train.epochs == 10 and flickr.train.eval.k_test == 128
+
+
+def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {preset: tiny}\ntrain:\n  batchsize: 8\n  optimizer: {lr: 1e-4, decay: 0.1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, world_size=1)
+    message = str(info.value)
+    assert str(path) in message and "train.batchsize" in message and "batch_size" in message
+    path.write_text("model: {preset: tiny}\ntrainer: {}\n")
+    with pytest.raises(ConfigError, match="unknown section.*trainer"):
+        load_run_config(path, world_size=1)
+
+
+def test_wrong_types_name_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs must be an integer"):
+        run_config_from_dict({"model": {"preset": "tiny"}, "train": {"epochs": "three"}})
+    with pytest.raises(ConfigError, match=r"train\.compile must be true or false"):
+        run_config_from_dict({"model": {"preset": "tiny"}, "train": {"compile": "yes"}})
+    with pytest.raises(ConfigError, match=r"train\.precision must be one of"):
+        run_config_from_dict({"model": {"preset": "tiny"}, "train": {"precision": "fp8"}})
+    with pytest.raises(ConfigError, match=r"train\.batch_size: must be >= 1"):
+        run_config_from_dict({"model": {"preset": "tiny"}, "train": {"batch_size": 0}})
+
+
+def test_queue_not_divisible_by_the_global_batch_names_the_key():
+    data = {"model": {"preset": "tiny", "queue_size": 256}, "train": {"batch_size": 32}}
+    run_config_from_dict(data).validate_for_world(2)  # 256 = 4 x 64: fine
+    with pytest.raises(ConfigError, match=r"model\.queue_size.*global batch 96.*train\.batch_size=32 x 3"):
+        run_config_from_dict(data).validate_for_world(3)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated():
+    parsed = parse_overrides(["train.batch_size=8", "train.optimizer.lr=1e-5", "train.compile=true",
+                              "train.max_steps=null", "data.train_files=[a.json, b.json]"])
+    assert parsed == {"train.batch_size": 8, "train.optimizer.lr": "1e-5", "train.compile": True,
+                      "train.max_steps": None, "data.train_files": ["a.json", "b.json"]}
+    run = load_run_config("pretrain_emoji", overrides=["train.batch_size=8", "train.optimizer.lr=1e-5",
+                                                       "model.mode=albef", "train.debug_nan_term=itm"], world_size=1)
+    assert run.train.batch_size == 8 and run.train.optimizer.lr == pytest.approx(1e-5) and run.model.mode == "albef"
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["train.batch_size"])
+    with pytest.raises(ConfigError, match=r"train\.no_such_key"):
+        load_run_config("pretrain_emoji", overrides=["train.no_such_key=1"], world_size=1)
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
+
+
+def test_round_trip_through_a_plain_dict():
+    run = load_run_config("pretrain_emoji", world_size=1)
+    again = run_config_from_dict(run.to_dict())
+    assert again.to_dict() == run.to_dict()
