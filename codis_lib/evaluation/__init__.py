@@ -1,0 +1,24 @@
+"""Image-text retrieval evaluation with ALBEF's protocol (contrastive ranking, ITM re-ranking, R@K)."""
+from codis_lib.evaluation.retrieval import (
+    RetrievalFeatures,
+    compute_features,
+    contrastive_topk,
+    evaluate_features,
+    itm_rerank_batched,
+    itm_rerank_one_query_at_a_time,
+    ranks_of_best_match,
+    recall_from_ranks,
+    retrieval_metrics,
+)
+
+__all__ = [
+    "RetrievalFeatures",
+    "compute_features",
+    "contrastive_topk",
+    "evaluate_features",
+    "itm_rerank_batched",
+    "itm_rerank_one_query_at_a_time",
+    "ranks_of_best_match",
+    "recall_from_ranks",
+    "retrieval_metrics",
+]
