@@ -1,0 +1,350 @@
+"""Readers for ALBEF's annotation files, and ALBEF's caption cleaning.
+
+ALBEF (salesforce/ALBEF, ``dataset/caption_dataset.py``) reads three kinds of JSON list:
+
+- pretraining (``pretrain_dataset``): ``{"image": path, "caption": str or [str, ...]}``; a list
+  means "draw one caption at random each time the image is seen";
+- retrieval training (``re_train_dataset``): ``{"image": path, "caption": str, "image_id": id}``,
+  one record per (image, caption) pair; records sharing ``image_id`` are positives of each other;
+- retrieval evaluation (``re_eval_dataset``): ``{"image": path, "caption": [str, ...]}``, one
+  record per image with all of its captions.
+
+The same readers serve COCO / Flickr30K / the 4M pretraining lists and the emoji corpus built by
+``codis_lib.data.emoji_corpus``. Unlike ALBEF's, they check every record up front: a file that is
+not a JSON list, a record without ``image`` or ``caption``, an empty caption, or a missing or
+unreadable image raises :class:`AnnotationError` naming the file and the record index; with
+``on_error="skip"`` the bad records are dropped and counted (in the log and in ``.skipped``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+# ALBEF's pre_caption deletes exactly these characters (dataset/utils.py); hyphens and slashes
+# become spaces. Everything else (digits, '&', accents, curly quotes) is kept.
+_ALBEF_DELETED_PUNCTUATION = re.compile(r"([,.'!?\"()*#:;~])")
+_ALBEF_RUN_OF_WHITESPACE = re.compile(r"\s{2,}")
+ALBEF_DELETED_CHARACTERS = frozenset(",.'!?\"()*#:;~")
+
+CHECK_IMAGES_CHOICES = ("verify", "exists", "none")
+ON_ERROR_CHOICES = ("raise", "skip")
+
+
+def pre_caption(caption: str, max_words: int = 30) -> str:
+    """Return ``caption`` cleaned exactly as ALBEF's ``pre_caption`` does.
+
+    Lower-case; delete ``, . ' ! ? " ( ) * # : ; ~``; hyphens and slashes become spaces;
+    ``<person>`` becomes ``person``; runs of two or more whitespace characters become one space
+    (a single tab or newline is kept, as in ALBEF); trailing newlines and surrounding spaces are
+    stripped; at most ``max_words`` space-separated words are kept.
+    """
+    text = _ALBEF_DELETED_PUNCTUATION.sub("", caption.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = _ALBEF_RUN_OF_WHITESPACE.sub(" ", text)
+    text = text.rstrip("\n").strip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
+
+
+class AnnotationError(ValueError):
+    """A bad annotation file or record; the message names the file and, where there is one, the record index."""
+
+    def __init__(self, path: str | os.PathLike, index: int | None, problem: str):
+        self.path = str(path)
+        self.index = index
+        self.problem = problem
+        where = f"{self.path}: record {index}" if index is not None else self.path
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class PretrainRecord:
+    """One image of a pretraining list with its cleaned caption(s)."""
+
+    image: str  # resolved path of the image file
+    captions: tuple[str, ...]  # cleaned with pre_caption; one is drawn per visit
+    source: str  # annotation file
+    index: int  # position of the record in that file
+
+
+@dataclass(frozen=True)
+class RetrievalTrainRecord:
+    """One (image, caption) pair of a retrieval training file."""
+
+    image: str
+    caption: str
+    image_id: str | int  # as written in the file; datasets map it to a contiguous int
+    source: str
+    index: int
+
+
+@dataclass(frozen=True)
+class RetrievalEvalRecord:
+    """One image of a retrieval test file with all of its cleaned captions."""
+
+    image: str
+    captions: tuple[str, ...]
+    source: str
+    index: int
+
+
+@dataclass
+class ReadResult:
+    """Returned by the readers: the good records, and how many bad ones were skipped, by reason."""
+
+    records: list
+    skipped: Counter = field(default_factory=Counter)
+    files: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+def load_json_list(path: str | os.PathLike) -> list:
+    """Return the parsed JSON list in ``path``; raise AnnotationError if it is missing, not JSON, or not a list."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(path, None, "annotation file not found")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise AnnotationError(path, None, f"not valid JSON ({err})") from err
+    if not isinstance(data, list):
+        raise AnnotationError(path, None, f"expected a JSON list of records, found {type(data).__name__}")
+    return data
+
+
+def resolve_image_path(image: str, image_root: str | os.PathLike | None, annotation_file: str | os.PathLike) -> str:
+    """Return the path of ``image``: absolute paths as they are, relative ones under ``image_root``.
+
+    ``image_root=None`` means "the folder of the annotation file", which is how the emoji corpus
+    is laid out; ALBEF's COCO / Flickr30K configs pass the dataset's image folder explicitly.
+    """
+    if os.path.isabs(image):
+        return image
+    root = Path(annotation_file).parent if image_root is None else Path(image_root)
+    return str(root / image)
+
+
+def check_image(path: str, how: str) -> str | None:
+    """Return None if the image at ``path`` passes the check ``how``, else the problem in words."""
+    if how == "none":
+        return None
+    if not os.path.isfile(path):
+        return f"image file not found: {path}"
+    if how == "verify":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img.verify()  # parses the whole file (PNG chunks and CRCs) without decoding pixels
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            return f"image file is corrupt or not an image: {path} ({err})"
+    return None
+
+
+def _as_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [str(paths)]
+    return [str(p) for p in paths]
+
+
+def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {tuple(choices)}")
+
+
+def _clean_one_caption(raw, max_words: int) -> tuple[str | None, str | None]:
+    """Return (cleaned caption, None) or (None, problem)."""
+    if not isinstance(raw, str):
+        return None, f"caption must be a string, found {type(raw).__name__}"
+    cleaned = pre_caption(raw, max_words)
+    if not cleaned.strip():
+        return None, f"caption is empty after ALBEF cleaning: {raw!r}"
+    return cleaned, None
+
+
+class _Reader:
+    """Shared loop: validate each record, raise or skip-and-count, log the skips."""
+
+    def __init__(self, kind: str, on_error: str, check_images: str):
+        _check_choice("on_error", on_error, ON_ERROR_CHOICES)
+        _check_choice("check_images", check_images, CHECK_IMAGES_CHOICES)
+        self.kind = kind
+        self.on_error = on_error
+        self.check_images = check_images
+        self.skipped: Counter = Counter()
+
+    def bad(self, path: str, index: int, reason: str, problem: str) -> None:
+        if self.on_error == "raise":
+            raise AnnotationError(path, index, problem)
+        self.skipped[reason] += 1
+        logger.debug("skipping %s: record %d: %s", path, index, problem)
+
+    def finish(self, records: list, files: list[str]) -> ReadResult:
+        if self.skipped:
+            total = sum(self.skipped.values())
+            logger.warning(
+                "%s annotations %s: skipped %d bad record(s) of %d (%s)",
+                self.kind, ", ".join(files), total, total + len(records),
+                ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items())),
+            )
+        return ReadResult(records=records, skipped=self.skipped, files=tuple(files))
+
+    def image_of(self, record, path: str, index: int, image_root) -> str | None:
+        """Return the resolved image path of ``record``, or None after reporting it bad."""
+        image = record.get("image")
+        if not isinstance(image, str) or not image:
+            self.bad(path, index, "missing_image_field", "record has no 'image' string")
+            return None
+        resolved = resolve_image_path(image, image_root, path)
+        problem = check_image(resolved, self.check_images)
+        if problem is not None:
+            reason = "missing_image" if "not found" in problem else "corrupt_image"
+            self.bad(path, index, reason, problem)
+            return None
+        return resolved
+
+
+def read_pretrain_annotations(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    image_root: str | os.PathLike | None = None,
+    *,
+    max_words: int = 30,
+    on_error: str = "raise",
+    check_images: str = "verify",
+) -> ReadResult:
+    """Return the records of ALBEF pretraining lists (``image``, ``caption`` string or list), captions cleaned.
+
+    ``check_images``: "verify" parses every image file (catches truncated or non-image files;
+    about 0.1 ms per small image), "exists" only checks the file is there (use it for the 4M
+    lists), "none" checks nothing here (a bad file then fails when it is decoded).
+    """
+    reader = _Reader("pretrain", on_error, check_images)
+    records: list[PretrainRecord] = []
+    paths = _as_list(files)
+    for path in paths:
+        for index, record in enumerate(load_json_list(path)):
+            if not isinstance(record, dict):
+                reader.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
+                continue
+            if "caption" not in record:
+                reader.bad(path, index, "missing_caption_field", "record has no 'caption'")
+                continue
+            raw = record["caption"]
+            raw_list = raw if isinstance(raw, list) else [raw]
+            if not raw_list:
+                reader.bad(path, index, "empty_caption", "caption list is empty")
+                continue
+            captions, problem = [], None
+            for raw_caption in raw_list:
+                cleaned, problem = _clean_one_caption(raw_caption, max_words)
+                if problem:
+                    break
+                captions.append(cleaned)
+            if problem:
+                reader.bad(path, index, "empty_caption" if "empty" in problem else "bad_caption", problem)
+                continue
+            image = reader.image_of(record, path, index, image_root)
+            if image is None:
+                continue
+            records.append(PretrainRecord(image=image, captions=tuple(captions), source=path, index=index))
+    return reader.finish(records, paths)
+
+
+def read_retrieval_train(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    image_root: str | os.PathLike | None = None,
+    *,
+    max_words: int = 30,
+    on_error: str = "raise",
+    check_images: str = "verify",
+) -> ReadResult:
+    """Return the records of ALBEF retrieval training files (``image``, ``caption``, ``image_id``), captions cleaned."""
+    reader = _Reader("retrieval-train", on_error, check_images)
+    records: list[RetrievalTrainRecord] = []
+    paths = _as_list(files)
+    for path in paths:
+        for index, record in enumerate(load_json_list(path)):
+            if not isinstance(record, dict):
+                reader.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
+                continue
+            if "caption" not in record:
+                reader.bad(path, index, "missing_caption_field", "record has no 'caption'")
+                continue
+            cleaned, problem = _clean_one_caption(record["caption"], max_words)
+            if problem:
+                reader.bad(path, index, "empty_caption" if "empty" in problem else "bad_caption", problem)
+                continue
+            image_id = record.get("image_id")
+            if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+                reader.bad(path, index, "missing_image_id", "record has no 'image_id' (string or integer)")
+                continue
+            image = reader.image_of(record, path, index, image_root)
+            if image is None:
+                continue
+            records.append(RetrievalTrainRecord(image=image, caption=cleaned, image_id=image_id, source=path, index=index))
+    return reader.finish(records, paths)
+
+
+def read_retrieval_eval(
+    file: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    max_words: int = 30,
+    on_error: str = "raise",
+    check_images: str = "verify",
+) -> ReadResult:
+    """Return the records of an ALBEF retrieval test file (``image``, list of captions), captions cleaned.
+
+    With ``on_error="skip"`` a record with any bad caption is dropped whole, so that the
+    surviving images keep all the captions the benchmark gives them.
+    """
+    reader = _Reader("retrieval-eval", on_error, check_images)
+    records: list[RetrievalEvalRecord] = []
+    path = str(file)
+    for index, record in enumerate(load_json_list(path)):
+        if not isinstance(record, dict):
+            reader.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
+            continue
+        if "caption" not in record:
+            reader.bad(path, index, "missing_caption_field", "record has no 'caption'")
+            continue
+        raw = record["caption"]
+        if not isinstance(raw, list):
+            reader.bad(path, index, "bad_caption", f"retrieval test records need a list of captions, found {type(raw).__name__}")
+            continue
+        if not raw:
+            reader.bad(path, index, "empty_caption", "caption list is empty")
+            continue
+        captions, problem = [], None
+        for raw_caption in raw:
+            cleaned, problem = _clean_one_caption(raw_caption, max_words)
+            if problem:
+                break
+            captions.append(cleaned)
+        if problem:
+            reader.bad(path, index, "empty_caption" if "empty" in problem else "bad_caption", problem)
+            continue
+        image = reader.image_of(record, path, index, image_root)
+        if image is None:
+            continue
+        records.append(RetrievalEvalRecord(image=image, captions=tuple(captions), source=path, index=index))
+    return reader.finish(records, [path])

@@ -1,0 +1,151 @@
+"""WordPiece tokenizer trained on captions, in Hugging Face format, with ALBEF's ``[CLS] tokens`` convention.
+
+ALBEF's own BertTokenizer (``models/tokenization_bert.py``) builds a single sequence as
+``[CLS] X`` with no trailing ``[SEP]``; captions are padded to the longest in the batch and
+truncated to 30 tokens (25 in pretraining). We keep that convention for every tokenizer this
+project loads: the trained one and, when asked for by name, ``bert-base-uncased``.
+
+Special tokens and their ids in a trained tokenizer: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+``[SEP]`` is in the vocabulary (BERT checkpoints have it) but never emitted for a caption.
+"""
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+from typing import Iterable
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
+ALBEF_MAX_LENGTH = 30  # retrieval; pretraining uses 25
+HUB_TOKENIZERS = ("bert-base-uncased",)
+
+
+def apply_albef_convention(tokenizer, max_length: int = ALBEF_MAX_LENGTH):
+    """Return ``tokenizer`` (changed in place) encoding one text as ``[CLS] tokens``: no ``[SEP]``, pad id as its vocab says."""
+    from tokenizers import processors
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"expected a tokenizers-backed (fast) tokenizer, got {type(tokenizer).__name__}")
+    cls_token, sep_token = tokenizer.cls_token, tokenizer.sep_token
+    if cls_token is None or tokenizer.cls_token_id is None:
+        raise ValueError("tokenizer has no [CLS] token: ALBEF's convention needs one")
+    special = [(cls_token, tokenizer.cls_token_id)]
+    pair = f"{cls_token} $A"
+    if sep_token is not None and tokenizer.sep_token_id is not None:
+        special.append((sep_token, tokenizer.sep_token_id))
+        pair = f"{cls_token} $A {sep_token} $B:1 {sep_token}:1"
+    backend.post_processor = processors.TemplateProcessing(single=f"{cls_token} $A", pair=pair, special_tokens=special)
+    tokenizer.model_max_length = max_length
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
+    return tokenizer
+
+
+def _check_convention(tokenizer, where: str) -> None:
+    ids = tokenizer("a")["input_ids"]
+    if not ids or ids[0] != tokenizer.cls_token_id or (tokenizer.sep_token_id is not None and tokenizer.sep_token_id in ids):
+        raise RuntimeError(f"{where}: tokenizer does not follow ALBEF's '[CLS] tokens' convention: 'a' -> {ids}")
+
+
+def train_wordpiece(
+    captions: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    min_frequency: int = 1,
+    max_length: int = ALBEF_MAX_LENGTH,
+):
+    """Return a PreTrainedTokenizerFast with a WordPiece vocabulary learnt from ``captions``; saved to ``out_dir`` if given.
+
+    BERT-uncased normalisation (lower case, accents stripped) and pre-tokenisation (split on
+    whitespace and punctuation). The initial alphabet holds every printable ASCII character, so
+    words never seen in training (held-out test concepts) are spelt out in pieces instead of
+    becoming [UNK]. Pass the TRAINING captions only: the vocabulary must not see the test split.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < len(SPECIAL_TOKENS) + 100:
+        raise ValueError(f"vocab_size={vocab_size}: too small (need room for the alphabet; use >= 200)")
+    captions = [c for c in captions]
+    if not captions:
+        raise ValueError("train_wordpiece: no captions given")
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    backend.train_from_iterator(captions, trainer=trainer, length=len(captions))
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if backend.token_to_id(token) != expected_id:
+            raise RuntimeError(f"special token {token} got id {backend.token_to_id(token)}, expected {expected_id}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+    apply_albef_convention(tokenizer, max_length)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def load_tokenizer(path_or_name: str | os.PathLike, *, allow_download: bool = False, max_length: int = ALBEF_MAX_LENGTH):
+    """Return the tokenizer saved in a folder, or ``bert-base-uncased`` by name, with ALBEF's convention applied.
+
+    A folder (e.g. ``data/emoji/tokenizer``) is read offline. ``"bert-base-uncased"`` is read from
+    the local Hugging Face cache; it is downloaded only with ``allow_download=True``.
+    """
+    from transformers import AutoTokenizer
+
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json here (is it a folder written by train_wordpiece?)")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        where = str(path)
+    elif text in HUB_TOKENIZERS:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(text, local_files_only=not allow_download)
+        except OSError as err:
+            raise RuntimeError(
+                f"tokenizer {text!r} is not in the local Hugging Face cache and downloads are off "
+                f"(this project runs offline by default). Either pass allow_download=True on a machine "
+                f"with internet access, or use the tokenizer trained with the emoji corpus "
+                f"(data/emoji/tokenizer, made by codis-build-emoji)."
+            ) from err
+        where = text
+    else:
+        raise FileNotFoundError(
+            f"tokenizer {text!r}: no such folder, and not one of the hub names {HUB_TOKENIZERS}; "
+            f"build the emoji corpus (codis-build-emoji) to get data/emoji/tokenizer"
+        )
+    apply_albef_convention(tokenizer, max_length)
+    _check_convention(tokenizer, where)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{where}: tokenizer has no [PAD] token")
+    return tokenizer
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Return vocab_size and the ids of [PAD], [UNK], [CLS], [SEP], [MASK]: what ModelConfig needs from a tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "unk_token_id": tokenizer.unk_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+    }
