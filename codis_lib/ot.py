@@ -41,9 +41,6 @@ def _check_inputs(scores: torch.Tensor, eps: float, n_iters: int | None, tol: fl
         raise ValueError("scores has K = 0 codes (shape[1] == 0); Sinkhorn needs at least one code")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
-    if not bool(torch.isfinite(scores).all()):
-        bad = int((~torch.isfinite(scores)).sum())
-        raise ValueError(f"scores contains {bad} non-finite value(s) (NaN or inf); Sinkhorn needs finite scores")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0 (the entropic regularisation), got {eps!r}")
     if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1):
@@ -63,6 +60,17 @@ class SinkhornResult:
     marginal_error: float  # L2 distance of the mass-1 plan's code marginal from uniform 1/K
 
 
+def _score_range(scores: torch.Tensor, distributed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (min, max) of the scores over all ranks in one pass, raising if any is NaN or inf."""
+    low, high = torch.aminmax(scores)  # NaN propagates to both; +-inf shows up in one of them
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(f"scores contains {bad} non-finite value(s) (NaN or inf); Sinkhorn needs finite scores")
+    if distributed:
+        all_reduce_max_(high)
+    return low, high
+
+
 def _working_precision(scores: torch.Tensor) -> torch.Tensor:
     """Return detached scores in float32, or float64 when given float64 (bf16/fp16 are upcast)."""
     scores = scores.detach()
@@ -79,18 +87,22 @@ def _global_batch(local_batch: int, device: torch.device, distributed: bool) -> 
 
 def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None,
                     max_iters: int, distributed: bool) -> SinkhornResult:
-    """Scaling-vector Sinkhorn in the exp domain; returns rows normalised to sum to 1."""
+    """Scaling-vector Sinkhorn in the exp domain; returns rows normalised to sum to 1.
+
+    Memory passes over the (B, K) matrix: one for the range check, two to build the kernel, two
+    mat-vecs per iteration and two to form the plan. SwAV's in-place loop makes about seven per
+    iteration; that difference is the speed-up (benchmarks/bench_sinkhorn.py).
+    """
     scores = _working_precision(scores)
     batch, codes = scores.shape
     global_batch = _global_batch(batch, scores.device, distributed)
     # A global shift of the scores is a constant factor on the kernel and cancels in the first
     # code-marginal update; it keeps exp() in range for ordinary eps.
-    shift = scores.max().reshape(1)
-    if distributed:
-        all_reduce_max_(shift)
-    kernel = torch.exp((scores - shift) / eps)  # (B, K)
+    _, shift = _score_range(scores, distributed)
+    kernel = torch.add(-shift / eps, scores, alpha=1.0 / eps).exp_()  # (B, K) = exp((S - max) / eps)
     sample_scale = torch.full((batch,), 1.0 / global_batch, device=scores.device, dtype=scores.dtype)  # a: (B,)
     code_scale = torch.ones(codes, device=scores.device, dtype=scores.dtype)  # b: (K,)
+    row_mass = None  # K b, (B,): the last row update's denominator
     limit = n_iters if n_iters is not None else max_iters
     done, error = 0, float("nan")
     for done in range(1, limit + 1):
@@ -104,13 +116,14 @@ def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: 
                 done -= 1
                 break
         code_scale = 1.0 / (codes * code_mass)
-        sample_scale = 1.0 / (global_batch * (kernel @ code_scale))  # (B,)
+        row_mass = kernel @ code_scale  # (B,)
+        sample_scale = 1.0 / (global_batch * row_mass)
     if not (bool(torch.isfinite(code_scale).all()) and bool(torch.isfinite(sample_scale).all())):
         raise FloatingPointError(
             f"Sinkhorn overflowed/underflowed in the exp domain at eps={eps}: exp(scores / eps) leaves "
             "some code or sample with zero mass. Use log_domain=True (sinkhorn_log) for small eps.")
-    plan = kernel * code_scale  # (B, K); row normalisation below equals the final a-update times B
-    plan = plan / plan.sum(dim=1, keepdim=True)
+    # Rows of diag(a) K diag(b) scaled to sum to 1: K_ik b_k / (K b)_i, formed in place in two passes.
+    plan = kernel.mul_(code_scale).div_(row_mass[:, None])
     if tol is not None and math.isnan(error):
         error = _code_marginal_error(plan, global_batch, distributed)
     return SinkhornResult(plan=plan, n_iters=done, marginal_error=error)
@@ -131,7 +144,9 @@ def _logsumexp_over_samples(log_terms: torch.Tensor, distributed: bool) -> torch
 def _sinkhorn_log(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None,
                   max_iters: int, distributed: bool) -> SinkhornResult:
     """Log-domain Sinkhorn: the same iterations on log-potentials, finite for tiny eps."""
-    log_kernel = _working_precision(scores) / eps  # (B, K)
+    scores = _working_precision(scores)
+    _score_range(scores, distributed=False)
+    log_kernel = scores / eps  # (B, K)
     batch, codes = log_kernel.shape
     global_batch = _global_batch(batch, log_kernel.device, distributed)
     log_sample = torch.full((batch,), -math.log(global_batch), device=log_kernel.device,
