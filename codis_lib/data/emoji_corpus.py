@@ -45,6 +45,7 @@ from codis_lib.data.albef_json import ALBEF_DELETED_CHARACTERS, pre_caption
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
+RENDER_RECIPE = 1  # bump when rendering changes: images of an older recipe are re-rendered, not reused
 ART_STYLES = ("twemoji", "openmoji")
 SPLITS = ("train", "val", "test")
 SPLIT_SALT = "codis-emoji-split-v1"  # changing it reshuffles which concepts are held out
@@ -588,7 +589,8 @@ def build_emoji_corpus(
         (out / "images" / style).mkdir(parents=True, exist_ok=True)
 
     # 1. Images: reuse those whose bytes match the manifest, render the rest.
-    known_hashes = (previous or {}).get("images", {})
+    same_recipe = (previous or {}).get("render_recipe") == RENDER_RECIPE
+    known_hashes = (previous or {}).get("images", {}) if same_recipe else {}
     image_hashes: dict[str, str] = {}
     jobs = []
     for _, style, e in plan["images"]:
@@ -641,8 +643,11 @@ def build_emoji_corpus(
     captions_digest = hashlib.sha256("\n".join(training_captions).encode("utf-8")).hexdigest()
     tokenizer_dir = out / "tokenizer"
     tokenizer_file = tokenizer_dir / "tokenizer.json"
+    from codis_lib.data.tokenizer import TOKENIZER_RECIPE
+
     previous_tokenizer = (previous or {}).get("tokenizer", {})
-    if (previous_tokenizer.get("training_captions_sha256") == captions_digest and tokenizer_file.is_file()
+    if (previous_tokenizer.get("training_captions_sha256") == captions_digest
+            and previous_tokenizer.get("recipe") == TOKENIZER_RECIPE and tokenizer_file.is_file()
             and sha256_file(tokenizer_file) == previous_tokenizer.get("sha256")):
         tokenizer_info = previous_tokenizer
         tokenizer_reused = True
@@ -652,6 +657,7 @@ def build_emoji_corpus(
         tokenizer = train_wordpiece(training_captions, vocab_size=vocab_size, out_dir=tokenizer_dir)
         tokenizer_info = {
             "path": "tokenizer",
+            "recipe": TOKENIZER_RECIPE,
             "vocab_size": len(tokenizer),
             "requested_vocab_size": vocab_size,
             "training_captions": len(training_captions),
@@ -675,6 +681,7 @@ def build_emoji_corpus(
         }
     manifest = {
         "format": MANIFEST_FORMAT,
+        "render_recipe": RENDER_RECIPE,
         "config": config,
         "sources": {**source_versions(), "unicode_emoji": plan["unicode_version"]},
         "licences": {

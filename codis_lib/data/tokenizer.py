@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
+TOKENIZER_RECIPE = 2  # bump when train_wordpiece changes what it learns: corpora built before retrain theirs
 ALBEF_MAX_LENGTH = 30  # retrieval; pretraining uses 25
 HUB_TOKENIZERS = ("bert-base-uncased",)
 
@@ -66,25 +67,42 @@ def train_wordpiece(
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < len(SPECIAL_TOKENS) + 100:
-        raise ValueError(f"vocab_size={vocab_size}: too small (need room for the alphabet; use >= 200)")
+    if vocab_size < 200:
+        raise ValueError(f"vocab_size={vocab_size}: too small (the ASCII alphabet alone takes 141 pieces; use >= 200)")
     captions = [c for c in captions]
     if not captions:
         raise ValueError("train_wordpiece: no captions given")
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##")
     alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=alphabet,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    backend.train_from_iterator(captions, trainer=trainer, length=len(captions))
+
+    def train(size: int):
+        backend = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=alphabet, continuing_subword_prefix="##", show_progress=False,
+        )
+        backend.train_from_iterator(captions, trainer=trainer, length=len(captions))
+        vocab = backend.get_vocab()
+        missing = [piece for c in alphabet for piece in (c, "##" + c) if piece not in vocab]
+        return backend, vocab, missing
+
+    # The trainer's initial alphabet gives word-initial characters only; a word never seen in
+    # training also needs every "##c" continuation piece, or it becomes [UNK]. Add the missing
+    # ones, retraining once with room for them so that the vocabulary stays within vocab_size.
+    size = vocab_size
+    backend, vocab, missing = train(size)
+    for _ in range(3):
+        if len(vocab) + len(missing) <= vocab_size:
+            break
+        size -= len(vocab) + len(missing) - vocab_size
+        backend, vocab, missing = train(size)
+    if missing:
+        for piece in missing:
+            vocab[piece] = len(vocab)
+        model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+        backend.model = model
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if backend.token_to_id(token) != expected_id:
             raise RuntimeError(f"special token {token} got id {backend.token_to_id(token)}, expected {expected_id}")
@@ -101,11 +119,12 @@ def train_wordpiece(
     return tokenizer
 
 
-def load_tokenizer(path_or_name: str | os.PathLike, *, allow_download: bool = False, max_length: int = ALBEF_MAX_LENGTH):
+def load_tokenizer(path_or_name: str | os.PathLike, *, allow_download: bool = False, max_length: int = ALBEF_MAX_LENGTH,
+                   cache_dir: str | os.PathLike | None = None):
     """Return the tokenizer saved in a folder, or ``bert-base-uncased`` by name, with ALBEF's convention applied.
 
     A folder (e.g. ``data/emoji/tokenizer``) is read offline. ``"bert-base-uncased"`` is read from
-    the local Hugging Face cache; it is downloaded only with ``allow_download=True``.
+    the local Hugging Face cache (or ``cache_dir``); it is downloaded only with ``allow_download=True``.
     """
     from transformers import AutoTokenizer
 
@@ -118,7 +137,8 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, allow_download: bool = Fa
         where = str(path)
     elif text in HUB_TOKENIZERS:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(text, local_files_only=not allow_download)
+            tokenizer = AutoTokenizer.from_pretrained(text, local_files_only=not allow_download,
+                                                      cache_dir=None if cache_dir is None else str(cache_dir))
         except OSError as err:
             raise RuntimeError(
                 f"tokenizer {text!r} is not in the local Hugging Face cache and downloads are off "
