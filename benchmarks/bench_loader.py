@@ -1,0 +1,131 @@
+"""Emoji loader throughput (images/s) with and without the decoded-image cache, measured side by side.
+
+    python benchmarks/bench_loader.py                      # data/emoji, 64 px, 2 workers, 5 repeats
+    python benchmarks/bench_loader.py --repeats 3 --batches 20
+
+For each configuration (cache on/off x augmentation on/off) a DataLoader with 2 worker
+processes and the real collator (tokenisation included) is run for a fixed number of batches;
+repeats are interleaved so that the configurations see the same machine noise. Prints the
+median and the spread (min-max) of images/s, and the cache/no-cache ratio. A per-stage
+profile in the main process (decode, crop, RandomAugment, normalise, collate) says where the
+time goes. Builds the corpus first if data/emoji is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+
+def run_loader(dataset, collate, batch_size: int, workers: int, batches: int, seed: int) -> float:
+    """Return images/s of one pass over ``batches`` batches (worker start-up excluded)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
+                        drop_last=True, generator=generator, persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    iterator = iter(loader)
+    next(iterator)  # start-up: fork the workers and fill their first batch
+    started = time.perf_counter()
+    n_images = 0
+    for _, batch in zip(range(batches), iterator):
+        n_images += batch["image"].shape[0]
+    elapsed = time.perf_counter() - started
+    del iterator
+    return n_images / elapsed
+
+
+def profile_stages(dataset, cache_dataset, n: int = 300) -> dict[str, float]:
+    """Return microseconds per image of each stage, measured in this process on one thread."""
+    from codis_lib.data.datasets import decode_image
+    from codis_lib.data.transforms import normalize, random_resized_crop_box, resized_crop
+
+    torch.set_num_threads(1)
+    transform = dataset.transform
+    records = dataset.records[:n]
+    timings = {}
+    t = time.perf_counter()
+    decoded = [decode_image(r.image) for r in records]
+    timings["decode PNG"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cached = [cache_dataset.images.load(r.image) for r in records]
+    timings["cache lookup"] = time.perf_counter() - t
+    t = time.perf_counter()
+    crops = [resized_crop(img, random_resized_crop_box(img.shape[1], img.shape[2], transform.crop_scale,
+                                                       transform.crop_ratio), transform.image_size, as_float=True)
+             for img in cached]
+    timings["random resized crop (bicubic)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    augmented = [transform.randaugment(c) for c in crops]
+    timings["RandomAugment (2 ops, M=7)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    [normalize(a) for a in augmented]
+    timings["normalise"] = time.perf_counter() - t
+    t = time.perf_counter()
+    [cache_dataset[i] for i in range(n)]
+    timings["whole __getitem__ (cache, augment)"] = time.perf_counter() - t
+    return {k: v / len(records) * 1e6 for k, v in timings.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data/emoji")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=30, help="batches timed per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    from codis_lib.data.collate import PRETRAIN_MAX_LENGTH, ImageTextCollator
+    from codis_lib.data.datasets import PretrainDataset
+    from codis_lib.data.tokenizer import load_tokenizer
+
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "manifest.json").is_file():
+        from codis_lib.data.emoji_corpus import build_emoji_corpus
+
+        print(f"building the emoji corpus in {data_dir} first")
+        build_emoji_corpus(data_dir, args.image_size)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    collate = ImageTextCollator(tokenizer, max_length=PRETRAIN_MAX_LENGTH)
+    started = time.perf_counter()
+    datasets = {}
+    for cache in (True, False):
+        for augment in (True, False):
+            datasets[(cache, augment)] = PretrainDataset(
+                data_dir / "pretrain.json", image_size=args.image_size, augment=augment, cache=cache,
+                check_images="exists")
+    cache_seconds = time.perf_counter() - started
+    n_images = len(datasets[(True, True)].images.cache)
+    print(f"{len(datasets[(True, True)])} pretraining records, {n_images} distinct images; "
+          f"datasets built in {cache_seconds:.1f} s (two caches of "
+          f"{datasets[(True, True)].images.cache.nbytes / 2**20:.0f} MiB decoded)")
+    print(f"loader: batch {args.batch_size}, {args.workers} workers, {args.batches} batches x {args.repeats} repeats, "
+          f"{args.image_size} px, torch threads per worker 1\n")
+
+    rates = {key: [] for key in datasets}
+    for repeat in range(args.repeats):
+        for key, dataset in datasets.items():  # interleaved: every configuration sees the same noise
+            rates[key].append(run_loader(dataset, collate, args.batch_size, args.workers, args.batches, seed=repeat))
+
+    def describe(values):
+        return f"{statistics.median(values):7.0f} img/s  (min {min(values):.0f}, max {max(values):.0f})"
+
+    for augment in (True, False):
+        label = "augment on " if augment else "augment off"
+        print(f"{label}: cache    {describe(rates[(True, augment)])}")
+        print(f"{label}: no cache {describe(rates[(False, augment)])}")
+        ratio = statistics.median(rates[(True, augment)]) / statistics.median(rates[(False, augment)])
+        print(f"{label}: ratio cache / no cache = {ratio:.2f}x\n")
+
+    print("where the time goes (one thread, main process, microseconds per image):")
+    for stage, micros in profile_stages(datasets[(False, True)], datasets[(True, True)]).items():
+        print(f"  {stage:38s} {micros:7.0f}")
+
+
+if __name__ == "__main__":
+    main()

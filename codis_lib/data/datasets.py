@@ -1,0 +1,241 @@
+"""Datasets over ALBEF's annotation formats, with an optional in-memory cache of decoded images.
+
+- :class:`PretrainDataset`: ALBEF's pretraining lists (COCO + VG + SBU + CC3M, or ``data/emoji/pretrain.json``);
+  a caption is drawn at random from the record's list at each visit.
+- :class:`RetrievalTrainDataset`: retrieval fine-tuning records; ``image_id`` mapped to a contiguous
+  int in order of first appearance (ALBEF's ``img_ids``), so positives share it.
+- :class:`RetrievalEvalDataset`: one item per image; ``texts``, ``txt2img``, ``img2txt`` as ALBEF.
+
+Each training item is a dict ``{"image": (3, S, S) float, "caption": str, "image_id": int, "index": int}``;
+:class:`codis_lib.data.collate.ImageTextCollator` turns a list of them into the batch of COMMON.md.
+
+The cache (``cache=True``) decodes every distinct image once into uint8 tensors (for the emoji
+corpus: 6380 images x 3 x 64 x 64 = 78 MB) so that an epoch costs transforms, not PNG decoding.
+DataLoader workers started by fork share the cached tensor without copying it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from codis_lib.data.albef_json import (
+    AnnotationError,
+    read_pretrain_annotations,
+    read_retrieval_eval,
+    read_retrieval_train,
+)
+from codis_lib.data.transforms import EvalTransform, build_transform, to_uint8_tensor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_LIMIT_BYTES = 4 << 30
+
+
+def decode_image(path: str) -> torch.Tensor:
+    """Return the image file at ``path`` as a (3, H, W) uint8 RGB tensor."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return to_uint8_tensor(img)
+
+
+class DecodedImageCache:
+    """Every distinct image decoded once to uint8; ``cache[path]`` returns its (3, H, W) tensor.
+
+    Images of one common size are stored in a single (N, 3, H, W) tensor (one allocation, shared
+    by forked workers); mixed sizes are kept as a list. ``max_bytes`` guards against caching a
+    corpus that does not fit: the error says how much it would take.
+    """
+
+    def __init__(self, paths: Sequence[str], *, max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+                 where: dict[str, tuple[str, int]] | None = None):
+        unique = list(dict.fromkeys(paths))
+        self.row_of = {path: row for row, path in enumerate(unique)}
+        images, total = [], 0
+        for path in unique:
+            try:
+                image = decode_image(path)
+            except (OSError, ValueError, SyntaxError) as err:
+                source, index = (where or {}).get(path, (None, None))
+                if source is not None:
+                    raise AnnotationError(source, index, f"cannot decode image {path}: {err}") from err
+                raise OSError(f"cannot decode image {path}: {err}") from err
+            total += image.numel()
+            if total > max_bytes:
+                raise MemoryError(
+                    f"decoded-image cache would exceed max_bytes={max_bytes} after {len(images) + 1} of "
+                    f"{len(unique)} images ({total} bytes so far); use cache=False for this corpus, or raise the limit"
+                )
+            images.append(image)
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) == 1:
+            self.images = torch.stack(images)  # (N, 3, H, W) uint8
+        else:
+            self.images = images
+        self.nbytes = total
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.row_of
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        return self.images[self.row_of[path]]
+
+
+class _ImageSource:
+    """Loads images by path, from the cache when there is one, naming the annotation record on failure."""
+
+    def __init__(self, records, cache: bool, cache_max_bytes: int):
+        self.where = {r.image: (r.source, r.index) for r in reversed(records)}  # first record naming each image
+        self.cache = DecodedImageCache([r.image for r in records], max_bytes=cache_max_bytes,
+                                       where=self.where) if cache else None
+
+    def load(self, path: str) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[path]
+        try:
+            return decode_image(path)
+        except (OSError, ValueError, SyntaxError) as err:
+            source, index = self.where.get(path, (None, None))
+            if source is None:
+                raise
+            raise AnnotationError(source, index, f"cannot decode image {path}: {err}") from err
+
+
+def _contiguous_ids(values) -> tuple[list[int], dict]:
+    """Return each value's contiguous id in order of first appearance, and the mapping."""
+    mapping: dict = {}
+    ids = []
+    for value in values:
+        if value not in mapping:
+            mapping[value] = len(mapping)
+        ids.append(mapping[value])
+    return ids, mapping
+
+
+class PretrainDataset(Dataset):
+    """ALBEF pretraining list(s): items {image, caption (drawn from the record's list), image_id, index}."""
+
+    def __init__(
+        self,
+        annotation_files: str | os.PathLike | Sequence[str | os.PathLike],
+        image_root: str | os.PathLike | None = None,
+        *,
+        image_size: int = 256,
+        transform=None,
+        augment: bool = True,
+        flip_policy: str = "skip",
+        max_words: int = 30,
+        on_error: str = "raise",
+        check_images: str = "verify",
+        cache: bool = False,
+        cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+    ):
+        result = read_pretrain_annotations(annotation_files, image_root, max_words=max_words, on_error=on_error,
+                                           check_images=check_images)
+        if not result.records:
+            raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
+        self.records = result.records
+        self.skipped = result.skipped
+        self.image_ids, _ = _contiguous_ids(r.image for r in self.records)  # distinct images
+        self.transform = transform if transform is not None else build_transform(
+            "pretrain", image_size, augment=augment, flip_policy=flip_policy)
+        self.images = _ImageSource(self.records, cache, cache_max_bytes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        captions = record.captions
+        caption = captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
+        image, caption = self.transform(self.images.load(record.image), caption)
+        return {"image": image, "caption": caption, "image_id": self.image_ids[index], "index": index}
+
+
+class RetrievalTrainDataset(Dataset):
+    """ALBEF retrieval training records: items {image, caption, image_id (contiguous), index}."""
+
+    def __init__(
+        self,
+        annotation_files: str | os.PathLike | Sequence[str | os.PathLike],
+        image_root: str | os.PathLike | None = None,
+        *,
+        image_size: int = 384,
+        transform=None,
+        augment: bool = True,
+        flip_policy: str = "skip",
+        max_words: int = 30,
+        on_error: str = "raise",
+        check_images: str = "verify",
+        cache: bool = False,
+        cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+    ):
+        result = read_retrieval_train(annotation_files, image_root, max_words=max_words, on_error=on_error,
+                                      check_images=check_images)
+        if not result.records:
+            raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
+        self.records = result.records
+        self.skipped = result.skipped
+        self.image_ids, self.image_id_of = _contiguous_ids(r.image_id for r in self.records)
+        self.transform = transform if transform is not None else build_transform(
+            "train", image_size, augment=augment, flip_policy=flip_policy)
+        self.images = _ImageSource(self.records, cache, cache_max_bytes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image, caption = self.transform(self.images.load(record.image), record.caption)
+        return {"image": image, "caption": caption, "image_id": self.image_ids[index], "index": index}
+
+
+class RetrievalEvalDataset(Dataset):
+    """ALBEF retrieval test file: one item {image, index} per image; texts, txt2img, img2txt for the texts."""
+
+    def __init__(
+        self,
+        annotation_file: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        *,
+        image_size: int = 384,
+        transform=None,
+        max_words: int = 30,
+        on_error: str = "raise",
+        check_images: str = "verify",
+        cache: bool = False,
+        cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+    ):
+        result = read_retrieval_eval(annotation_file, image_root, max_words=max_words, on_error=on_error,
+                                     check_images=check_images)
+        if not result.records:
+            raise ValueError(f"no usable records in {annotation_file} (skipped: {dict(result.skipped)})")
+        self.records = result.records
+        self.skipped = result.skipped
+        self.transform = transform if transform is not None else EvalTransform(image_size)
+        self.images: list[str] = [r.image for r in self.records]
+        self.texts: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        for image_index, record in enumerate(self.records):
+            self.img2txt.append([])
+            for caption in record.captions:
+                self.img2txt[image_index].append(len(self.texts))
+                self.txt2img.append(image_index)
+                self.texts.append(caption)
+        self._source = _ImageSource(self.records, cache, cache_max_bytes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.transform(self._source.load(self.records[index].image))
+        return {"image": image, "index": index}

@@ -1,0 +1,149 @@
+"""Datasets, the decoded-image cache, and the collator, on the small emoji corpus and the COCO-format fixtures."""
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from codis_lib.data.albef_json import AnnotationError
+from codis_lib.data.collate import ImageTextCollator, collate_eval_images
+from codis_lib.data.datasets import (
+    DecodedImageCache,
+    PretrainDataset,
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    decode_image,
+)
+from codis_lib.data.tokenizer import load_tokenizer
+from tests.fixtures_data.corpus import FIXTURES, SMALL_CORPUS_SIZE, small_emoji_corpus, write_coco_style_images
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    out, manifest = small_emoji_corpus()
+    return out, manifest, load_tokenizer(out / "tokenizer")
+
+
+def test_pretrain_items_and_cache_equals_decoding(corpus):
+    out, manifest, _ = corpus
+    plain = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False)
+    cached = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, cache=True)
+    assert len(plain) == len(cached) == manifest["counts"]["pretrain_records"]
+    for index in (0, len(plain) // 2, len(plain) - 1):
+        a, b = plain[index], cached[index]
+        assert set(a) == {"image", "caption", "image_id", "index"} and a["index"] == index
+        assert a["image"].shape == (3, SMALL_CORPUS_SIZE, SMALL_CORPUS_SIZE) and a["image"].dtype == torch.float32
+        assert torch.equal(a["image"], b["image"])  # the cache changes speed, not pixels
+        assert a["caption"] in plain.records[index].captions
+    cache = cached.images.cache
+    assert len(cache) == len(cached) and cache.nbytes == len(cache) * 3 * SMALL_CORPUS_SIZE ** 2
+    assert isinstance(cache.images, torch.Tensor) and cache.images.dtype == torch.uint8  # one (N, 3, H, W) block
+
+
+def test_pretrain_draws_captions_from_the_list(corpus):
+    out, _, _ = corpus
+    dataset = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, cache=True)
+    torch.manual_seed(0)
+    drawn = {dataset[0]["caption"] for _ in range(60)}
+    assert drawn == set(dataset.records[0].captions) and len(drawn) > 1
+
+
+def test_retrieval_train_image_ids_are_shared_by_both_drawings(corpus):
+    out, _, _ = corpus
+    dataset = RetrievalTrainDataset(out / "train.json", image_size=SMALL_CORPUS_SIZE, augment=False)
+    raw = json.loads((out / "train.json").read_text())
+    assert len(dataset) == len(raw)
+    by_emoji = {}
+    for record, contiguous in zip(raw, dataset.image_ids):
+        by_emoji.setdefault(record["image_id"], set()).add(contiguous)
+    assert all(len(ids) == 1 for ids in by_emoji.values())  # one int per emoji
+    assert sorted({next(iter(i)) for i in by_emoji.values()}) == list(range(len(by_emoji)))  # contiguous from 0
+    styles = {r["image"].split("/")[1] for r in raw if r["image_id"] == raw[0]["image_id"]}
+    assert styles == {"twemoji", "openmoji"}
+    assert dataset[3]["image_id"] == dataset.image_ids[3]
+
+
+def test_retrieval_eval_index_maps(corpus):
+    out, manifest, _ = corpus
+    dataset = RetrievalEvalDataset(out / "test.json", image_size=SMALL_CORPUS_SIZE, cache=True)
+    raw = json.loads((out / "test.json").read_text())
+    assert len(dataset) == len(raw) == manifest["counts"]["splits"]["test"]["images"]
+    assert len(dataset.texts) == len(dataset.txt2img) == sum(len(r["caption"]) for r in raw)
+    for image_index, text_indices in enumerate(dataset.img2txt):
+        assert text_indices and all(dataset.txt2img[t] == image_index for t in text_indices)
+    assert sorted(t for ts in dataset.img2txt for t in ts) == list(range(len(dataset.texts)))
+    item = dataset[1]
+    assert item["index"] == 1 and item["image"].shape == (3, SMALL_CORPUS_SIZE, SMALL_CORPUS_SIZE)
+    batch = collate_eval_images([dataset[0], dataset[1]])
+    assert batch["image"].shape == (2, 3, SMALL_CORPUS_SIZE, SMALL_CORPUS_SIZE) and batch["index"].tolist() == [0, 1]
+
+
+def test_collator_builds_the_common_batch(corpus):
+    out, _, tokenizer = corpus
+    dataset = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, cache=True)
+    batch = ImageTextCollator(tokenizer, max_length=25)([dataset[i] for i in range(5)])
+    assert set(batch) == {"image", "input_ids", "attention_mask", "image_ids", "index", "captions"}
+    assert batch["image"].shape == (5, 3, SMALL_CORPUS_SIZE, SMALL_CORPUS_SIZE)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.dtype == mask.dtype == batch["image_ids"].dtype == batch["index"].dtype == torch.int64
+    assert ids.shape == mask.shape and ids.shape[1] <= 25
+    assert (ids[:, 0] == tokenizer.cls_token_id).all() and not (ids == tokenizer.sep_token_id).any()
+    assert (ids[mask == 0] == 0).all()
+    assert batch["index"].tolist() == [0, 1, 2, 3, 4] and len(batch["captions"]) == 5
+    for row, caption in enumerate(batch["captions"]):
+        assert int(mask[row].sum()) == min(25, 1 + len(tokenizer.tokenize(caption)))
+
+
+def test_loader_with_two_workers(corpus):
+    out, _, tokenizer = corpus
+    dataset = RetrievalTrainDataset(out / "train.json", image_size=SMALL_CORPUS_SIZE, cache=True)
+    loader = DataLoader(dataset, batch_size=8, shuffle=True, num_workers=2, collate_fn=ImageTextCollator(tokenizer),
+                        generator=torch.Generator().manual_seed(0))
+    seen = []
+    for batch, _ in zip(loader, range(3)):
+        assert batch["image"].shape == (8, 3, SMALL_CORPUS_SIZE, SMALL_CORPUS_SIZE)
+        assert torch.isfinite(batch["image"]).all()
+        seen += batch["index"].tolist()
+    assert len(set(seen)) == 24
+
+
+def test_coco_format_fixtures_through_the_datasets(tmp_path):
+    root = write_coco_style_images(tmp_path / "coco")
+    train = RetrievalTrainDataset(FIXTURES / "coco_karpathy_train.json", root, image_size=24)
+    assert train.image_ids == [0, 0, 1, 2] and train.image_id_of == {"coco_1": 0, "coco_2": 1, "coco_3": 2}
+    assert train[2]["image"].shape == (3, 24, 24)
+    test = RetrievalEvalDataset(FIXTURES / "coco_karpathy_test.json", root, image_size=24)
+    assert test.txt2img == [0] * 5 + [1] * 5 and test.img2txt == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    pretrain = PretrainDataset(FIXTURES / "pretrain_list.json", root, image_size=24, cache=True)
+    assert pretrain.image_ids == [0, 1, 2] and len(pretrain.images.cache) == 3
+
+
+def test_undecodable_image_names_annotation_file_and_record(corpus, tmp_path):
+    out, _, _ = corpus
+    records = json.loads((out / "pretrain.json").read_text())[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    records[1] = {"image": str(broken), "caption": "x"}
+    for record in records:
+        if not record["image"].startswith("/"):
+            record["image"] = str(out / record["image"])
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(records))
+    where = re.escape(f"{path}: record 1: ")
+    with pytest.raises(AnnotationError, match=where + "cannot decode"):
+        PretrainDataset(path, image_size=16, check_images="none", cache=True)  # the cache decodes up front
+    lazy = PretrainDataset(path, image_size=16, check_images="none")
+    lazy[0]
+    with pytest.raises(AnnotationError, match=where + "cannot decode"):
+        lazy[1]
+    skipping = PretrainDataset(path, image_size=16, on_error="skip", cache=True)  # verify catches it at read time
+    assert len(skipping) == 2 and dict(skipping.skipped) == {"corrupt_image": 1}
+
+
+def test_cache_size_limit_is_explicit(corpus):
+    out, _, _ = corpus
+    paths = [str(out / r["image"]) for r in json.loads((out / "pretrain.json").read_text())]
+    with pytest.raises(MemoryError, match="max_bytes=10000"):
+        DecodedImageCache(paths, max_bytes=10_000)
+    assert torch.equal(DecodedImageCache(paths[:2])[paths[1]], decode_image(paths[1]))
