@@ -41,7 +41,7 @@ from codis_lib.model.bert import TextFusionEncoder
 from codis_lib.model.masking import mask_tokens, sample_generator
 from codis_lib.model.vit import build_vit
 
-__all__ = ["CODIS", "CODISOutput", "soft_cross_entropy"]
+__all__ = ["CODIS", "CODISOutput", "soft_cross_entropy", "sample_hard_negatives"]
 
 
 @dataclass
@@ -56,6 +56,48 @@ class CODISOutput:
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Return mean over rows of -sum_j targets[i, j] log softmax(logits)[i, j] (scalar)."""
     return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
+
+
+def _draw_from_weights(weights: torch.Tensor, sample_seeds: torch.Tensor | None, stream: str) -> torch.Tensor:
+    """Return one column index per row (B,) drawn from the non-negative row weights (B, C)."""
+    if sample_seeds is None:
+        return torch.multinomial(weights, 1).squeeze(1)
+    uniforms = torch.stack([torch.rand(1, generator=sample_generator(int(seed), stream))
+                            for seed in sample_seeds.tolist()]).to(weights.device)  # (B, 1)
+    cumulative = weights.double().cumsum(dim=1)  # (B, C)
+    # The first column whose cumulative weight exceeds u * total; zero-weight columns never qualify.
+    index = (cumulative <= uniforms.double() * cumulative[:, -1:]).sum(dim=1)
+    return index.clamp_max(weights.shape[1] - 1)
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, offset: int = 0,
+                          image_ids: torch.Tensor | None = None, ids_all: torch.Tensor | None = None,
+                          sample_seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (negative_image (B,), negative_text (B,)): global-batch indices of ALBEF's hard negatives.
+
+    sim_i2t, sim_t2i: (B, Bg) similarities of this rank's B rows to the global batch, whose row i is
+    paired with column offset + i. Each text draws a negative image from softmax(sim_t2i) and each
+    image a negative text from softmax(sim_i2t), never the paired column and, when image ids are
+    given (ids_all: (Bg,) ids of the global batch), never a sample of the same image.
+    sample_seeds (B,): draw row i from its own stream, so results do not depend on the batch split.
+    """
+    batch = sim_i2t.shape[0]
+    rows = torch.arange(batch, device=sim_i2t.device)
+    forbidden = torch.zeros_like(sim_i2t, dtype=torch.bool)  # (B, Bg)
+    forbidden[rows, offset + rows] = True
+    if image_ids is not None:
+        forbidden |= image_ids[:, None] == ids_all[None, :]
+    if bool(forbidden.all(dim=1).any()):
+        raise ValueError("ITM hard negatives: a sample has no negative in the global batch (every sample shares its "
+                         "image_id, or the batch has one sample); shuffle the data or enlarge the batch")
+    # softmax after masking = ALBEF's zeroing of the positive followed by multinomial's renormalisation,
+    # but it cannot underflow to an all-zero row.
+    weights_t2i = F.softmax(sim_t2i.float().masked_fill(forbidden, float("-inf")), dim=1)
+    weights_i2t = F.softmax(sim_i2t.float().masked_fill(forbidden, float("-inf")), dim=1)
+    negative_image = _draw_from_weights(weights_t2i, sample_seeds, "itm_image")  # one image per text
+    negative_text = _draw_from_weights(weights_i2t, sample_seeds, "itm_text")  # one text per image
+    return negative_image, negative_text
 
 
 class CODIS(nn.Module):
@@ -374,18 +416,6 @@ class CODIS(nn.Module):
         diagnostics["align_itc"] = loss.detach()
         return loss
 
-    @staticmethod
-    def _draw(weights: torch.Tensor, sample_seeds: torch.Tensor | None, stream: str) -> torch.Tensor:
-        """Return one column index per row (B,) drawn from the (unnormalised) non-negative row weights."""
-        if sample_seeds is None:
-            return torch.multinomial(weights, 1).squeeze(1)
-        uniforms = torch.stack([torch.rand(1, generator=sample_generator(int(seed), stream))
-                                for seed in sample_seeds.tolist()]).to(weights.device)  # (B, 1)
-        cumulative = weights.double().cumsum(dim=1)  # (B, Bg)
-        # The first column whose cumulative weight exceeds u * total; zero-weight columns never qualify.
-        index = (cumulative <= uniforms.double() * cumulative[:, -1:]).sum(dim=1)
-        return index.clamp_max(weights.shape[1] - 1)
-
     def _itm_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor,
                   sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_ids: torch.Tensor | None,
                   ids_all: torch.Tensor | None, offset: int,
@@ -395,20 +425,8 @@ class CODIS(nn.Module):
         image_embeds_all = all_gather_with_grad(image_embeds)  # (Bg, N, D): negatives come from the global batch
         text_embeds_all = all_gather_with_grad(text_embeds)  # (Bg, L, D)
         mask_all = all_gather_no_grad(attention_mask)  # (Bg, L)
-        with torch.no_grad():
-            rows = torch.arange(batch, device=sim_i2t.device)
-            forbidden = torch.zeros_like(sim_i2t, dtype=torch.bool)  # (B, Bg): never the positive
-            forbidden[rows, offset + rows] = True
-            if image_ids is not None:  # nor any sample of the same image
-                forbidden |= image_ids[:, None] == ids_all[None, :]
-            if bool(forbidden.all(dim=1).any()):
-                raise ValueError("ITM hard negatives: a sample has no negative in the global batch (every sample "
-                                 "shares its image_id); shuffle the data or enlarge the batch")
-            # softmax after masking = ALBEF's zeroing of the positive followed by multinomial's renormalisation.
-            weights_t2i = F.softmax(sim_t2i.float().masked_fill(forbidden, float("-inf")), dim=1)
-            weights_i2t = F.softmax(sim_i2t.float().masked_fill(forbidden, float("-inf")), dim=1)
-            negative_image = self._draw(weights_t2i, sample_seeds, "itm_image")  # (B,) one image per text
-            negative_text = self._draw(weights_i2t, sample_seeds, "itm_text")  # (B,) one text per image
+        negative_image, negative_text = sample_hard_negatives(sim_i2t, sim_t2i, offset, image_ids, ids_all,
+                                                              sample_seeds)
         text_all = torch.cat([text_embeds, text_embeds, text_embeds_all[negative_text]])  # (3B, L, D)
         mask_cat = torch.cat([attention_mask, attention_mask, mask_all[negative_text]])
         image_cat = torch.cat([image_embeds, image_embeds_all[negative_image], image_embeds])  # (3B, N, D)
