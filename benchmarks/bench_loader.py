@@ -6,13 +6,16 @@
 For each configuration (cache on/off x augmentation on/off) a DataLoader with 2 worker
 processes and the real collator (tokenisation included) is run for a fixed number of batches;
 repeats are interleaved so that the configurations see the same machine noise. Prints the
-median and the spread (min-max) of images/s, and the cache/no-cache ratio. A per-stage
-profile in the main process (decode, crop, RandomAugment, normalise, collate) says where the
-time goes. Builds the corpus first if data/emoji is missing.
+median and the spread (min-max) of images/s, and the cache/no-cache ratio. Because the
+machine may be shared, it also prints the CPU time spent per image (main process + workers,
+from /proc) and the throughput that cost allows on the worker count's cores when nothing
+else runs. A per-stage profile in the main process (decode, crop, RandomAugment, normalise)
+says where the time goes. Builds the corpus first if data/emoji is missing.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,52 +24,62 @@ import torch
 from torch.utils.data import DataLoader
 
 
-def run_loader(dataset, collate, batch_size: int, workers: int, batches: int, seed: int) -> float:
-    """Return images/s of one pass over ``batches`` batches (worker start-up excluded)."""
+def _cpu_seconds(pid: int) -> float:
+    """Return user + system CPU seconds used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_loader(dataset, collate, batch_size: int, workers: int, batches: int, seed: int) -> tuple[float, float]:
+    """Return (images/s of wall-clock time, CPU seconds per image over main + workers), worker start-up excluded."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
                         drop_last=True, generator=generator, persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     iterator = iter(loader)
     next(iterator)  # start-up: fork the workers and fill their first batch
+    pids = [os.getpid()] + [w.pid for w in getattr(iterator, "_workers", [])]
+    cpu_before = sum(_cpu_seconds(pid) for pid in pids)
     started = time.perf_counter()
     n_images = 0
     for _, batch in zip(range(batches), iterator):
         n_images += batch["image"].shape[0]
     elapsed = time.perf_counter() - started
+    cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before  # includes prefetching a few batches ahead
     del iterator
-    return n_images / elapsed
+    return n_images / elapsed, cpu / n_images
 
 
 def profile_stages(dataset, cache_dataset, n: int = 300) -> dict[str, float]:
-    """Return microseconds per image of each stage, measured in this process on one thread."""
+    """Return CPU microseconds per image of each stage, measured in this process on one thread."""
     from codis_lib.data.datasets import decode_image
-    from codis_lib.data.transforms import normalize, random_resized_crop_box, resized_crop
+    from codis_lib.data.transforms import random_resized_crop_box, resized_crop
 
     torch.set_num_threads(1)
     transform = dataset.transform
     records = dataset.records[:n]
     timings = {}
-    t = time.perf_counter()
-    decoded = [decode_image(r.image) for r in records]
-    timings["decode PNG"] = time.perf_counter() - t
-    t = time.perf_counter()
+    clock = time.process_time  # CPU time: other jobs on a shared machine do not inflate it
+    t = clock()
+    [decode_image(r.image) for r in records]
+    timings["decode PNG"] = clock() - t
+    t = clock()
     cached = [cache_dataset.images.load(r.image) for r in records]
-    timings["cache lookup"] = time.perf_counter() - t
-    t = time.perf_counter()
+    timings["cache lookup"] = clock() - t
+    t = clock()
     crops = [resized_crop(img, random_resized_crop_box(img.shape[1], img.shape[2], transform.crop_scale,
                                                        transform.crop_ratio), transform.image_size, as_float=True)
              for img in cached]
-    timings["random resized crop (bicubic)"] = time.perf_counter() - t
-    t = time.perf_counter()
+    timings["random resized crop (bicubic) + flip"] = clock() - t
+    t = clock()
     augmented = [transform.randaugment(c) for c in crops]
-    timings["RandomAugment (2 ops, M=7)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    [normalize(a) for a in augmented]
-    timings["normalise"] = time.perf_counter() - t
-    t = time.perf_counter()
+    timings["RandomAugment (2 ops, M=7)"] = clock() - t
+    t = clock()
+    [transform.normalize(a) for a in augmented]
+    timings["normalise"] = clock() - t
+    t = clock()
     [cache_dataset[i] for i in range(n)]
-    timings["whole __getitem__ (cache, augment)"] = time.perf_counter() - t
+    timings["whole __getitem__ (cache, augment)"] = clock() - t
     return {k: v / len(records) * 1e6 for k, v in timings.items()}
 
 
@@ -108,21 +121,33 @@ def main() -> None:
           f"{args.image_size} px, torch threads per worker 1\n")
 
     rates = {key: [] for key in datasets}
+    costs = {key: [] for key in datasets}
+    load_before = os.getloadavg()[0]
     for repeat in range(args.repeats):
         for key, dataset in datasets.items():  # interleaved: every configuration sees the same noise
-            rates[key].append(run_loader(dataset, collate, args.batch_size, args.workers, args.batches, seed=repeat))
+            rate, cost = run_loader(dataset, collate, args.batch_size, args.workers, args.batches, seed=repeat)
+            rates[key].append(rate)
+            costs[key].append(cost)
+    load_after = os.getloadavg()[0]
 
     def describe(values):
         return f"{statistics.median(values):7.0f} img/s  (min {min(values):.0f}, max {max(values):.0f})"
 
+    cores = min(args.workers, os.cpu_count() or 1) or 1
+    print(f"machine load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores "
+          f"(other jobs slow the wall-clock numbers; the CPU-time column does not depend on them)")
     for augment in (True, False):
         label = "augment on " if augment else "augment off"
-        print(f"{label}: cache    {describe(rates[(True, augment)])}")
-        print(f"{label}: no cache {describe(rates[(False, augment)])}")
+        for cache in (True, False):
+            capacity = cores / statistics.median(costs[(cache, augment)])
+            print(f"{label}: {'cache   ' if cache else 'no cache'} {describe(rates[(cache, augment)])}   "
+                  f"CPU {statistics.median(costs[(cache, augment)]) * 1e6:5.0f} us/img -> "
+                  f"{capacity:5.0f} img/s on {cores} free cores")
         ratio = statistics.median(rates[(True, augment)]) / statistics.median(rates[(False, augment)])
-        print(f"{label}: ratio cache / no cache = {ratio:.2f}x\n")
+        cpu_ratio = statistics.median(costs[(False, augment)]) / statistics.median(costs[(True, augment)])
+        print(f"{label}: ratio cache / no cache = {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x CPU time\n")
 
-    print("where the time goes (one thread, main process, microseconds per image):")
+    print("where the time goes (one thread, main process, CPU microseconds per image):")
     for stage, micros in profile_stages(datasets[(False, True)], datasets[(True, True)]).items():
         print(f"  {stage:38s} {micros:7.0f}")
 

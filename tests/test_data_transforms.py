@@ -16,6 +16,7 @@ from codis_lib.data.transforms import (
     mentions_side,
     normalize,
     random_resized_crop_box,
+    resize_square,
     resized_crop,
     swap_sides,
     warp_affine,
@@ -208,3 +209,13 @@ def test_warp_identity_and_randaugment_dtype():
     g = torch.Generator().manual_seed(0)
     changed = sum(not torch.equal(ra(_photo_like(20), generator=g), _photo_like(20)) for _ in range(20))
     assert changed >= 15  # with prob 1 only Identity twice leaves the image alone
+
+
+@pytest.mark.parametrize("shape", [(40, 44), (64, 64), (20, 90), (100, 120)])
+def test_matrix_resize_equals_pytorch_antialiased_bicubic(shape):
+    image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = resize_square(image, 48, as_float=True)
+    reference = torch.nn.functional.interpolate(image[None].float(), size=(48, 48), mode="bicubic", antialias=True,
+                                                align_corners=False)[0].clamp(0, 255)
+    assert (ours - reference).abs().max() < 1e-3
+    assert torch.allclose(resize_square(image, 48, as_float=True, flip=True), ours.flip(-1), atol=1e-4)

@@ -18,6 +18,7 @@ such as "left luggage"); "ignore" flips regardless, as ALBEF does.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Sequence
@@ -111,16 +112,52 @@ def normalize(image: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Seque
     return Normalizer(mean, std)(image)
 
 
-def resize_square(image: torch.Tensor, size: int, *, as_float: bool = False) -> torch.Tensor:
-    """Return the image resized to (size, size), bicubic, antialiased; uint8, or float in [0, 255] if ``as_float``."""
-    if image.shape[-2:] != (size, size):
-        # antialias=True costs nothing when enlarging (the kernel is not widened) and PyTorch's
-        # separable antialiased kernel is faster than its plain bicubic one at these sizes.
-        image = F.interpolate(image.unsqueeze(0).float(), size=(size, size), mode="bicubic", antialias=True,
-                              align_corners=False).squeeze(0).clamp_(0, 255)
-        if not as_float:
-            image = image.round_().to(torch.uint8)
-    return image.float() if as_float and image.dtype == torch.uint8 else image
+_MATRIX_RESIZE_MAX_RATIO = 2  # above this shrink factor a dense weight matrix costs more than F.interpolate
+
+
+@functools.lru_cache(maxsize=1024)
+def bicubic_resize_matrix(length: int, size: int, flip: bool = False) -> torch.Tensor:
+    """Return the (size, length) matrix that resizes one axis bicubically, antialiased as PIL and PyTorch do.
+
+    PIL's bicubic (a = -0.5) evaluated at output pixel centres, its support widened by the shrink
+    factor when shrinking, weights normalised to sum 1 and restricted to the input: the same
+    weights as ``F.interpolate(mode="bicubic", antialias=True)``. ``flip=True`` mirrors the output.
+    Cached: a 64-px corpus needs at most 64 of them per side, and two matmuls with them are
+    several times cheaper than one F.interpolate call at this size.
+    """
+    scale = length / size
+    support_scale = max(scale, 1.0)
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) * scale  # (size,) in input pixel units
+    distance = ((torch.arange(length, dtype=torch.float64) + 0.5)[None, :] - centres[:, None]).abs() / support_scale
+    a = -0.5
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+    far = (((distance - 5) * distance + 8) * distance - 4) * a
+    weights = torch.where(distance < 1, near, torch.where(distance < 2, far, torch.zeros(())))  # (size, length)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    if flip:
+        weights = weights.flip(0)
+    return weights.float().contiguous()
+
+
+def resize_square(image: torch.Tensor, size: int, *, as_float: bool = False, flip: bool = False) -> torch.Tensor:
+    """Return the image resized to (size, size), bicubic, antialiased; uint8, or float in [0, 255] if ``as_float``.
+
+    ``flip=True`` also mirrors it left-right (free: it is folded into the resize weights).
+    """
+    height, width = image.shape[-2:]
+    if (height, width) == (size, size) and not flip:
+        out = image.float() if as_float else image
+        return out
+    if max(height, width) <= _MATRIX_RESIZE_MAX_RATIO * size:
+        rows = bicubic_resize_matrix(height, size)  # (S, h)
+        cols = bicubic_resize_matrix(width, size, flip)  # (S, w)
+        out = torch.matmul(torch.matmul(rows, image.float()), cols.T).clamp_(0, 255)  # (3, S, S)
+    else:
+        out = F.interpolate(image.unsqueeze(0).float(), size=(size, size), mode="bicubic", antialias=True,
+                            align_corners=False).squeeze(0).clamp_(0, 255)
+        if flip:
+            out = out.flip(-1)
+    return out if as_float else out.round_().to(torch.uint8)
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -148,23 +185,23 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int, *, as_float: bool = False) -> torch.Tensor:
-    """Return the crop ``box`` of a (3, H, W) image resized to (size, size), bicubic (see resize_square)."""
+def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int, *, as_float: bool = False,
+                 flip: bool = False) -> torch.Tensor:
+    """Return the crop ``box`` of a (3, H, W) image resized to (size, size), bicubic, optionally mirrored (see resize_square)."""
     top, left, h, w = box
-    return resize_square(image[:, top:top + h, left:left + w], size, as_float=as_float)
+    return resize_square(image[:, top:top + h, left:left + w], size, as_float=as_float, flip=flip)
 
 
 # ----------------------------------------------------------------------------------------------
 # ALBEF's RandomAugment, on float tensors in [0, 255] (rounded and clipped after each op as uint8 would be)
 
-def warp_affine(image: torch.Tensor, forward: tuple[tuple[float, float, float], tuple[float, float, float]],
-                fill: float = FILL_VALUE) -> torch.Tensor:
-    """Return ``image`` (3, H, W) float warped by the 2x3 pixel-space map ``forward`` (source -> output), bilinear, filled.
+@functools.lru_cache(maxsize=256)
+def affine_sampling_grid(forward: tuple[tuple[float, float, float], tuple[float, float, float]],
+                         height: int, width: int) -> torch.Tensor:
+    """Return the (1, H, W, 2) grid_sample grid of the pixel-space map ``forward`` (source -> output); cached.
 
-    Same convention as OpenCV's ``warpAffine(img, M)``, which ALBEF uses: output pixel p takes
-    the source value at M^-1 p; pixels that come from outside the source get ``fill``.
+    RandomAugment at a fixed magnitude only ever uses ten maps (five ops, two signs) per size.
     """
-    _, height, width = image.shape
     (a, b, c), (d, e, f) = forward
     det = a * e - b * d
     ia, ib, id_, ie = e / det, -b / det, -d / det, a / det  # inverse linear part
@@ -174,7 +211,18 @@ def warp_affine(image: torch.Tensor, forward: tuple[tuple[float, float, float], 
     sx, sy = (width - 1) / 2.0, (height - 1) / 2.0
     theta = torch.tensor([[[ia, ib * sy / sx, (ia * sx + ib * sy + ic - sx) / sx],
                            [id_ * sx / sy, ie, (id_ * sx + ie * sy + if_ - sy) / sy]]], dtype=torch.float32)
-    grid = F.affine_grid(theta, [1, 3, height, width], align_corners=True)  # (1, H, W, 2)
+    return F.affine_grid(theta, [1, 3, height, width], align_corners=True)  # (1, H, W, 2)
+
+
+def warp_affine(image: torch.Tensor, forward: tuple[tuple[float, float, float], tuple[float, float, float]],
+                fill: float = FILL_VALUE) -> torch.Tensor:
+    """Return ``image`` (3, H, W) float warped by the 2x3 pixel-space map ``forward`` (source -> output), bilinear, filled.
+
+    Same convention as OpenCV's ``warpAffine(img, M)``, which ALBEF uses: output pixel p takes
+    the source value at M^-1 p; pixels that come from outside the source get ``fill``.
+    """
+    _, height, width = image.shape
+    grid = affine_sampling_grid(forward, height, width)
     # Bilinear interpolation is linear: sampling (image - fill) with zeros outside, then adding
     # fill back, equals sampling the image surrounded by a constant border of ``fill`` (cv2's).
     shifted = (image - fill).unsqueeze(0)
@@ -271,7 +319,7 @@ class RandomAugment:
                 cx, cy = width / 2.0, height / 2.0
                 forward = ((cos, sin, (1 - cos) * cx - sin * cy), (-sin, cos, sin * cx + (1 - cos) * cy))
             out = warp_affine(image, forward)
-        return out.round().clamp(0, 255)
+        return out.round_().clamp_(0, 255)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         op_indices = torch.randint(0, len(self.ops), (self.num_ops,), generator=generator).tolist()
@@ -336,10 +384,8 @@ class TrainTransform:
         if not self.augment:
             return self.normalize(resize_square(pixels, self.image_size)), caption
         box = random_resized_crop_box(pixels.shape[1], pixels.shape[2], self.crop_scale, self.crop_ratio, generator)
-        pixels = resized_crop(pixels, box, self.image_size, as_float=True)  # float in [0, 255] from here on
         flip, caption = decide_flip(caption, self.flip_policy, generator)
-        if flip:
-            pixels = pixels.flip(-1)
+        pixels = resized_crop(pixels, box, self.image_size, as_float=True, flip=flip)  # float in [0, 255] from here on
         if self.randaugment is not None:
             pixels = self.randaugment(pixels, generator)
         return self.normalize(pixels), caption
