@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from codis_lib.codebook import Codebook, codebook_losses, codebook_usage
 from codis_lib.config import ModelConfig
-from codis_lib.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
+from codis_lib.distributed import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_, get_rank, get_world_size,
+                                   is_distributed)
 from codis_lib.model.bert import TextFusionEncoder
 from codis_lib.model.masking import mask_tokens, sample_generator
 from codis_lib.model.vit import build_vit
@@ -442,26 +443,32 @@ class CODIS(nn.Module):
                  alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (L_mlm, CE, D, accuracy): ALBEF's MLM loss (1 - alpha) CE + alpha D over the masked tokens.
 
-        CE: cross-entropy against labels (-100 ignored), averaged over all masked tokens of the batch.
+        CE: cross-entropy against labels (-100 ignored), averaged over all masked tokens of the (global) batch.
         D: mean over the same tokens of -sum_v softmax(teacher logits) log softmax(student logits); the
         teacher reads image_embeds_m. Only masked positions go through the MLM head (same numbers as
         ALBEF's full logits, ~7x less work on the vocabulary projection).
         """
         positions = labels != -100  # (B, L)
         hidden = self.text_encoder.bert.forward_multimodal(masked_ids, attention_mask, image_embeds)  # (B, L, D)
-        if not bool(positions.any()):  # nothing masked in this batch: a zero that keeps the graph connected
+        # Average over the masked tokens of the *global* batch: each process divides its token sum by
+        # (global count / world size), so DDP's gradient averaging gives the global mean and the step
+        # does not depend on how the batch is split. In one process this is the plain mean (ALBEF).
+        count = positions.sum().float()
+        if is_distributed():
+            count = all_reduce_sum_(count.clone()) / get_world_size()
+        if not bool(positions.any()):  # nothing masked here: a zero that keeps the graph connected
             zero = hidden.sum() * 0.0
             return zero, zero.detach(), zero.detach(), zero.detach()
         logits = self.text_encoder.cls(hidden[positions]).float()  # (M, V)
         targets = labels[positions]
-        ce = F.cross_entropy(logits, targets)
+        ce = F.cross_entropy(logits, targets, reduction="sum") / count
         accuracy = (logits.detach().argmax(dim=1) == targets).float().mean()
         if alpha == 0 or image_embeds_m is None:
             return ce, ce.detach(), torch.zeros_like(ce).detach(), accuracy
         with torch.no_grad():
             hidden_m = self.text_encoder_m.bert.forward_multimodal(masked_ids, attention_mask, image_embeds_m)
             soft_labels = F.softmax(self.text_encoder_m.cls(hidden_m[positions]).float(), dim=-1)  # (M, V)
-        distill = -(soft_labels * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+        distill = -(soft_labels * F.log_softmax(logits, dim=-1)).sum() / count
         return (1 - alpha) * ce + alpha * distill, ce.detach(), distill.detach(), accuracy
 
     # ------------------------------------------------------------------ input checks
