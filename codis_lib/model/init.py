@@ -55,19 +55,26 @@ def _hub_error(what: str, field: str, save: str, error: Exception) -> RuntimeErr
 
 def load_vit_weights(vit: torch.nn.Module, source: str) -> list[str]:
     """Load DeiT/timm ViT weights (hub name or local file) into `vit`; return the source keys dropped (the head)."""
-    from codis_lib.model.vit import interpolate_pos_embed  # noqa: PLC0415
+    from codis_lib.model.vit import DEIT_HUB_NAME, interpolate_pos_embed  # noqa: PLC0415
 
     if Path(source).exists():
         state = read_state_dict(source)
     else:
         import timm  # noqa: PLC0415
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
 
+        pretrained_cfg = timm.models.get_pretrained_cfg(source)
+        if pretrained_cfg is None or not pretrained_cfg.hf_hub_id:
+            raise FileNotFoundError(f"vision.pretrained {source!r} is neither an existing weights file nor a timm "
+                                    f"model name with hub weights (ALBEF uses {DEIT_HUB_NAME!r})")
+        save = f"torch.save(timm.create_model({source!r}, pretrained=True).state_dict(), 'deit.pth')"
         try:
+            # Probe the hub with a small file first, so an offline machine fails in milliseconds
+            # instead of after building the full-size model.
+            hf_hub_download(pretrained_cfg.hf_hub_id, "config.json")
             state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
         except Exception as error:  # noqa: BLE001 (any hub/network failure gets the same advice)
-            raise _hub_error(f"ViT weights {source!r}", "vision",
-                             f"torch.save(timm.create_model({source!r}, pretrained=True).state_dict(), 'deit.pth')",
-                             error) from error
+            raise _hub_error(f"ViT weights {source!r}", "vision", save, error) from error
     dropped = [k for k in state if k.startswith("head.")]  # the ImageNet classifier; ALBEF uses all tokens
     state = {k: v for k, v in state.items() if k not in dropped}
     if "pos_embed" in state:
