@@ -20,6 +20,7 @@ import math
 from typing import Iterator, Sequence, Sized
 
 import torch
+from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 _MASK64 = (1 << 64) - 1
@@ -78,17 +79,54 @@ def _splitmix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Return a non-negative 63-bit seed for dataset sample `index` in `epoch` of a run seeded with `seed`."""
+MODEL_STREAM = 0  # seeds passed to the model (MLM masking, ITM negatives)
+DATA_STREAM = 1  # seeds under which a dataset item is loaded (caption choice, augmentation)
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = MODEL_STREAM) -> int:
+    """Return a non-negative 63-bit seed for dataset sample `index` in `epoch` of a run seeded with `seed`.
+
+    `stream` separates independent uses of one sample (the data pipeline, the model).
+    """
     mixed = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+    mixed = _splitmix64(mixed ^ stream)
     return mixed >> 1  # fits int64 and is non-negative (torch.Generator.manual_seed accepts it)
 
 
-def sample_seeds(seed: int, epoch: int, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+def sample_seeds(seed: int, epoch: int, indices: Sequence[int] | torch.Tensor,
+                 stream: int = MODEL_STREAM) -> torch.Tensor:
     """Return the (B,) int64 seeds of the dataset samples `indices` (see `sample_seed`)."""
     if isinstance(indices, torch.Tensor):
         indices = indices.tolist()
-    return torch.tensor([sample_seed(seed, epoch, int(i)) for i in indices], dtype=torch.int64)
+    return torch.tensor([sample_seed(seed, epoch, int(i), stream) for i in indices], dtype=torch.int64)
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item i of epoch e is produced under torch.manual_seed(seed(run, e, i)).
+
+    The datasets draw their randomness (which caption of a record, crop, flip, RandAugment) from
+    torch's global generator. Seeding it per item makes an item depend only on (seed, epoch, index):
+    the same whether it is loaded by one process or another, by the main process or a DataLoader
+    worker, in an uninterrupted run or after a resume. The caller's generator state is restored after
+    each item, so the training loop's own random stream is untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the seeds of `epoch` for the items loaded from now on (call before creating the iterator)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index, DATA_STREAM))
+            return self.dataset[index]
 
 
 def steps_per_epoch(dataset_size: int, global_batch: int, grad_accum_steps: int) -> int:

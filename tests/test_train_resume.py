@@ -1,0 +1,83 @@
+"""Stop after N steps and resume for N more == 2N uninterrupted steps, bit for bit on CPU; NaN stops cleanly."""
+import hashlib
+
+import pytest
+import torch
+
+from codis_lib.train.checkpoint import list_checkpoints, load_checkpoint
+from codis_lib.train.cli import pretrain_main
+from codis_lib.train.config import load_run_config
+from codis_lib.train.engine import NonFiniteLossError, train
+from tests.fixtures_data.corpus import small_emoji_corpus
+
+
+def tiny_run_overrides(output_dir, steps, **extra):
+    """Return --set values for a seconds-long CODIS run on the small emoji corpus (32 px, batch 8)."""
+    root, _ = small_emoji_corpus()
+    values = {"data.root": str(root), "model.vision.image_size": 32, "model.queue_size": 32, "train.batch_size": 8,
+              "train.max_steps": steps, "train.log_every": 1, "train.eval.at_end": "false",
+              "train.tensorboard": "false", "train.progress": "false", "train.output_dir": str(output_dir), **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def _cli(overrides, *flags):
+    argv = [item for value in overrides for item in ("--set", value)]
+    return pretrain_main(argv + list(flags))
+
+
+def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys):
+    # Dropout (0.1 in the tiny preset) and augmentation stay on: the RNG states must really be restored.
+    whole = tiny_run_overrides(tmp_path / "whole", 6)
+    assert _cli(whole) == 0
+    split = tiny_run_overrides(tmp_path / "split", 6)
+    assert _cli(split, "--stop-at-step", "3") == 0
+    first_leg = load_checkpoint(tmp_path / "split" / "checkpoint_00000003.pt")
+    assert first_leg["step"] == 3 and not (tmp_path / "split" / "checkpoint_final.pt").exists()
+    assert _cli(split, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+
+    uninterrupted = load_checkpoint(tmp_path / "whole" / "checkpoint_final.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "checkpoint_final.pt")
+    assert uninterrupted["step"] == resumed["step"] == 6
+    different = [k for k in uninterrupted["model"] if not torch.equal(uninterrupted["model"][k], resumed["model"][k])]
+    assert different == []
+    # The first leg really trained: its weights differ from the end of the run.
+    assert not torch.equal(first_leg["model"]["vision_proj.weight"], resumed["model"]["vision_proj.weight"])
+    for state_a, state_b in zip(uninterrupted["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
+    # The two legs together logged each step once, with the same losses as the uninterrupted run.
+    from codis_lib.train.logging import read_jsonl
+
+    assert [r["loss"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(out, 6, **{"train.ckpt_every": 2})
+    assert _cli(overrides, "--stop-at-step", "2") == 0
+    good = out / "checkpoint_00000002.pt"
+    digest = _sha256(good)
+
+    # The real path through the CLI: exit status 1 and the term and step on stderr.
+    poisoned = overrides + ["train.debug_nan_at_step=4", "train.debug_nan_term=code"]
+    assert _cli(poisoned, "--resume") == 1
+    error = capsys.readouterr().err
+    assert "non-finite loss term 'code' at step 4" in error and str(good) in error
+
+    # Step 3 ran and step 4 did not: no checkpoint after the bad step, the good one unchanged.
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_00000002.pt"]
+    assert _sha256(good) == digest and not (out / "checkpoint_final.pt").exists()
+
+    # Through the Python API the exception carries the details; the kept checkpoint still resumes.
+    config = load_run_config("pretrain_emoji", overrides=overrides + ["train.debug_nan_at_step=3",
+                                                                      "train.debug_nan_term=itm"])
+    with pytest.raises(NonFiniteLossError) as info:
+        train(config, resume=True)
+    assert (info.value.term, info.value.step, info.value.checkpoint) == ("itm", 3, good)
+    result = train(load_run_config("pretrain_emoji", overrides=overrides), resume=True)
+    assert result.finished and result.steps == 6
