@@ -147,3 +147,17 @@ def test_cache_size_limit_is_explicit(corpus):
     with pytest.raises(MemoryError, match="max_bytes=10000"):
         DecodedImageCache(paths, max_bytes=10_000)
     assert torch.equal(DecodedImageCache(paths[:2])[paths[1]], decode_image(paths[1]))
+
+
+def test_getitems_is_the_batched_getitem(corpus):
+    out, _, _ = corpus
+    for dataset in (PretrainDataset(out / "pretrain.json", image_size=24, augment=False, cache=True),
+                    RetrievalTrainDataset(out / "train.json", image_size=24, augment=False),
+                    RetrievalEvalDataset(out / "val.json", image_size=24)):
+        indices = [2, 0, len(dataset) - 1]
+        together = dataset.__getitems__(indices)
+        for index, item in zip(indices, together):
+            single = dataset[index]
+            assert torch.equal(item["image"], single["image"]) and item["index"] == index
+            if "image_id" in item:
+                assert item["image_id"] == single["image_id"]

@@ -219,3 +219,27 @@ def test_matrix_resize_equals_pytorch_antialiased_bicubic(shape):
                                                 align_corners=False)[0].clamp(0, 255)
     assert (ours - reference).abs().max() < 1e-3
     assert torch.allclose(resize_square(image, 48, as_float=True, flip=True), ours.flip(-1), atol=1e-4)
+
+
+@pytest.mark.parametrize("op", [op for op in ALBEF_RANDAUG_OPS if op != "Identity"])
+def test_randaugment_ops_on_a_batch_equal_one_image_at_a_time(op):
+    images = torch.stack([_photo_like(24, seed=s) for s in range(4)]).float()  # (4, 3, 24, 24)
+    ra = RandomAugment(2, 7, image_size=24)
+    together = ra.apply(images, op, -1.0)
+    one_by_one = torch.stack([ra.apply(image, op, -1.0) for image in images])
+    assert torch.equal(together, one_by_one)
+
+
+def test_batch_transform_draws_per_image_and_keeps_captions_paired():
+    transform = TrainTransform(24, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaugment=False, flip_policy="swap")
+    images = [_left_red_right_blue(24)] * 64
+    out, captions = transform.batch(images, ["red on the left"] * 64, generator=torch.Generator().manual_seed(3))
+    assert out.shape == (64, 3, 24, 24)
+    red_left = out[:, 0, :, :12].mean(dim=(1, 2)) > out[:, 0, :, 12:].mean(dim=(1, 2))
+    assert 16 < int(red_left.sum()) < 48  # each image draws its own flip
+    assert captions == ["red on the left" if left else "red on the right" for left in red_left.tolist()]
+    full = TrainTransform(24)
+    batch, _ = full.batch([_photo_like(24, seed=s) for s in range(8)], [None] * 8, generator=torch.Generator().manual_seed(0))
+    assert batch.shape == (8, 3, 24, 24) and torch.isfinite(batch).all()
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        full.batch([_photo_like(24)] * 2, ["x"])
