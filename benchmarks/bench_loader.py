@@ -3,7 +3,8 @@
     python benchmarks/bench_loader.py                      # data/emoji, 64 px, 2 workers, 5 repeats
     python benchmarks/bench_loader.py --repeats 3 --batches 20
 
-For each configuration (cache on/off x augmentation on/off) a DataLoader with 2 worker
+For each configuration (cache on/off x augmentation on/off, plus cache + augmentation one item
+at a time, which is how a per-item seeding wrapper loads) a DataLoader with 2 worker
 processes and the real collator (tokenisation included) is run for a fixed number of batches;
 repeats are interleaved so that the configurations see the same machine noise. Prints the
 median and the spread (min-max) of images/s, and the cache/no-cache ratio. Because the
@@ -22,6 +23,19 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+
+class ItemByItem(torch.utils.data.Dataset):
+    """The dataset seen one item at a time (no ``__getitems__``), as a per-item seeding wrapper sees it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -116,6 +130,7 @@ def main() -> None:
             datasets[(cache, augment)] = PretrainDataset(
                 data_dir / "pretrain.json", image_size=args.image_size, augment=augment, cache=cache,
                 check_images="exists")
+    datasets[("item by item", True)] = ItemByItem(datasets[(True, True)])  # cache, augment, no batching
     cache_seconds = time.perf_counter() - started
     n_images = len(datasets[(True, True)].images.cache)
     print(f"{len(datasets[(True, True)])} pretraining records, {n_images} distinct images; "
@@ -150,6 +165,10 @@ def main() -> None:
         ratio = statistics.median(rates[(True, augment)]) / statistics.median(rates[(False, augment)])
         cpu_ratio = statistics.median(costs[(False, augment)]) / statistics.median(costs[(True, augment)])
         print(f"{label}: ratio cache / no cache = {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x CPU time\n")
+    key = ("item by item", True)
+    print(f"augment on : cache, one item at a time (no __getitems__) {describe(rates[key])}   "
+          f"CPU {statistics.median(costs[key]) * 1e6:5.0f} us/img -> {cores / statistics.median(costs[key]):5.0f} "
+          f"img/s on {cores} free cores\n")
 
     print(f"where the time goes (one thread, main process, batches of {args.batch_size}, CPU microseconds per image):")
     for stage, micros in profile_stages(datasets[(False, True)], datasets[(True, True)], args.batch_size).items():
