@@ -1,0 +1,27 @@
+"""Notebook 03 runs at CI size: hand derivations match codis_lib, the queue is FIFO, the teacher lags."""
+import math
+
+from tests.nbharness import run_notebook
+
+
+def test_notebook_03_teacher_student_distillation():
+    metrics = run_notebook("03_teacher_student_distillation")
+    # Section 1: the half-life formula and the library's EMA rule.
+    assert abs(metrics["ema_half_life_measured"] - metrics["ema_half_life_formula"]) <= 1.0
+    assert metrics["ema_check_max_abs_error"] < 1e-12
+    # Section 2: the hand FIFO equals the model's queue after wrapping around.
+    assert metrics["queue_check_max_abs_error"] == 0.0
+    expected_pointer = (metrics["queue_steps"] * metrics["batch_size"]) % metrics["queue_size"]
+    assert metrics["queue_pointer"] == expected_pointer
+    # Section 4: soft targets by hand equal the library's H_i2t; targets are distributions.
+    assert metrics["soft_target_check_abs_error"] < 1e-5
+    assert metrics["target_row_sum_max_error"] < 1e-5
+    assert 0.0 < metrics["teacher_mass_on_own_caption"] < 1.0
+    # Sections 3 and 6: both runs learn on the common one-hot yardstick, and the teacher drifts less
+    # than the student over a queue lifetime.
+    for label in ("distillation", "one-hot"):
+        assert math.isfinite(metrics["align_last"][label])
+        assert metrics["hard_itc_last"][label] < metrics["hard_itc_first"][label] - 0.3
+        assert math.isfinite(metrics["unimodal_last"][label])
+    assert 0.0 < metrics["teacher_drift_mean"] < 0.5 * metrics["student_drift_mean"]
+    assert 0.0 < metrics["teacher_lag_last"] < 1.0
