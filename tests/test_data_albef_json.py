@@ -159,7 +159,7 @@ def test_skip_option_drops_and_counts_bad_records(coco_root, tmp_path, caplog):
     assert len(result) == 2
     assert dict(result.skipped) == {"missing_image": 1, "corrupt_image": 2, "empty_caption": 2,
                                     "missing_image_field": 1, "missing_caption_field": 1}
-    assert f"skipped 7 bad record(s) of 9" in caplog.text and str(path) in caplog.text
+    assert "skipped 7 bad record(s) of 9" in caplog.text and str(path) in caplog.text
 
 
 def test_check_images_levels(coco_root, tmp_path):

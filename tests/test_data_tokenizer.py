@@ -76,3 +76,15 @@ def test_train_wordpiece_rejects_bad_arguments():
         train_wordpiece([], vocab_size=300)
     with pytest.raises(ValueError, match="too small"):
         train_wordpiece(CAPTIONS, vocab_size=50)
+
+
+def test_training_is_deterministic_and_learns_frequent_words():
+    from codis_lib.data.tokenizer import learn_wordpiece_vocab
+
+    first = train_wordpiece(CAPTIONS, vocab_size=300).get_vocab()
+    assert train_wordpiece(list(reversed(CAPTIONS)), vocab_size=300).get_vocab() == first  # order and run free
+    assert {"technologist", "grinning", "face"} <= set(first)  # frequent words become single pieces
+    vocab = learn_wordpiece_vocab({"low": 5, "lower": 2, "newest": 6, "widest": 3}, vocab_size=30)
+    assert vocab[:5] == list(SPECIAL_TOKENS) and "##est" in vocab and "low" in vocab
+    with pytest.raises(ValueError, match="alphabet alone"):
+        learn_wordpiece_vocab({"abc": 1}, vocab_size=10, alphabet="xyz")

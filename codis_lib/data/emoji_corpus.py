@@ -30,6 +30,7 @@ import importlib.metadata
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import sys
@@ -608,7 +609,11 @@ def build_emoji_corpus(
             _init_renderer(*init_args)
             results = [_render_job(job) for job in jobs]
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_renderer, initargs=init_args) as pool:
+            # "spawn": the caller may be a training process with torch's thread pools running, which a
+            # fork would copy in an undefined state; the workers import only Pillow and this module.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_renderer, initargs=init_args,
+                                     mp_context=context) as pool:
                 results = list(pool.map(_render_job, jobs, chunksize=64))
         for path, digest in results:
             image_hashes[Path(path).relative_to(out).as_posix()] = digest

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
-TOKENIZER_RECIPE = 2  # bump when train_wordpiece changes what it learns: corpora built before retrain theirs
+TOKENIZER_RECIPE = 3  # bump when train_wordpiece changes what it learns: corpora built before retrain theirs
 ALBEF_MAX_LENGTH = 30  # retrieval; pretraining uses 25
 HUB_TOKENIZERS = ("bert-base-uncased",)
 
@@ -49,6 +49,72 @@ def _check_convention(tokenizer, where: str) -> None:
         raise RuntimeError(f"{where}: tokenizer does not follow ALBEF's '[CLS] tokens' convention: 'a' -> {ids}")
 
 
+def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, alphabet: Iterable[str] = (),
+                          min_frequency: int = 1) -> list[str]:
+    """Return a WordPiece vocabulary (special tokens first) learnt by deterministic pair merges over ``word_counts``.
+
+    The algorithm of Hugging Face's WordPieceTrainer (BPE merges on words spelt as ``w ##o ##r ##d``,
+    the most frequent adjacent pair first), with ties broken by the pair itself, so the same
+    captions always give the same vocabulary: the Rust trainer breaks ties by hash-map order and
+    gives a slightly different vocabulary (3167 or 3168 pieces for the emoji captions) run to run.
+    Every alphabet character is kept both as a word start and as a ``##`` continuation.
+    """
+    import heapq
+
+    words = [[w[0]] + ["##" + ch for ch in w[1:]] for w in word_counts]  # symbols of each distinct word
+    counts = list(word_counts.values())
+    symbols = {sym for word in words for sym in word}
+    symbols |= {piece for ch in alphabet for piece in (ch, "##" + ch)}
+    vocab = list(SPECIAL_TOKENS) + sorted(symbols)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: the special tokens and the alphabet alone take {len(vocab)} pieces")
+    known = set(vocab)
+    pair_count: dict[tuple[str, str], int] = {}
+    pair_words: dict[tuple[str, str], set[int]] = {}
+    for index, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_count[pair] = pair_count.get(pair, 0) + counts[index]
+            pair_words.setdefault(pair, set()).add(index)
+    heap = [(-count, pair) for pair, count in pair_count.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negative, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -negative or -negative <= 0:
+            continue  # stale heap entry
+        if -negative < min_frequency:
+            break
+        merged = pair[0] + pair[1][2:]  # "gi" + "##raffe" -> "giraffe"; "##ra" + "##ffe" -> "##raffe"
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        changed: set[tuple[str, str]] = set()
+        for index in sorted(pair_words.pop(pair, ())):
+            word, count = words[index], counts[index]
+            for old in zip(word, word[1:]):  # withdraw the word's pairs ...
+                pair_count[old] -= count
+                changed.add(old)
+                if old in pair_words:
+                    pair_words[old].discard(index)
+            rebuilt, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    rebuilt.append(merged)
+                    i += 2
+                else:
+                    rebuilt.append(word[i])
+                    i += 1
+            words[index] = rebuilt
+            for new in zip(rebuilt, rebuilt[1:]):  # ... and count the merged word's pairs
+                pair_count[new] = pair_count.get(new, 0) + count
+                pair_words.setdefault(new, set()).add(index)
+                changed.add(new)
+        pair_count.pop(pair, None)
+        for other in changed:
+            if pair_count.get(other, 0) > 0:
+                heapq.heappush(heap, (-pair_count[other], other))
+    return vocab
+
+
 def train_wordpiece(
     captions: Iterable[str],
     vocab_size: int,
@@ -60,11 +126,14 @@ def train_wordpiece(
     """Return a PreTrainedTokenizerFast with a WordPiece vocabulary learnt from ``captions``; saved to ``out_dir`` if given.
 
     BERT-uncased normalisation (lower case, accents stripped) and pre-tokenisation (split on
-    whitespace and punctuation). The initial alphabet holds every printable ASCII character, so
+    whitespace and punctuation), then deterministic merges (``learn_wordpiece_vocab``). The
+    alphabet holds every printable ASCII character as a word start and as a continuation, so
     words never seen in training (held-out test concepts) are spelt out in pieces instead of
     becoming [UNK]. Pass the TRAINING captions only: the vocabulary must not see the test split.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 200:
@@ -72,37 +141,17 @@ def train_wordpiece(
     captions = [c for c in captions]
     if not captions:
         raise ValueError("train_wordpiece: no captions given")
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts = Counter(
+        word for caption in captions for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
     alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-
-    def train(size: int):
-        backend = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-            initial_alphabet=alphabet, continuing_subword_prefix="##", show_progress=False,
-        )
-        backend.train_from_iterator(captions, trainer=trainer, length=len(captions))
-        vocab = backend.get_vocab()
-        missing = [piece for c in alphabet for piece in (c, "##" + c) if piece not in vocab]
-        return backend, vocab, missing
-
-    # The trainer's initial alphabet gives word-initial characters only; a word never seen in
-    # training also needs every "##c" continuation piece, or it becomes [UNK]. Add the missing
-    # ones, retraining once with room for them so that the vocabulary stays within vocab_size.
-    size = vocab_size
-    backend, vocab, missing = train(size)
-    for _ in range(3):
-        if len(vocab) + len(missing) <= vocab_size:
-            break
-        size -= len(vocab) + len(missing) - vocab_size
-        backend, vocab, missing = train(size)
-    if missing:
-        for piece in missing:
-            vocab[piece] = len(vocab)
-        model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##")
-        backend.model = model
+    vocab = learn_wordpiece_vocab(dict(sorted(word_counts.items())), vocab_size, alphabet, min_frequency)
+    backend = Tokenizer(models.WordPiece(vocab={token: i for i, token in enumerate(vocab)}, unk_token="[UNK]",
+                                         continuing_subword_prefix="##", max_input_chars_per_word=100))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.WordPiece(prefix="##")
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if backend.token_to_id(token) != expected_id:
             raise RuntimeError(f"special token {token} got id {backend.token_to_id(token)}, expected {expected_id}")
