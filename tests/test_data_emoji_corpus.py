@@ -180,6 +180,9 @@ def test_rebuild_reuses_verified_images_and_repairs_altered_ones(tmp_path):
     assert third["images"][victim] == first["images"][victim]  # re-rendered to the same bytes
     with pytest.raises(ValueError, match="force"):
         ec.build_emoji_corpus(out, 24, limit=12, vocab_size=300, workers=1)  # other settings: refused
+    elsewhere = ec.build_emoji_corpus(tmp_path / "again", 16, limit=12, vocab_size=300, workers=1)
+    assert elsewhere["images"] == first["images"] and elsewhere["files"] == first["files"]  # byte-identical builds
+    assert elsewhere["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
 
 
 def test_cli_builds_a_subset(tmp_path, capsys):

