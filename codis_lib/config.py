@@ -291,7 +291,8 @@ class ModelConfig:
                 errors.append(f"losses.{term}: cannot be switched on in mode {self.mode!r} ({_WHY_NOT[self.mode]}); "
                               f"terms available in this mode: {', '.join(supported)}")
             weight = getattr(lo, f"{term}_weight")
-            need(weight >= 0 and math.isfinite(weight), f"losses.{term}_weight", f"must be finite and >= 0, got {weight}")
+            need(weight >= 0 and math.isfinite(weight), f"losses.{term}_weight",
+                 f"must be finite and >= 0, got {weight}")
         active = self.active_losses()
         if not any(active.values()):
             errors.append(f"losses: every loss term is switched off in mode {self.mode!r}; nothing to train")

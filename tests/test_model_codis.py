@@ -252,6 +252,17 @@ def test_every_mode_trains_forward_and_backward(mode, terms):
         assert model.idx_queue[0, :4].tolist() == [3, 3, 4, 5]
 
 
+def test_bf16_autocast_keeps_contrastive_math_in_float32():
+    model = _model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(*_batch(model.config), alpha=0.4)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    assert output.diagnostics["sim_i2t"].dtype == torch.float32
+    assert output.diagnostics["assign_image"].dtype == torch.float32
+    assert model.visual_encoder.patch_embed.proj.weight.grad is not None
+
+
 def test_base_builds_and_runs_one_forward_at_batch_2():
     torch.manual_seed(0)
     config = ModelConfig.preset("base")

@@ -32,7 +32,8 @@ def test_vit_from_a_deit_style_file_with_another_image_size(tmp_path):
     assert torch.equal(ours["blocks.1.attn.qkv.weight"], source["blocks.1.attn.qkv.weight"])
     torch.testing.assert_close(ours["pos_embed"], interpolate_pos_embed(source["pos_embed"], 16))  # 2x2 -> 4x4
     # The teacher starts as a copy of the initialised student.
-    assert torch.equal(model.visual_encoder_m.state_dict()["blocks.0.mlp.fc1.weight"], source["blocks.0.mlp.fc1.weight"])
+    teacher = model.visual_encoder_m.state_dict()
+    assert torch.equal(teacher["blocks.0.mlp.fc1.weight"], source["blocks.0.mlp.fc1.weight"])
     assert load_vit_weights(model.visual_encoder, str(path)) == ["head.weight", "head.bias"]
 
 
@@ -54,7 +55,8 @@ def test_bert_from_a_save_pretrained_directory(tmp_path):
         assert torch.equal(ours[key], source[key]), key
     # BERT has no cross-attention: ALBEF's fusion layers keep a random one.
     assert torch.equal(model.text_encoder.bert.encoder.layer[3].crossattention.self.key.weight, cross_before)
-    assert model.text_encoder.cls.predictions.decoder.weight is model.text_encoder.bert.embeddings.word_embeddings.weight
+    word_embeddings = model.text_encoder.bert.embeddings.word_embeddings.weight
+    assert model.text_encoder.cls.predictions.decoder.weight is word_embeddings
 
 
 def test_a_mismatched_bert_is_refused(tmp_path):

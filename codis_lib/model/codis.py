@@ -54,6 +54,11 @@ class CODISOutput:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+def _float32(device: torch.device) -> torch.autocast:
+    """Return a context that switches autocast off (contrastive and OT math stays in float32)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Return mean over rows of -sum_j targets[i, j] log softmax(logits)[i, j] (scalar)."""
     return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
@@ -277,7 +282,8 @@ class CODIS(nn.Module):
         offset = get_rank() * batch  # this rank's rows are global columns offset .. offset + B - 1
 
         if config.mode == "clip":
-            align = self._clip_alignment(image_feat, text_feat, image_ids, offset, diagnostics)
+            with _float32(image.device):
+                align = self._clip_alignment(image_feat, text_feat, image_ids, offset, diagnostics)
             losses["align"] = align
             weighted.append(self.weights["align"] * align)
             return self._finish(losses, weighted, diagnostics)
@@ -290,56 +296,59 @@ class CODIS(nn.Module):
         ids_all = all_gather_no_grad(image_ids) if image_ids is not None else None
         global_batch = image_feat_m_all.shape[0]
 
-        if active["align"]:
-            positives = self._positive_targets(batch, global_batch, offset, image_ids, ids_all,
-                                               with_queue=True, device=image_feat.device)  # (B, Bg + Q)
-            image_columns = torch.cat([image_feat_m_all.t(), self.image_queue.clone().detach()], dim=1)  # (d, Bg+Q)
-            text_columns = torch.cat([text_feat_m_all.t(), self.text_queue.clone().detach()], dim=1)
-            temp = self.temp
-            terms = {
-                "i2t": self._distilled_contrast(image_feat, image_feat_m, text_columns, positives, alpha, temp),
-                "t2i": self._distilled_contrast(text_feat, text_feat_m, image_columns, positives, alpha, temp),
-            }
-            if active["align_unimodal"]:
-                terms["i2i"] = self._distilled_contrast(image_feat, image_feat_m, image_columns, positives, alpha,
-                                                        temp)
-                terms["t2t"] = self._distilled_contrast(text_feat, text_feat_m, text_columns, positives, alpha,
-                                                        temp)
-            cross = (terms["i2t"][0] + terms["t2i"][0]) / 2
-            align = cross
-            weighted.append(self.weights["align"] * cross)
-            if active["align_unimodal"]:
-                unimodal = (terms["i2i"][0] + terms["t2t"][0]) / 2
-                align = cross + unimodal
-                weighted.append(self.weights["align_unimodal"] * unimodal)
-                diagnostics["align_unimodal"] = unimodal.detach()
-            losses["align"] = align
-            diagnostics["align_itc"] = cross.detach()
-            for name, (loss, sim) in terms.items():
-                diagnostics[f"align_{name}"] = loss.detach()
-                diagnostics[f"sim_{name}"] = sim.detach()
+        # Contrastive logits are divided by tau ~ 0.07 and Sinkhorn by eps = 0.05: keep both out of
+        # bf16/fp16 autocast (the features are already float32).
+        with _float32(image.device):
+            if active["align"]:
+                positives = self._positive_targets(batch, global_batch, offset, image_ids, ids_all,
+                                                   with_queue=True, device=image_feat.device)  # (B, Bg + Q)
+                image_columns = torch.cat([image_feat_m_all.t(), self.image_queue.clone().detach()], dim=1)  # (d, C)
+                text_columns = torch.cat([text_feat_m_all.t(), self.text_queue.clone().detach()], dim=1)
+                temp = self.temp
+                terms = {
+                    "i2t": self._distilled_contrast(image_feat, image_feat_m, text_columns, positives, alpha, temp),
+                    "t2i": self._distilled_contrast(text_feat, text_feat_m, image_columns, positives, alpha, temp),
+                }
+                if active["align_unimodal"]:
+                    terms["i2i"] = self._distilled_contrast(image_feat, image_feat_m, image_columns, positives, alpha,
+                                                            temp)
+                    terms["t2t"] = self._distilled_contrast(text_feat, text_feat_m, text_columns, positives, alpha,
+                                                            temp)
+                cross = (terms["i2t"][0] + terms["t2i"][0]) / 2
+                align = cross
+                weighted.append(self.weights["align"] * cross)
+                if active["align_unimodal"]:
+                    unimodal = (terms["i2i"][0] + terms["t2t"][0]) / 2
+                    align = cross + unimodal
+                    weighted.append(self.weights["align_unimodal"] * unimodal)
+                    diagnostics["align_unimodal"] = unimodal.detach()
+                losses["align"] = align
+                diagnostics["align_itc"] = cross.detach()
+                for name, (loss, sim) in terms.items():
+                    diagnostics[f"align_{name}"] = loss.detach()
+                    diagnostics[f"sim_{name}"] = sim.detach()
 
-        if active["code"] or active["ot"]:
-            parts = codebook_losses(self.codebook, image_feat, text_feat, image_feat_m, text_feat_m,
-                                    eps=config.sinkhorn_eps, n_iters=config.sinkhorn_iters,
-                                    log_domain=config.sinkhorn_log_domain, distributed=True)
-            if active["code"]:
-                losses["code"] = parts.code
-                weighted.append(self.weights["code"] * parts.code)
-            if active["ot"]:
-                losses["ot"] = parts.ot
-                weighted.append(self.weights["ot"] * parts.ot)
-            diagnostics.update(code_t2p=parts.code_t2p.detach(), code_i2p=parts.code_i2p.detach(),
-                               ot_image=parts.ot_image.detach(), ot_text=parts.ot_text.detach(),
-                               assign_image=parts.image_plan.detach(), assign_text=parts.text_plan.detach())
-            with torch.no_grad():
-                predictions = torch.cat([self.assign_codes(image_feat), self.assign_codes(text_feat)])  # (2B, K)
-                usage = codebook_usage(predictions)
-            diagnostics["codebook_perplexity"] = usage["perplexity"]
-            diagnostics["dead_codes"] = usage["dead_codes"]
+            if active["code"] or active["ot"]:
+                parts = codebook_losses(self.codebook, image_feat, text_feat, image_feat_m, text_feat_m,
+                                        eps=config.sinkhorn_eps, n_iters=config.sinkhorn_iters,
+                                        log_domain=config.sinkhorn_log_domain, distributed=True)
+                if active["code"]:
+                    losses["code"] = parts.code
+                    weighted.append(self.weights["code"] * parts.code)
+                if active["ot"]:
+                    losses["ot"] = parts.ot
+                    weighted.append(self.weights["ot"] * parts.ot)
+                diagnostics.update(code_t2p=parts.code_t2p.detach(), code_i2p=parts.code_i2p.detach(),
+                                   ot_image=parts.ot_image.detach(), ot_text=parts.ot_text.detach(),
+                                   assign_image=parts.image_plan.detach(), assign_text=parts.text_plan.detach())
+                with torch.no_grad():
+                    predictions = torch.cat([self.assign_codes(image_feat), self.assign_codes(text_feat)])  # (2B, K)
+                    usage = codebook_usage(predictions)
+                diagnostics["codebook_perplexity"] = usage["perplexity"]
+                diagnostics["dead_codes"] = usage["dead_codes"]
 
         if active["itm"]:
-            with torch.no_grad():
+            with torch.no_grad(), _float32(image.device):
                 # ALBEF draws hard negatives from the student-to-teacher similarities of the batch.
                 sim_i2t_batch = image_feat @ text_feat_m_all.t() / self.temp  # (B, Bg)
                 sim_t2i_batch = text_feat @ image_feat_m_all.t() / self.temp

@@ -30,7 +30,7 @@ _OFFLINE_HINT = (
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Return the tensor dict stored in a .safetensors / torch file (unwrapping {'model': ...} / {'state_dict': ...})."""
+    """Return the tensors stored in a .safetensors / torch file, unwrapping {'model': ...} or {'state_dict': ...}."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
