@@ -28,11 +28,17 @@ Ties are handled deterministically, in two places:
 
 Re-ranking is the expensive part (k fusion passes per query, for both directions). ALBEF runs one
 query at a time (a fusion batch of k pairs); `itm_rerank_one_query_at_a_time` keeps that as the
-reference. `itm_rerank_batched` flattens all (query, candidate) pairs of both directions into one
-list, scores each distinct (image, caption) pair once (a pair that is in an image's top k and whose
-image is in the caption's top k is needed by both directions), sorts the pairs by caption length and
-runs the fusion encoder on batches of `pair_batch_size` pairs, each trimmed to its longest caption
-(padded keys get zero attention weight, so trimming them does not change the real tokens' outputs).
+reference. `itm_rerank_batched` gives the same scores with less work:
+- all (query, candidate) pairs of both directions go into one list, and each distinct (image,
+  caption) pair is scored once (a caption in an image's top k whose image is also in the caption's
+  top k is needed by both directions);
+- pairs are grouped by image, and each fusion call gets that image's tokens once, (1, N, D), which
+  the cross-attention broadcasts over up to `pair_batch_size` captions: the keys and values of the
+  image tokens are computed once per image rather than once per pair;
+- inside a group the captions are sorted by length and each batch is trimmed to its longest caption
+  (padded keys get zero attention weight, so trimming them does not change the real tokens' outputs).
+`share_image_tokens=False` instead fills batches with any pairs (for a fusion encoder that does not
+broadcast); tests/test_eval_rerank.py checks every setting against the reference to 1e-5.
 
 Distributed: as ALBEF, every rank computes all features and the similarity matrix, the queries of
 each direction are split into contiguous slices (ALBEF's `n // world_size + 1` step), each rank
@@ -265,11 +271,16 @@ def _is_right_padded(attention_mask: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tensor, text_index: torch.Tensor,
-                    pair_batch_size: int = 1024, trim_padding: bool = True) -> torch.Tensor:
+                    pair_batch_size: int = 1024, trim_padding: bool = True,
+                    share_image_tokens: bool = True) -> torch.Tensor:
     """Return the ITM match logit of each (image_index[p], text_index[p]) pair, shape (P,).
 
-    Pairs are sorted by caption length (longest first) and scored `pair_batch_size` at a time, each
-    batch trimmed to its longest caption when the masks are right-padded.
+    Pairs are scored `pair_batch_size` at a time, sorted by decreasing caption length so that each
+    batch can be trimmed to its longest caption (when the masks are right-padded). With
+    `share_image_tokens` the pairs are first grouped by image and a fusion call gets that image's
+    tokens once, as a (1, N, D) tensor that the cross-attention broadcasts over the captions: the
+    cross-attention keys and values (about half the fusion encoder's work at tiny size) are then
+    computed once per image instead of once per pair. Both settings give the same scores.
     """
     if pair_batch_size < 1:
         raise ValueError(f"pair_batch_size must be >= 1, got {pair_batch_size}")
@@ -281,16 +292,25 @@ def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tenso
         return scores
     lengths = features.text_attention_mask.sum(dim=1)[text_index]  # (P,)
     trim = trim_padding and _is_right_padded(features.text_attention_mask)
-    order = torch.sort(lengths, descending=True, stable=True).indices if trim else torch.arange(
-        len(text_index), device=device)
+    order = torch.sort(lengths, descending=True, stable=True).indices  # longest captions first
+    if share_image_tokens:
+        order = order[torch.sort(image_index[order], stable=True).indices]  # by image, then by length
+        starts_of_images = (torch.nonzero(torch.diff(image_index[order])).flatten() + 1).tolist()
+        groups = torch.tensor_split(order, starts_of_images)
+    else:
+        groups = (order,)
     max_length = features.text_embeds.shape[1]
-    for start in range(0, len(order), pair_batch_size):
-        batch = order[start:start + pair_batch_size]
-        texts, images = text_index[batch], image_index[batch]
-        length = max(1, int(lengths[batch].max())) if trim else max_length
-        scores[batch] = _match_logit(model, features.image_embeds[images],
-                                     features.text_embeds[texts, :length],
-                                     features.text_attention_mask[texts, :length])
+    for group in groups:
+        for start in range(0, len(group), pair_batch_size):
+            batch = group[start:start + pair_batch_size]
+            texts = text_index[batch]
+            length = max(1, int(lengths[batch[0]])) if trim else max_length  # batch[0] is its longest caption
+            if share_image_tokens:
+                image_tokens = features.image_embeds[image_index[batch[:1]]]  # (1, N, D), broadcast over B
+            else:
+                image_tokens = features.image_embeds[image_index[batch]]  # (B, N, D)
+            scores[batch] = _match_logit(model, image_tokens, features.text_embeds[texts, :length],
+                                         features.text_attention_mask[texts, :length])
     return scores
 
 
@@ -306,6 +326,18 @@ class RerankResult:
     pairs_scored: int  # distinct (image, caption) pairs sent through the fusion encoder on this rank
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def _split_of_this_process(distributed: bool, query_split: tuple[int, int] | None) -> tuple[int, int, bool]:
+    """Return (rank, world_size, all_reduce_afterwards) for a re-ranking call."""
+    if query_split is not None:
+        rank, world_size = query_split
+        if not 0 <= rank < world_size:
+            raise ValueError(f"query_split=(rank={rank}, world_size={world_size}): need 0 <= rank < world_size")
+        return rank, world_size, False
+    if distributed:
+        return get_rank(), get_world_size(), True
+    return 0, 1, False
 
 
 def _fill_rows(num_rows: int, num_cols: int, owned: slice, fill_value: float, dtype, device) -> torch.Tensor:
@@ -324,11 +356,14 @@ def _check_fill(scores: torch.Tensor, fill_value: float) -> None:
 @torch.no_grad()
 def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch_size: int = 1024,
                        score_mode: str = "itm", fill_value: float = -100.0, deduplicate: bool = True,
-                       trim_padding: bool = True, distributed: bool = True) -> RerankResult:
+                       trim_padding: bool = True, share_image_tokens: bool = True, distributed: bool = True,
+                       query_split: tuple[int, int] | None = None) -> RerankResult:
     """Return both re-ranked score matrices, scoring many queries' (query, candidate) pairs per fusion batch.
 
     Same scores as `itm_rerank_one_query_at_a_time` (up to float round-off from different batch shapes).
     `distributed=True` splits queries over ranks and all-reduces the matrices (a no-op in one process).
+    `query_split=(rank, world_size)` re-ranks only that rank's share of queries and returns it without
+    any all-reduce (other rows are 0), so the shares of all ranks sum to the full matrices.
     """
     _check_score_mode(score_mode)
     start_time = time.perf_counter()
@@ -336,7 +371,7 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
     model.eval()
     num_images, num_texts = features.num_images, features.num_texts
     device = features.image_feat.device
-    rank, world_size = (get_rank(), get_world_size()) if distributed else (0, 1)
+    rank, world_size, all_reduce = _split_of_this_process(distributed, query_split)
     sims_i2t = features.similarity_i2t()  # (num_images, num_texts)
     images_owned = query_slice(num_images, rank, world_size)
     texts_owned = query_slice(num_texts, rank, world_size)
@@ -355,7 +390,8 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
         inverse = torch.arange(len(pair_image), device=device)
         unique_image, unique_text = pair_image, pair_text
     try:
-        unique_scores = itm_pair_scores(model, features, unique_image, unique_text, pair_batch_size, trim_padding)
+        unique_scores = itm_pair_scores(model, features, unique_image, unique_text, pair_batch_size, trim_padding,
+                                        share_image_tokens)
     finally:
         model.train(was_training)
     pair_scores = unique_scores[inverse]
@@ -370,7 +406,7 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
     scores_i2t[images_owned].scatter_(1, topk_text, score_i2t)
     scores_t2i = _fill_rows(num_texts, num_images, texts_owned, fill_value, score_t2i.dtype, device)
     scores_t2i[texts_owned].scatter_(1, topk_image, score_t2i)
-    if distributed:
+    if all_reduce:
         all_reduce_sum_(scores_i2t)
         all_reduce_sum_(scores_t2i)
     return RerankResult(scores_i2t=scores_i2t, scores_t2i=scores_t2i, k_i2t=topk_text.shape[1],
@@ -380,7 +416,8 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
 
 @torch.no_grad()
 def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *, score_mode: str = "itm",
-                                   fill_value: float = -100.0, distributed: bool = True) -> RerankResult:
+                                   fill_value: float = -100.0, distributed: bool = True,
+                                   query_split: tuple[int, int] | None = None) -> RerankResult:
     """Return both re-ranked score matrices computed as ALBEF's Retrieval.py does: one fusion batch of k pairs per query.
 
     The reference for `itm_rerank_batched` (tests, benchmarks/bench_rerank.py): no padding trimming,
@@ -392,7 +429,7 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
     model.eval()
     num_images, num_texts = features.num_images, features.num_texts
     device = features.image_feat.device
-    rank, world_size = (get_rank(), get_world_size()) if distributed else (0, 1)
+    rank, world_size, all_reduce = _split_of_this_process(distributed, query_split)
     sims_i2t = features.similarity_i2t()
     images_owned = query_slice(num_images, rank, world_size)
     texts_owned = query_slice(num_texts, rank, world_size)
@@ -419,7 +456,7 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
             scores_t2i[text, topk_image] = score + topk_sim if score_mode == "itm_plus_sim" else score
     finally:
         model.train(was_training)
-    if distributed:
+    if all_reduce:
         all_reduce_sum_(scores_i2t)
         all_reduce_sum_(scores_t2i)
     num_pairs = (images_owned.stop - images_owned.start) * k_i2t + (texts_owned.stop - texts_owned.start) * k_t2i
@@ -440,6 +477,7 @@ class RetrievalEvaluation:
     rerank: RerankResult | None
     k: int
     seconds: dict
+    features: RetrievalFeatures | None = None  # kept by evaluate_retrieval for pictures and codes
 
     @property
     def headline(self) -> dict:
@@ -477,3 +515,63 @@ def evaluate_features(model, features: RetrievalFeatures, txt2img: Sequence[int]
     return RetrievalEvaluation(metrics=metrics, sims_i2t=sims_i2t.cpu(), rerank=rerank_result,
                                k=min(k, features.num_texts, features.num_images) if rerank else 0,
                                seconds=seconds)
+
+
+def model_has_trained_itm(model) -> bool:
+    """Return True when the model's mode trains the ITM head (albef, codis); clip mode leaves it random."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "active_losses"):
+        return True
+    return bool(config.active_losses().get("itm", False))
+
+
+@torch.no_grad()
+def dataset_features(model, dataset, tokenizer, *, image_batch_size: int = 64, text_batch_size: int = 256,
+                     max_length: int = 30, device: torch.device | str | None = None,
+                     num_workers: int = 0) -> RetrievalFeatures:
+    """Return the RetrievalFeatures of a RetrievalEvalDataset (images in dataset order, all of `dataset.texts`).
+
+    Captions are tokenised once with ALBEF's convention ([CLS] tokens, truncated to `max_length`),
+    padded to the longest caption of the whole set so that every text shares one length L.
+    """
+    from torch.utils.data import DataLoader
+
+    from codis_lib.data.collate import collate_eval_images, tokenize_captions
+
+    for attribute in ("texts", "txt2img", "img2txt"):
+        if not hasattr(dataset, attribute):
+            raise TypeError(f"dataset {type(dataset).__name__} has no `{attribute}`: expected a "
+                            "codis_lib.data.datasets.RetrievalEvalDataset (ALBEF's re_eval_dataset)")
+    if image_batch_size < 1:
+        raise ValueError(f"image_batch_size must be >= 1, got {image_batch_size}")
+    tokens = tokenize_captions(tokenizer, dataset.texts, max_length)  # (num_texts, L) each
+    loader = DataLoader(dataset, batch_size=image_batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_eval_images)
+    return compute_features(model, (batch["image"] for batch in loader), tokens["input_ids"],
+                            tokens["attention_mask"], text_batch_size=text_batch_size, device=device)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, dataset, tokenizer, *, k: int = 128, rerank: bool | None = None,
+                       image_batch_size: int = 64, text_batch_size: int = 256, pair_batch_size: int = 1024,
+                       score_mode: str = "itm", ks: Sequence[int] = DEFAULT_RECALL_KS,
+                       device: torch.device | str | None = None, distributed: bool = True,
+                       num_workers: int = 0) -> RetrievalEvaluation:
+    """Return the RetrievalEvaluation of `model` on a RetrievalEvalDataset with ALBEF's protocol.
+
+    rerank=None re-ranks with the ITM head only when the model's mode trains it (not in clip mode,
+    whose ITM head is random); the contrastive metrics are always reported under "itc".
+    """
+    start = time.perf_counter()
+    features = dataset_features(model, dataset, tokenizer, image_batch_size=image_batch_size,
+                                text_batch_size=text_batch_size, device=device, num_workers=num_workers)
+    feature_seconds = time.perf_counter() - start
+    if rerank is None:
+        rerank = model_has_trained_itm(model)
+    evaluation = evaluate_features(model, features, dataset.txt2img, dataset.img2txt, k=k, rerank=rerank,
+                                   pair_batch_size=pair_batch_size, score_mode=score_mode, ks=ks,
+                                   distributed=distributed)
+    evaluation.seconds["features"] = feature_seconds
+    evaluation.seconds["total"] = time.perf_counter() - start
+    evaluation.features = features
+    return evaluation
