@@ -42,7 +42,7 @@ def _records(output_dir):
 @pytest.mark.slow
 def test_two_processes_at_batch_b_match_one_process_at_batch_2b(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = ["model.text.hidden_dropout=0", "model.text.attention_dropout=0", "train.num_threads=1"]
+    common = ["model.text.hidden_dropout=0", "model.text.attention_dropout=0"]
     single_dir, pair_dir = tmp_path / "one_process", tmp_path / "two_processes"
     single = tiny_run_overrides(single_dir, STEPS) + common + ["train.batch_size=16"]
     pair = tiny_run_overrides(pair_dir, STEPS) + common + ["train.batch_size=8"]

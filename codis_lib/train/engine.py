@@ -32,7 +32,7 @@ to the new image size).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import json
 import math
 import os
 import time
@@ -84,6 +84,7 @@ class TrainResult:
     evaluation: dict | None = None  # retrieval metrics (`RetrievalEvaluation.to_dict()`) when evaluated
     wall_s: float = 0.0
     train_s: float = 0.0
+    model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -398,9 +399,13 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
     override train.eval.at_end.
     """
     ctx = init_distributed(config.train.device)
+    threads_before = torch.get_num_threads()
+    if config.train.num_threads is not None:
+        torch.set_num_threads(config.train.num_threads)
     try:
         return _train(config, ctx, resume=resume, stop_at_step=stop_at_step, evaluate=evaluate)
     finally:
+        torch.set_num_threads(threads_before)  # a notebook or test session goes on with its own setting
         if ctx.owns_process_group:
             dist.destroy_process_group()
 
@@ -409,8 +414,6 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     started = time.perf_counter()
     tc = config.train
     config.validate_for_world(ctx.world_size)
-    if tc.num_threads is not None:
-        torch.set_num_threads(tc.num_threads)
     output_dir = Path(tc.output_dir)
     torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights (DDP also broadcasts)
 
@@ -606,12 +609,10 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
                 logger = MetricsLogger(output_dir, enabled=True, tensorboard=tc.tensorboard)
                 logger.log({"kind": "eval", "step": step, "split": tc.eval.split, **evaluation["headline"]}, step)
                 logger.close()
-                import json
-
                 (output_dir / f"eval_{tc.eval.split}.json").write_text(json.dumps(evaluation, indent=2))
     return TrainResult(output_dir=output_dir, steps=step, total_steps=total_steps, finished=finished,
                        checkpoint=last_checkpoint, records=records, evaluation=evaluation,
-                       wall_s=time.perf_counter() - started, train_s=train_s)
+                       wall_s=time.perf_counter() - started, train_s=train_s, model=model)
 
 
 def _evaluate(config: RunConfig, model, tokenizer, ctx: RunContext) -> dict:

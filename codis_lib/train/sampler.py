@@ -124,9 +124,13 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index, DATA_STREAM))
+        generator = torch.default_generator  # the CPU generator behind torch.rand & co. without generator=
+        caller_state = generator.get_state()
+        generator.manual_seed(sample_seed(self.seed, self.epoch, index, DATA_STREAM))
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(caller_state)
 
 
 def steps_per_epoch(dataset_size: int, global_batch: int, grad_accum_steps: int) -> int:
