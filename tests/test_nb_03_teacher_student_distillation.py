@@ -17,6 +17,9 @@ def test_notebook_03_teacher_student_distillation():
     assert metrics["soft_target_check_abs_error"] < 1e-5
     assert metrics["target_row_sum_max_error"] < 1e-5
     assert 0.0 < metrics["teacher_mass_on_own_caption"] < 1.0
+    # Identical captions (one emoji drawn in two art styles) get equal teacher mass; one-hot gives the twin 0.
+    assert metrics["twin_pairs"] >= 2
+    assert metrics["twin_mass_ratio_max_deviation"] < 1e-4
     # Sections 3 and 6: both runs learn on the common one-hot yardstick, and the teacher drifts less
     # than the student over a queue lifetime.
     for label in ("distillation", "one-hot"):
