@@ -154,6 +154,7 @@ def test_two_gloo_processes_give_the_single_process_result(setup, tmp_path):
     torch.testing.assert_close(result["scores_i2t"], single.rerank.scores_i2t, atol=1e-5, rtol=0)
     torch.testing.assert_close(result["scores_t2i"], single.rerank.scores_t2i, atol=1e-5, rtol=0)
     assert result["metrics"]["itm"] == pytest.approx(single.metrics["itm"])
+    assert result["metrics"]["itc"] == pytest.approx(single.metrics["itc"])
 
 
 def test_evaluate_retrieval_end_to_end_and_clip_mode_skips_reranking(setup):

@@ -275,9 +275,9 @@ def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tenso
                     share_image_tokens: bool = True) -> torch.Tensor:
     """Return the ITM match logit of each (image_index[p], text_index[p]) pair, shape (P,).
 
-    Pairs are scored `pair_batch_size` at a time, sorted by decreasing caption length so that each
-    batch can be trimmed to its longest caption (when the masks are right-padded). With
-    `share_image_tokens` the pairs are first grouped by image and a fusion call gets that image's
+    Pairs are sorted by decreasing caption length and cut into batches of at most `pair_batch_size`
+    pairs of similar length, each trimmed to its longest caption (when the masks are right-padded).
+    With `share_image_tokens` the pairs are first grouped by image and a fusion call gets that image's
     tokens once, as a (1, N, D) tensor that the cross-attention broadcasts over the captions: the
     cross-attention keys and values (about half the fusion encoder's work at tiny size) are then
     computed once per image instead of once per pair. Both settings give the same scores.
@@ -301,8 +301,7 @@ def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tenso
         groups = (order,)
     max_length = features.text_embeds.shape[1]
     for group in groups:
-        for start in range(0, len(group), pair_batch_size):
-            batch = group[start:start + pair_batch_size]
+        for batch in _length_batches(group, lengths, pair_batch_size, trim):
             texts = text_index[batch]
             length = max(1, int(lengths[batch[0]])) if trim else max_length  # batch[0] is its longest caption
             if share_image_tokens:
@@ -312,6 +311,26 @@ def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tenso
             scores[batch] = _match_logit(model, image_tokens, features.text_embeds[texts, :length],
                                          features.text_attention_mask[texts, :length])
     return scores
+
+
+# A batch is closed when the next caption is shorter than this fraction of the batch's longest one:
+# padding is then at most 1/3 of a batch's tokens, while an image's few hundred pairs still go in a
+# handful of calls (each call has a fixed cost, so batches of one length only would be slower).
+_MIN_LENGTH_FRACTION = 0.75
+
+
+def _length_batches(order: torch.Tensor, lengths: torch.Tensor, pair_batch_size: int, trim: bool) -> list[torch.Tensor]:
+    """Return `order` (pair indices sorted by decreasing caption length) cut into fusion batches."""
+    if not trim:
+        return list(torch.split(order, pair_batch_size))
+    sorted_lengths = lengths[order].tolist()
+    batches, start = [], 0
+    for position in range(1, len(order) + 1):
+        if (position == len(order) or position - start == pair_batch_size
+                or sorted_lengths[position] < _MIN_LENGTH_FRACTION * sorted_lengths[start]):
+            batches.append(order[start:position])
+            start = position
+    return batches
 
 
 @dataclass

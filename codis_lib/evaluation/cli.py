@@ -1,0 +1,195 @@
+"""`codis-eval`: zero-shot or fine-tuned image-text retrieval of a checkpoint, printed in the poster's layout.
+
+    codis-eval runs/pretrain_emoji/checkpoint_final.pt                       # our checkpoint, its run's test split
+    codis-eval CKPT --annotation data/emoji/val.json --k 64 --json eval.json
+    codis-eval --albef-checkpoint ALBEF_4M.pth --annotation data/flickr30k_test.json \\
+        --image-root /data/flickr30k --albef-config configs/Retrieval_flickr.yaml --paper flickr
+    torchrun --nproc_per_node 8 -m codis_lib.evaluation.cli CKPT ...        # queries split over 8 processes
+
+Python: `run_evaluation(...)` returns the result dict (the metrics of `RetrievalEvaluation.to_dict()`
+plus what was evaluated), `format_evaluation_table(result)` the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from codis_lib.evaluation.paper import format_poster_table, paper_rows
+
+RANKING_NAMES = {"itm": "ITM re-ranked", "itc": "contrastive only"}
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {choice}: no CUDA device is visible; use --device cpu")
+    return torch.device(choice)
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Return True when this call created a process group (launched by torchrun with WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def load_dataset(annotation, image_root, image_size: int, *, run_config=None, split: str = "test"):
+    """Return the RetrievalEvalDataset to evaluate: `annotation` if given, else `split` of the checkpoint's run."""
+    from codis_lib.data.datasets import RetrievalEvalDataset
+
+    if annotation is not None:
+        return RetrievalEvalDataset(annotation, image_root, image_size=image_size, check_images="exists")
+    if run_config is None:
+        raise ValueError("--annotation is required for an ALBEF checkpoint (ALBEF's test JSON, e.g. "
+                         "data/flickr30k_test.json, with --image-root)")
+    from codis_lib.train.engine import evaluation_dataset
+
+    return evaluation_dataset(run_config, split)
+
+
+def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpoint=None, albef_config=None,
+                   bert_config=None, tokenizer: str = "bert-base-uncased", annotation=None, image_root=None,
+                   split: str = "test", image_size: int | None = None, k: int = 128, rerank: bool | None = None,
+                   score_mode: str = "itm", image_batch_size: int = 64, text_batch_size: int = 256,
+                   pair_batch_size: int = 1024, device: str = "auto", num_workers: int = 0,
+                   allow_download: bool = False) -> dict:
+    """Return the evaluation result dict of one checkpoint (ours, or ALBEF's with `albef_checkpoint`).
+
+    Keys: "metrics" {"itc", "itm"}, "headline", "k", "num_images", "num_texts", "seconds",
+    "pairs_requested"/"pairs_scored" (re-ranking), "model" (what was evaluated), "dataset", "world_size".
+    """
+    from codis_lib.distributed import get_world_size
+    from codis_lib.evaluation.albef_models import load_albef_model, load_our_model
+    from codis_lib.evaluation.retrieval import evaluate_retrieval
+
+    if (checkpoint is None) == (albef_checkpoint is None):
+        raise ValueError("give exactly one of a checkpoint of ours or --albef-checkpoint")
+    torch_device = _device(device)
+    _init_distributed(torch_device)
+    if albef_checkpoint is not None:
+        loaded = load_albef_model(albef_checkpoint, task_config=albef_config, bert_config=bert_config,
+                                  tokenizer=tokenizer, image_res=image_size, device=torch_device,
+                                  allow_download=allow_download)
+    else:
+        loaded = load_our_model(checkpoint, device=torch_device)
+    model_image_size = loaded.model.config.vision.image_size
+    if image_size is not None and albef_checkpoint is None and image_size != model_image_size:
+        raise ValueError(f"--image-size {image_size}: the checkpoint's model takes {model_image_size} px images")
+    dataset = load_dataset(annotation, image_root, model_image_size, run_config=loaded.run_config, split=split)
+    evaluation = evaluate_retrieval(loaded.model, dataset, loaded.tokenizer, k=k, rerank=rerank,
+                                    image_batch_size=image_batch_size, text_batch_size=text_batch_size,
+                                    pair_batch_size=pair_batch_size, score_mode=score_mode, device=torch_device,
+                                    num_workers=num_workers)
+    result = evaluation.to_dict()
+    result.update(model=loaded.description, world_size=get_world_size(), score_mode=score_mode,
+                  dataset=str(annotation) if annotation is not None else f"{split} split of the checkpoint's run")
+    return result
+
+
+def format_evaluation_table(result: dict, *, title: str = "", paper: str | None = None,
+                            setting: str = "zero-shot") -> str:
+    """Return the poster-layout table of a `run_evaluation` result, optionally under the paper's rows.
+
+    paper: "coco" | "flickr" adds the poster's ALBEF 4M and CODIS rows of that dataset and `setting`.
+    """
+    rows = dict(paper_rows(setting, paper)) if paper else {}
+    for ranking in ("itc", "itm"):
+        metrics = result["metrics"].get(ranking)
+        if metrics is not None:
+            suffix = f" (k={result['k']})" if ranking == "itm" else ""
+            rows[f"this run, {RANKING_NAMES[ranking]}{suffix}"] = metrics
+    footer = (f"{result['num_images']} images, {result['num_texts']} captions; TR = image -> text (an image counts "
+              f"if any of its captions is within K), IR = text -> image; recall in %.")
+    return format_poster_table(rows, title=title) + "\n" + footer
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codis-eval", description="Image-text retrieval with ALBEF's protocol: contrastive ranking of all "
+        "candidates, then ITM re-ranking of each query's top k. Prints TR/IR R@1/5/10 in the poster's layout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", default=None,
+                        help="a checkpoint written by codis-pretrain / codis-finetune / notebook 04")
+    albef = parser.add_argument_group("ALBEF checkpoints (instead of ours)")
+    albef.add_argument("--albef-checkpoint", default=None, help="ALBEF_4M.pth or a retrieval-fine-tuned ALBEF .pth")
+    albef.add_argument("--albef-config", default=None,
+                       help="ALBEF's task YAML (e.g. configs/Retrieval_flickr.yaml) or our export's .config.json; "
+                            "default: ALBEF's published retrieval values")
+    albef.add_argument("--bert-config", default=None, help="ALBEF's configs/config_bert.json (default: its values)")
+    albef.add_argument("--tokenizer", default="bert-base-uncased",
+                       help="tokenizer folder, or bert-base-uncased from the local Hugging Face cache")
+    albef.add_argument("--allow-download", choices=("yes", "no"), default="no",
+                       help="let the tokenizer download from the hub when it is not cached")
+    data = parser.add_argument_group("data")
+    data.add_argument("--annotation", default=None,
+                      help="ALBEF retrieval test JSON ({image, caption: [...]}); default: the checkpoint run's split")
+    data.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to "
+                                                          "(default: the JSON's folder)")
+    data.add_argument("--split", default="test", choices=("val", "test"), help="split of the run's data")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="ALBEF checkpoints: evaluation resolution (384 in ALBEF's retrieval configs)")
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--k", type=int, default=128, help="candidates re-ranked per query (ALBEF: 256 COCO, 128 Flickr)")
+    protocol.add_argument("--rerank", choices=("auto", "yes", "no"), default="auto",
+                          help="ITM re-ranking; auto = when the model's mode trains the ITM head (not clip)")
+    protocol.add_argument("--score-mode", choices=("itm", "itm_plus_sim"), default="itm",
+                          help="itm: ALBEF (ITM logit alone); itm_plus_sim: BLIP's sum with the contrastive score")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--image-batch-size", type=int, default=64)
+    speed.add_argument("--text-batch-size", type=int, default=256)
+    speed.add_argument("--pair-batch-size", type=int, default=1024,
+                       help="(image, caption) pairs per fusion call; lower it if the GPU runs out of memory")
+    speed.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the images")
+    speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    output = parser.add_argument_group("output")
+    output.add_argument("--paper", choices=("none", "coco", "flickr"), default="none",
+                        help="print the poster's ALBEF 4M and CODIS rows of this dataset above ours")
+    output.add_argument("--setting", choices=("zero-shot", "fine-tuned"), default="zero-shot",
+                        help="which poster table the --paper rows come from")
+    output.add_argument("--json", default=None, help="also write the result dict to this file")
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Entry point of `codis-eval`; returns the exit status."""
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        result = run_evaluation(
+            args.checkpoint, albef_checkpoint=args.albef_checkpoint, albef_config=args.albef_config,
+            bert_config=args.bert_config, tokenizer=args.tokenizer, annotation=args.annotation,
+            image_root=args.image_root, split=args.split, image_size=args.image_size, k=args.k,
+            rerank={"auto": None, "yes": True, "no": False}[args.rerank], score_mode=args.score_mode,
+            image_batch_size=args.image_batch_size, text_batch_size=args.text_batch_size,
+            pair_batch_size=args.pair_batch_size, device=args.device, num_workers=args.num_workers,
+            allow_download=args.allow_download == "yes")
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"codis-eval: {error}", file=sys.stderr)
+        return 2
+    from codis_lib.distributed import is_main_process
+
+    if is_main_process():
+        title = f"{args.setting.capitalize()} retrieval: {result['model']}\non {result['dataset']}"
+        print(format_evaluation_table(result, title=title, paper=None if args.paper == "none" else args.paper,
+                                      setting=args.setting))
+        print(f"({time.perf_counter() - started:.1f} s, {result['world_size']} process(es))")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())
