@@ -85,3 +85,14 @@ def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_check
     assert (info.value.term, info.value.step, info.value.checkpoint) == ("itm", 3, good)
     result = train(load_run_config("pretrain_emoji", overrides=overrides), resume=True)
     assert result.finished and result.steps == 6
+
+
+def test_a_fresh_run_refuses_to_mix_with_an_earlier_run_unless_told_to_overwrite(tmp_path, capsys):
+    overrides = tiny_run_overrides(tmp_path / "run", 1)
+    assert _cli(overrides) == 0
+    assert _cli(overrides) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _cli(overrides + ["train.overwrite=true", "train.max_steps=2"]) == 0
+    from codis_lib.train.logging import read_jsonl
+
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # the old log is gone

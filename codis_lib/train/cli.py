@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -67,14 +68,13 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
     try:
         result = train(config, resume=resume, stop_at_step=args.stop_at_step)
     except NonFiniteLossError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops on the same step; one message
+            print(f"{prog}: {error}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
-    from codis_lib.distributed import is_main_process
-
-    if is_main_process():
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now; torchrun's RANK is not
         wall = time.perf_counter() - started
         state = "finished" if result.finished else f"stopped after step {result.steps} (continue with --resume)"
         print(f"\n{prog}: {state}: {result.steps}/{result.total_steps} steps in {result.train_s / 60:.1f} min of "

@@ -110,6 +110,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None  # torch intra-op threads per process on CPU (None = torch's default)
     output_dir: str = "runs/pretrain"
+    overwrite: bool = False  # a fresh (not resumed) run may delete an earlier run's checkpoints and logs there
     init_from: str | None = None  # fine-tuning: a pretraining checkpoint to start from (weights only)
     log_every: int = 10  # optimizer steps between log records (JSON lines + TensorBoard)
     ckpt_every: int = 0  # optimizer steps between checkpoints (0 = at the end of every epoch only)

@@ -60,7 +60,6 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "RunContext", "init_dis
 
 # Scalar diagnostics of CODISOutput that are averaged over ranks and logged next to the losses.
 LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "dead_codes", "itm_accuracy", "mlm_accuracy")
-EVAL_MAX_TOKENS = 30  # ALBEF evaluates with captions truncated to 30 tokens
 
 
 class NonFiniteLossError(RuntimeError):
@@ -306,48 +305,30 @@ def evaluation_dataset(config: RunConfig, split: str):
 
 @torch.no_grad()
 def evaluate_split(model, tokenizer, dataset, *, k: int, batch_size: int = 64, pair_batch_size: int = 256,
-                   device: torch.device | None = None, rerank: bool = True) -> dict:
+                   device: torch.device | None = None) -> dict:
     """Return ALBEF-protocol retrieval results on a RetrievalEvalDataset (`RetrievalEvaluation.to_dict()`).
 
-    Every rank computes all features; ITM re-ranking splits the queries over ranks and sums the scores.
+    Uses `codis_lib.evaluation.retrieval.evaluate_retrieval`: every rank computes all features, ITM
+    re-ranking of each query's top k splits the queries over ranks and sums the scores.
     """
-    from codis_lib.data.collate import collate_eval_images, tokenize_captions
-    from codis_lib.evaluation.retrieval import compute_features, evaluate_features
+    from codis_lib.evaluation.retrieval import evaluate_retrieval
 
-    device = device or next(model.parameters()).device
-    started = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval_images)
-    text = tokenize_captions(tokenizer, dataset.texts, max_length=EVAL_MAX_TOKENS)
-    features = compute_features(model, (b["image"] for b in loader), text["input_ids"], text["attention_mask"],
-                                text_batch_size=batch_size, device=device)
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_features(model, features, dataset.txt2img, dataset.img2txt, k=k, rerank=rerank,
-                                   pair_batch_size=pair_batch_size)
+        evaluation = evaluate_retrieval(model, dataset, tokenizer, k=k, image_batch_size=batch_size,
+                                        text_batch_size=max(batch_size, 256), pair_batch_size=pair_batch_size,
+                                        device=device or next(model.parameters()).device)
     finally:
         model.train(was_training)
-    summary = result.to_dict()
-    summary["seconds"] = dict(summary.get("seconds", {}), total=time.perf_counter() - started)
-    return summary
+    return evaluation.to_dict()
 
 
 def format_retrieval_table(evaluation: dict, title: str = "") -> str:
-    """Return a text table of R@1/5/10 for text and image retrieval (contrastive and ITM re-ranked rows)."""
-    header = f"{'ranking':<22}{'TR@1':>7}{'TR@5':>7}{'TR@10':>7}{'IR@1':>7}{'IR@5':>7}{'IR@10':>7}{'mean':>7}"
-    lines = [title] if title else []
-    lines += [header, "-" * len(header)]
-    names = {"itc": "contrastive (ITC)", "itm": f"ITM re-ranked (k={evaluation.get('k')})"}
-    for key in ("itc", "itm"):
-        m = evaluation["metrics"].get(key)
-        if m is None:
-            continue
-        lines.append(f"{names[key]:<22}" + "".join(f"{m[name]:7.1f}" for name in
-                                                   ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10",
-                                                    "r_mean")))
-    lines.append(f"{evaluation['num_images']} images, {evaluation['num_texts']} captions; TR = image -> text, "
-                 f"IR = text -> image, recall in %")
-    return "\n".join(lines)
+    """Return the poster-layout table (TR/IR R@1/5/10, contrastive and ITM re-ranked rows) of an evaluation."""
+    from codis_lib.evaluation.cli import format_evaluation_table
+
+    return format_evaluation_table(evaluation, title=title)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -368,6 +349,28 @@ def _averaged_over_ranks(named: dict[str, float], device: torch.device) -> dict[
     cdist.all_reduce_sum_(packed)
     packed /= cdist.get_world_size()
     return dict(zip(named, packed.tolist()))
+
+
+RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml")
+
+
+def _claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> None:
+    """Make sure a fresh run does not mix with an earlier run's files in `output_dir` (deleted if `overwrite`)."""
+    import shutil
+
+    previous = sorted(p for pattern in RUN_FILES for p in output_dir.glob(pattern)) if output_dir.is_dir() else []
+    if previous and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({', '.join(p.name for p in previous[:4])}"
+            f"{', ...' if len(previous) > 4 else ''}). Continue it with --resume (a finished run is just evaluated "
+            f"again), start over with --set train.overwrite=true, or pick another --output-dir.")
+    ctx.barrier()  # every rank has looked before rank 0 deletes anything
+    if previous and ctx.is_main:
+        print(f"[codis] train.overwrite: removing the previous run's files in {output_dir}", flush=True)
+        for path in previous:
+            path.unlink()
+        shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
+    ctx.barrier()
 
 
 def _save(ctx: RunContext, output_dir: Path, *, model, optimizer, schedule, scaler, step: int, epoch: int,
@@ -443,6 +446,8 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         resume_path = Path(resume) if not isinstance(resume, bool) else find_latest_checkpoint(output_dir)
         if resume_path is None and ctx.is_main:
             print(f"[codis] --resume: no checkpoint in {output_dir}; starting from scratch", flush=True)
+    if resume_path is None:
+        _claim_output_dir(output_dir, overwrite=tc.overwrite, ctx=ctx)
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
         differences = _model_config_differences(checkpoint["config"]["model"], model_config.to_dict())

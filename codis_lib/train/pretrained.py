@@ -90,7 +90,7 @@ def pretrain_or_load(checkpoint: str | os.PathLike = "outputs/04/checkpoint_fina
 
         overrides = parse_overrides(list(overrides))
     settings = {**overrides, "train.max_steps": fallback_steps, "train.output_dir": str(path.parent),
-                "train.eval.at_end": False, "train.progress": progress}
+                "train.eval.at_end": False, "train.progress": progress, "train.overwrite": True}
     print(f"[codis] {path} not found: pretraining a small model for {fallback_steps} steps "
           f"(run notebook 04 or codis-pretrain for a better one)", flush=True)
     result = train(load_run_config(config, overrides=settings))
