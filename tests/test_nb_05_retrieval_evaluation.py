@@ -1,0 +1,20 @@
+"""Notebook 05 evaluates a short-pretrained tiny CODIS at CI size with ALBEF's protocol."""
+from tests.nbharness import run_notebook
+
+
+def test_notebook_05_retrieval_evaluation():
+    metrics = run_notebook("05_retrieval_evaluation")
+    assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
+    assert metrics["hand_vs_library_max_abs"] == 0.0
+    assert metrics["rerank_max_abs_diff"] < 1e-5
+    assert metrics["k"] == 8 and metrics["num_images"] > 8
+    assert metrics["pairs_scored"] <= metrics["pairs_requested"] == 8 * (metrics["num_images"] + metrics["num_texts"])
+    for ranking in ("itc", "itm"):
+        m = metrics[ranking]
+        assert 0.0 <= m["txt_r1"] <= m["txt_r5"] <= m["txt_r10"] <= 100.0
+        assert 0.0 <= m["img_r1"] <= m["img_r5"] <= m["img_r10"] <= 100.0
+        assert abs(m["r_mean"] - (m["txt_r_mean"] + m["img_r_mean"]) / 2) < 1e-9
+    # re-ranking only reorders each query's top k: recall at K = k is the same for both rankings
+    assert metrics["tr_itm_recall_at_k"] == metrics["tr_itc_recall_at_k"]
+    assert metrics["ir_itm_recall_at_k"] == metrics["ir_itc_recall_at_k"]
+    assert metrics["figures"] == ["05_image_to_text.png", "05_recall_curves.png", "05_text_to_image.png"]
