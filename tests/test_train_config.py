@@ -71,3 +71,17 @@ def test_round_trip_through_a_plain_dict():
     run = load_run_config("pretrain_emoji", world_size=1)
     again = run_config_from_dict(run.to_dict())
     assert again.to_dict() == run.to_dict()
+
+
+def test_command_line_prints_the_resolved_config_and_rejects_bad_keys_with_status_2(capsys):
+    from codis_lib.train.cli import finetune_main, pretrain_main
+
+    assert pretrain_main(["--print-config", "--set", "train.epochs=2", "--output-dir", "runs/x"]) == 0
+    printed = capsys.readouterr().out
+    assert "epochs: 2" in printed and "output_dir: runs/x" in printed and "preset" not in printed
+    assert finetune_main(["--print-config"]) == 0
+    assert "task: finetune" in capsys.readouterr().out
+    assert pretrain_main(["--set", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    assert pretrain_main(["--config", "no_such_config"]) == 2
+    assert "unknown config 'no_such_config'" in capsys.readouterr().err
