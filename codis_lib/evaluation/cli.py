@@ -68,9 +68,10 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
     """Return the evaluation result dict of one checkpoint (ours, or ALBEF's with `albef_checkpoint`).
 
     Keys: "metrics" {"itc", "itm"}, "headline", "k", "num_images", "num_texts", "seconds",
-    "pairs_requested"/"pairs_scored" (re-ranking), "model" (what was evaluated), "dataset", "world_size".
+    "pairs_requested"/"pairs_scored" (re-ranking), "model" (what was evaluated), "dataset", "world_size",
+    "rank" (of this process; every rank returns the same metrics).
     """
-    from codis_lib.distributed import get_world_size
+    from codis_lib.distributed import get_rank, get_world_size
     from codis_lib.evaluation.albef_models import load_albef_model, load_our_model
     from codis_lib.evaluation.retrieval import evaluate_retrieval
 
@@ -93,7 +94,7 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
                                     pair_batch_size=pair_batch_size, score_mode=score_mode, device=torch_device,
                                     num_workers=num_workers)
     result = evaluation.to_dict()
-    result.update(model=loaded.description, world_size=get_world_size(), score_mode=score_mode,
+    result.update(model=loaded.description, world_size=get_world_size(), rank=get_rank(), score_mode=score_mode,
                   dataset=str(annotation) if annotation is not None else f"{split} split of the checkpoint's run")
     return result
 
@@ -166,7 +167,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `codis-eval`; returns the exit status."""
     args = _parser().parse_args(argv)
     started = time.perf_counter()
+    created_group = False
     try:
+        created_group = _init_distributed(_device(args.device))  # under torchrun: one group for the whole run
         result = run_evaluation(
             args.checkpoint, albef_checkpoint=args.albef_checkpoint, albef_config=args.albef_config,
             bert_config=args.bert_config, tokenizer=args.tokenizer, annotation=args.annotation,
@@ -178,9 +181,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"codis-eval: {error}", file=sys.stderr)
         return 2
-    from codis_lib.distributed import is_main_process
+    finally:
+        if created_group:
+            import torch.distributed as dist
 
-    if is_main_process():
+            dist.destroy_process_group()
+    if result["rank"] == 0:
         title = f"{args.setting.capitalize()} retrieval: {result['model']}\non {result['dataset']}"
         print(format_evaluation_table(result, title=title, paper=None if args.paper == "none" else args.paper,
                                       setting=args.setting))

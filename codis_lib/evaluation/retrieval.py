@@ -44,13 +44,13 @@ Distributed: as ALBEF, every rank computes all features and the similarity matri
 each direction are split into contiguous slices (ALBEF's `n // world_size + 1` step), each rank
 re-ranks its own queries, and the score matrices are summed over ranks. Rows a rank does not own are
 zero (not -100 as in ALBEF, where the sum shifts scores by a constant per row), so the all-reduced
-matrices equal the single-process ones exactly.
+matrices equal the single-process ones (up to the float round-off of different batch shapes).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -344,7 +344,6 @@ class RerankResult:
     pairs_requested: int  # (query, candidate) pairs of this rank, both directions
     pairs_scored: int  # distinct (image, caption) pairs sent through the fusion encoder on this rank
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _split_of_this_process(distributed: bool, query_split: tuple[int, int] | None) -> tuple[int, int, bool]:
