@@ -6,6 +6,7 @@ numbers never depend on plotting code.
 """
 from __future__ import annotations
 
+import math
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -131,6 +132,20 @@ def top_words(captions: Sequence[str], count: int = 4,
     """Return the `count` most frequent words of `captions` with their counts (ties alphabetical; stop words dropped)."""
     words = Counter(w for caption in captions for w in caption.lower().split() if w not in stopwords and len(w) > 1)
     return sorted(words.items(), key=lambda item: (-item[1], item[0]))[:count]
+
+
+def distinctive_words(captions: Sequence[str], all_captions: Sequence[str], count: int = 4,
+                      stopwords: frozenset[str] = CAPTION_STOPWORDS) -> list[tuple[str, int]]:
+    """Return the `count` words of `captions` that best set them apart from `all_captions`, with their counts.
+
+    Score = occurrences in `captions` x log(len(all_captions) / captions of `all_captions` containing the
+    word) (tf-idf): a word in nearly every caption ("emoji") scores about 0 however often it occurs.
+    """
+    document_frequency = Counter(w for caption in all_captions for w in set(caption.lower().split()))
+    counts = Counter(w for caption in captions for w in caption.lower().split() if w not in stopwords and len(w) > 1)
+    total = max(1, len(all_captions))
+    scored = [(n * math.log(total / max(1, document_frequency[w])), w, n) for w, n in counts.items()]
+    return [(w, n) for _, w, n in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
 
 
 def plot_code_gallery(code_ids: Sequence[int], images_per_code: Sequence[Sequence[np.ndarray]],

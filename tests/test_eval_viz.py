@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from codis_lib.data.transforms import CLIP_MEAN, CLIP_STD, normalize
-from codis_lib.viz import (plot_code_gallery, plot_code_usage, plot_embedding_map, plot_image_to_texts,
+from codis_lib.viz import (distinctive_words, plot_code_gallery, plot_code_usage, plot_embedding_map, plot_image_to_texts,
                            plot_text_to_images, save_figure, to_display_image, top_words)
 
 
@@ -23,6 +23,15 @@ def test_to_display_image_undoes_the_clip_normalisation():
 def test_top_words_counts_and_drops_stopwords():
     captions = ["a red heart", "red heart suit", "the heart", "a red apple"]
     assert top_words(captions, 2, stopwords=frozenset({"a", "the"})) == [("heart", 3), ("red", 3)]
+
+
+def test_distinctive_words_prefer_words_specific_to_the_group():
+    everything = ["a red heart emoji", "a blue heart emoji", "red apple emoji", "green apple emoji", "car emoji"]
+    group = ["a red heart emoji", "red apple emoji"]
+    words = distinctive_words(group, everything, 3)
+    assert words[0] == ("red", 2)  # in 2 of 5 captions, both in the group
+    assert "emoji" not in [w for w, _ in words[:2]]  # in every caption: idf log(5/5) = 0
+    assert dict(words).get("emoji", 0) in (0, 2)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
