@@ -13,4 +13,5 @@ def test_notebook_04_pretraining():
     assert metrics["code_last"] < metrics["code_first"] - 0.3
     assert 1.0 < metrics["perplexity_last"] <= metrics["codebook_size"]
     assert 0.0 <= metrics["zero_shot_r_mean"] <= 100.0 and metrics["eval_images"] > 0
+    assert 0.0 <= metrics["seen_r_mean"] <= 100.0
     assert metrics["checkpoint_reloaded_identical"] is True

@@ -68,7 +68,16 @@ def test_two_processes_at_batch_b_match_one_process_at_batch_2b(tmp_path):
     final_one = load_checkpoint(single_dir / "checkpoint_final.pt")["model"]
     final_two = load_checkpoint(pair_dir / "checkpoint_final.pt")["model"]
     for key, value in final_one.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(final_two[key], value, atol=1e-5, rtol=1e-4, msg=key)
-        else:
-            assert torch.equal(final_two[key], value), key
+        other = final_two[key]
+        if not value.is_floating_point():
+            assert torch.equal(other, value), key
+            continue
+        if key.endswith("attn.qkv.bias"):
+            # The key bias adds the same constant to every score of a query, which softmax ignores: its true
+            # gradient is 0, so AdamW turns the rounding noise of each process layout into lr-sized steps.
+            # Compare the query and value thirds only.
+            third = value.shape[0] // 3
+            value, other = torch.cat([value[:third], value[2 * third:]]), torch.cat([other[:third], other[2 * third:]])
+        elif key.endswith("key.bias"):  # the same for BERT's (cross-)attention key biases
+            continue
+        torch.testing.assert_close(other, value, atol=1e-5, rtol=1e-4, msg=key)
