@@ -62,8 +62,8 @@ def test_loss_code_is_cross_modal_swapped_prediction():
     p_text = torch.softmax(text @ codebook.weight.t() / 0.1, 1)
     p_image = torch.softmax(image @ codebook.weight.t() / 0.1, 1)
     # Text student predicts the IMAGE teacher's plan and vice versa (the swap is the point).
-    assert math.isclose(float(t2p), float(-(image_plan * p_text.log()).sum(1).mean()), rel_tol=1e-5)
-    assert math.isclose(float(i2p), float(-(text_plan * p_image.log()).sum(1).mean()), rel_tol=1e-5)
+    assert math.isclose(t2p.item(), float(-(image_plan * p_text.log()).sum(1).mean()), rel_tol=1e-5)
+    assert math.isclose(i2p.item(), float(-(text_plan * p_image.log()).sum(1).mean()), rel_tol=1e-5)
     assert math.isclose(float(total), float(t2p + i2p), rel_tol=1e-6)
     unswapped = -(text_plan * p_text.log()).sum(1).mean()
     assert abs(float(t2p) - float(unswapped)) > 1e-3
