@@ -67,3 +67,13 @@ def test_latest_is_the_highest_step_and_pruning_keeps_the_newest(tmp_path):
     assert find_latest_checkpoint(tmp_path).name == "checkpoint_00000040.pt"
     assert [p.name for p in prune_checkpoints(tmp_path, keep_last=2)] == ["checkpoint_00000005.pt"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_00000012.pt", "checkpoint_00000040.pt"]
+
+
+def test_compiling_the_blocks_keeps_the_checkpoint_keys():
+    from codis_lib.train.engine import compile_transformer_blocks
+
+    model = _tiny_model()
+    keys = list(model.state_dict())
+    # 3 ViT blocks + 4 BERT layers, student and teacher (compiled lazily: nothing runs here).
+    assert compile_transformer_blocks(model) == 14
+    assert list(model.state_dict()) == keys

@@ -104,7 +104,7 @@ class TrainConfig:
     alpha_ramp_epochs: float = 1.0  # alpha goes linearly 0 -> model.alpha over this many epochs (ALBEF: 1)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model (worth it on GPUs for long runs)
+    compile: bool = False  # torch.compile every transformer block (worth it on GPUs for long runs)
     # Gradient checkpointing is a model setting (model.gradient_checkpointing: true), not repeated here.
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -56,6 +56,7 @@ from codis_lib.train.sampler import GlobalBatchSampler, SeededItems, sample_seed
 from codis_lib.train.schedule import WarmupCosineSchedule, alpha_at_step, build_adamw
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "RunContext", "init_distributed", "build_train_data",
+           "compile_transformer_blocks",
            "load_pretrained_weights", "evaluate_split", "format_retrieval_table", "resolve_precision"]
 
 # Scalar diagnostics of CODISOutput that are averaged over ranks and logged next to the losses.
@@ -285,6 +286,26 @@ def _model_config_differences(saved: dict, current: dict, prefix: str = "") -> l
     return differences
 
 
+def compile_transformer_blocks(model: torch.nn.Module) -> int:
+    """Return how many transformer blocks were compiled in place with `torch.compile` (`Module.compile`).
+
+    Compiling block by block (every ViT block and BERT layer, student and teacher) rather than the whole
+    forward keeps the model's Python logic (EMA, sampling, queues, collectives) out of the graphs, so
+    there are no graph breaks to trip over, and leaves parameter names (checkpoints) unchanged.
+    """
+    count = 0
+    for module in model.modules():
+        # A stack of blocks: BERT's encoder.layer (a ModuleList of text and fusion layers) or timm's ViT
+        # blocks (a Sequential): >= 2 children, each a layer with its own attention.
+        children = list(module.children()) if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) else []
+        if len(children) >= 2 and all(any("attn" in name or "attention" in name for name, _ in child.named_children())
+                                      for child in children):
+            for block in children:
+                block.compile()
+                count += 1
+    return count
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluation_dataset(config: RunConfig, split: str):
     """Return the RetrievalEvalDataset of `split` ("val" | "test") for this run's data."""
@@ -481,7 +502,9 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
             model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=tc.find_unused_parameters)
     if tc.compile:
-        train_model = torch.compile(train_model)
+        compiled = compile_transformer_blocks(model)
+        if ctx.is_main:
+            print(f"[codis] torch.compile: {compiled} transformer blocks (compiled on first use)", flush=True)
     autocast = (torch.autocast(device_type=ctx.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
 
