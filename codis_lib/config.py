@@ -352,7 +352,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ModelCo
             raise ConfigError(f"{source}: preset must be a preset name string, got {preset!r}")
         base = ModelConfig.preset(preset).to_dict()
         data = _deep_merge(base, data)
-    config = _build_dataclass(ModelConfig, data, source, prefix="")
+    config = build_dataclass(ModelConfig, data, source, prefix="")
     return config.validate(source)
 
 
@@ -367,8 +367,11 @@ def _deep_merge(base: dict, update: Mapping) -> dict:
     return merged
 
 
-def _build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
-    """Return cls(**checked values) after rejecting unknown keys and wrong types, naming the dotted key."""
+def build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
+    """Return cls(**checked values) after rejecting unknown keys and wrong types, naming the dotted key.
+
+    Shared by every typed config of the package (model here, data and training in codis_lib.train.config).
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -380,26 +383,30 @@ def _build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: st
                           f"valid keys: {', '.join(valid)}")
     values = {}
     for key, raw in data.items():
-        values[key] = _check_type(hints[key], raw, f"{prefix}{key}", source)
+        values[key] = check_type(hints[key], raw, f"{prefix}{key}", source)
     return cls(**values)
 
 
-def _check_type(hint: Any, value: Any, key: str, source: str) -> Any:
+def check_type(hint: Any, value: Any, key: str, source: str) -> Any:
     """Return value converted to `hint` (int -> float allowed), or raise ConfigError naming the key."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build_dataclass(hint, value, source, prefix=f"{key}.")
+        return build_dataclass(hint, value, source, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
-            return _check_type(non_none[0], value, key, source)
+            return check_type(non_none[0], value, key, source)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r} ({type(value).__name__})")
+        return [check_type(args[0], item, f"{key}[{i}]", source) for i, item in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r} ({type(value).__name__})")

@@ -26,15 +26,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from codis_lib.config import CONFIG_DIR, ConfigError, ModelConfig, config_from_dict
+from codis_lib.config import CONFIG_DIR, ConfigError, ModelConfig, build_dataclass, config_from_dict
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "parse_overrides", "apply_overrides", "resolve_config_path",
@@ -212,8 +210,8 @@ def run_config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Run
     if "model" not in data:
         raise ConfigError(f"{source}: missing section 'model' (e.g. `model: {{preset: tiny}}`)")
     model = config_from_dict(data["model"] or {}, source=f"{source} [model]")
-    data_config = _build_dataclass(DataConfig, data.get("data") or {}, source, "data.")
-    train_config = _build_dataclass(TrainConfig, data.get("train") or {}, source, "train.")
+    data_config = build_dataclass(DataConfig, data.get("data") or {}, source, "data.")
+    train_config = build_dataclass(TrainConfig, data.get("train") or {}, source, "train.")
     config = RunConfig(model=model, data=data_config, train=train_config, source=source)
     _validate_values(config)
     return config
@@ -302,57 +300,3 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str] | Mapping[
     return result
 
 
-# ---------------------------------------------------------------------- typed dataclass construction
-def _build_dataclass(cls: type, data: Any, source: str, prefix: str) -> Any:
-    """Return cls(**checked values), rejecting unknown keys (listing the valid ones) and wrong types."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in data if key not in valid]
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + str(k) for k in unknown)}; valid keys "
-                          f"of {prefix.rstrip('.')}: {', '.join(valid)}")
-    return cls(**{key: _check_type(hints[key], value, f"{prefix}{key}", source) for key, value in data.items()})
-
-
-def _check_type(hint: Any, value: Any, key: str, source: str) -> Any:
-    """Return `value` checked against `hint` (int accepted for float), or raise ConfigError naming the key."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build_dataclass(hint, value, source, f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(inner, value, key, source)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r} ({type(value).__name__})")
-        return [_check_type(args[0], item, f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r} ({type(value).__name__})")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r} ({type(value).__name__})")
-        return value
-    raise ConfigError(f"{source}: {key} has unsupported type {hint}")  # a bug in this module, not in the file
