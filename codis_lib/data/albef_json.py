@@ -223,6 +223,22 @@ class _Reader:
         return resolved
 
 
+def _clean_caption_list(raw_list: list, max_words: int) -> tuple[list[str], str | None]:
+    """Return (cleaned captions, None), or ([], problem) at the first caption that cannot be used."""
+    captions = []
+    for raw_caption in raw_list:
+        cleaned, problem = _clean_one_caption(raw_caption, max_words)
+        if problem:
+            return [], problem
+        captions.append(cleaned)
+    return captions, None
+
+
+def _problem_kind(problem: str) -> str:
+    """Return the skip-counter name for a caption problem."""
+    return "empty_caption" if "empty" in problem else "bad_caption"
+
+
 def read_pretrain_annotations(
     files: str | os.PathLike | Sequence[str | os.PathLike],
     image_root: str | os.PathLike | None = None,
@@ -253,14 +269,9 @@ def read_pretrain_annotations(
             if not raw_list:
                 reader.bad(path, index, "empty_caption", "caption list is empty")
                 continue
-            captions, problem = [], None
-            for raw_caption in raw_list:
-                cleaned, problem = _clean_one_caption(raw_caption, max_words)
-                if problem:
-                    break
-                captions.append(cleaned)
+            captions, problem = _clean_caption_list(raw_list, max_words)
             if problem:
-                reader.bad(path, index, "empty_caption" if "empty" in problem else "bad_caption", problem)
+                reader.bad(path, index, _problem_kind(problem), problem)
                 continue
             image = reader.image_of(record, path, index, image_root)
             if image is None:
@@ -291,7 +302,7 @@ def read_retrieval_train(
                 continue
             cleaned, problem = _clean_one_caption(record["caption"], max_words)
             if problem:
-                reader.bad(path, index, "empty_caption" if "empty" in problem else "bad_caption", problem)
+                reader.bad(path, index, _problem_kind(problem), problem)
                 continue
             image_id = record.get("image_id")
             if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
@@ -334,14 +345,9 @@ def read_retrieval_eval(
         if not raw:
             reader.bad(path, index, "empty_caption", "caption list is empty")
             continue
-        captions, problem = [], None
-        for raw_caption in raw:
-            cleaned, problem = _clean_one_caption(raw_caption, max_words)
-            if problem:
-                break
-            captions.append(cleaned)
+        captions, problem = _clean_caption_list(raw, max_words)
         if problem:
-            reader.bad(path, index, "empty_caption" if "empty" in problem else "bad_caption", problem)
+            reader.bad(path, index, _problem_kind(problem), problem)
             continue
         image = reader.image_of(record, path, index, image_root)
         if image is None:
