@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from codis_lib.config import TextConfig
 from codis_lib.model.bert import FusionLayer, TextFusionEncoder
@@ -97,3 +98,58 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         encoder.mlm_logits(ids, mask, image).square().mean().backward()
         grads.append(encoder.bert.encoder.layer[0].attention.self.query.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_first_token_only_and_shared_text_work_equal_the_full_fusion(implementation):
+    """The ITM shortcuts (last layer at [CLS] only; the first layer's caption-only self-attention
+    computed once) give the full fusion output's [CLS] row, with padding, a broadcast image and in
+    backward, and really skip work (counted in FLOPs)."""
+    encoder = _encoder(implementation)
+    bert = encoder.bert
+    torch.manual_seed(2)
+    text_embeds = torch.randn(3, 7, 32, requires_grad=True)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    image = torch.randn(1, 5, IMAGE_WIDTH)  # one image broadcast over the three captions
+    full = bert.forward_fusion(text_embeds, mask, image)  # (3, 7, 32)
+    first = bert.forward_fusion(text_embeds, mask, image, first_token_only=True)
+    assert first.shape == (3, 1, 32)
+    torch.testing.assert_close(first, full[:, :1], atol=1e-6, rtol=0)
+    states = bert.fusion_text_states(text_embeds, mask)
+    for first_token_only in (False, True):
+        shared = bert.forward_fusion(states, mask, image, first_token_only=first_token_only,
+                                     text_self_attended=True)
+        torch.testing.assert_close(shared[:, :1], full[:, :1], atol=1e-6, rtol=0)
+    # gradients through the shortcut equal those through the full layer
+    grad_full, = torch.autograd.grad(full[:, 0].square().sum(), text_embeds)
+    grad_first, = torch.autograd.grad(first[:, 0].square().sum(), text_embeds)
+    torch.testing.assert_close(grad_first, grad_full, atol=1e-6, rtol=1e-5)
+    with torch.no_grad(), FlopCounterMode(display=False) as full_count:
+        bert.forward_fusion(text_embeds, mask, image)
+    with torch.no_grad(), FlopCounterMode(display=False) as first_count:
+        bert.forward_fusion(text_embeds, mask, image, first_token_only=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as shared_count:
+        bert.forward_fusion(states, mask, image, first_token_only=True, text_self_attended=True)
+    # two fusion layers: the last one shrinks to its caption keys/values, the first loses its self-attention
+    assert first_count.get_total_flops() < 0.7 * full_count.get_total_flops()
+    assert shared_count.get_total_flops() < 0.8 * first_count.get_total_flops()
+    # a single fusion layer: forward_first_token is the first row of forward
+    layer = bert.encoder.layer[-1]
+    with torch.no_grad():
+        row = layer.forward_first_token(full.detach(), None, image)
+        torch.testing.assert_close(row, layer(full.detach(), None, image)[:, :1], atol=1e-6, rtol=0)
+
+
+def test_single_fusion_layer_with_both_shortcuts():
+    """With one fusion layer, `text_self_attended` and `first_token_only` meet in the same layer."""
+    torch.manual_seed(0)
+    text = TextConfig(**{**TEXT.__dict__, "fusion_layers": 1})
+    bert = TextFusionEncoder(text, encoder_width=IMAGE_WIDTH).eval().bert
+    text_embeds, image = torch.randn(2, 6, 32), torch.randn(2, 4, IMAGE_WIDTH)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    with torch.no_grad():
+        full = bert.forward_fusion(text_embeds, mask, image)
+        both = bert.forward_fusion(bert.fusion_text_states(text_embeds, mask), mask, image,
+                                   first_token_only=True, text_self_attended=True)
+    assert both.shape == (2, 1, 32)
+    torch.testing.assert_close(both, full[:, :1], atol=1e-6, rtol=0)

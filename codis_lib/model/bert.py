@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (BertAttention, BertEmbeddings, BertIntermediate, BertLayer,
-                                                    BertOnlyMLMHead, BertOutput)
+                                                    BertOnlyMLMHead, BertOutput, eager_attention_forward)
 
 from codis_lib.config import TextConfig
 
@@ -91,9 +92,52 @@ class FusionLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor,
                 image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the layer output (B, L, D) for text states (B, L, D) attending to image_embeds (B, N, Dv)."""
-        self_out, _ = self.attention(hidden_states, attention_mask)
-        cross_out, _ = self.crossattention(self_out, None, image_embeds, image_mask)
+        return self.attend_image(self.attend_text(hidden_states, attention_mask), image_embeds, image_mask)
+
+    def attend_text(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Return the self-attention block's output (B, L, D): the part of the layer that never sees the image."""
+        return self.attention(hidden_states, attention_mask)[0]
+
+    def attend_image(self, text_states: torch.Tensor, image_embeds: torch.Tensor,
+                     image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the layer output for self-attended text states (B, Lq, D): cross-attention, then feed-forward.
+
+        Every position is computed independently here, so any subset of positions may be passed.
+        """
+        cross_out, _ = self.crossattention(text_states, None, image_embeds, image_mask)
         return self.output(self.intermediate(cross_out), cross_out)
+
+    def forward_first_token(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                            image_embeds: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the layer output at position 0 only, (B, 1, D): equal to forward(...)[:, :1].
+
+        The [CLS] state still attends to every caption token (their keys and values are computed),
+        but the queries, the cross-attention and the feed-forward block run on one position instead
+        of L. The ITM head reads nothing else, so the last fusion layer needs no more.
+        """
+        return self.attend_image(_self_attention_at(self.attention, hidden_states[:, :1], hidden_states,
+                                                    attention_mask), image_embeds, image_mask)
+
+
+def _self_attention_at(attention: BertAttention, queries: torch.Tensor, hidden_states: torch.Tensor,
+                       attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Return BertAttention's output (B, Lq, D) at the positions `queries` (B, Lq, D) of `hidden_states` (B, L, D).
+
+    The same computation as `attention(hidden_states, attention_mask)[0]` restricted to those rows: the
+    module's own projections, attention function (sdpa or eager) and output block (dense, residual
+    from the query position, LayerNorm).
+    """
+    heads = attention.self
+    batch, length = queries.shape[:2]
+
+    def split_heads(states: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, head size)
+        return states.view(batch, states.shape[1], -1, heads.attention_head_size).transpose(1, 2)
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(heads.config._attn_implementation, eager_attention_forward)
+    context, _ = interface(heads, split_heads(heads.query(queries)), split_heads(heads.key(hidden_states)),
+                           split_heads(heads.value(hidden_states)), attention_mask,
+                           dropout=0.0 if not heads.training else heads.dropout.p, scaling=heads.scaling)
+    return attention.output(context.reshape(batch, length, -1), queries)
 
 
 class _LayerStack(nn.Module):
@@ -151,14 +195,39 @@ class BertTextFusion(nn.Module):
         return hidden
 
     def forward_fusion(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-                       image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the fusion encoder's last hidden state (B, L, D) for text states attending to image tokens."""
+                       image_attention_mask: torch.Tensor | None = None, *, first_token_only: bool = False,
+                       text_self_attended: bool = False) -> torch.Tensor:
+        """Return the fusion encoder's last hidden state (B, L, D) for text states attending to image tokens.
+
+        first_token_only: compute the last layer at position 0 ([CLS]) only and return (B, 1, D), the
+          same values as the full output's [:, :1] for a fraction of the last layer's work.
+        text_self_attended: `text_embeds` are already `fusion_text_states(...)`, the first fusion
+          layer's self-attention output, which depends on the caption alone (so a caption paired with
+          many images needs it once); that step is skipped.
+        image_embeds may be (1, N, Dv) for any B: the cross-attention broadcasts one image over all captions.
+        """
         mask = attention_bias(attention_mask, text_embeds.dtype, self.attn_implementation)
         image_mask = attention_bias(image_attention_mask, text_embeds.dtype, self.attn_implementation)
+        layers = self.encoder.layer[self.num_text_layers:]
         hidden = text_embeds
-        for layer in self.encoder.layer[self.num_text_layers:]:
-            hidden = self._run(layer, hidden, mask, image_embeds, image_mask)
+        for index, layer in enumerate(layers):
+            last = index == len(layers) - 1
+            if index == 0 and text_self_attended:  # positions are independent after self-attention
+                states = hidden[:, :1] if last and first_token_only else hidden
+                hidden = self._run(layer.attend_image, states, image_embeds, image_mask)
+            elif last and first_token_only:
+                hidden = self._run(layer.forward_first_token, hidden, mask, image_embeds, image_mask)
+            else:
+                hidden = self._run(layer, hidden, mask, image_embeds, image_mask)
         return hidden
+
+    def fusion_text_states(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Return the first fusion layer's self-attention output (B, L, D): the fusion work that needs no image.
+
+        Pass it to forward_fusion(..., text_self_attended=True) with any images.
+        """
+        mask = attention_bias(attention_mask, text_embeds.dtype, self.attn_implementation)
+        return self.encoder.layer[self.num_text_layers].attend_text(text_embeds, mask)
 
     def forward_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
                            image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:

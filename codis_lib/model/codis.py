@@ -196,16 +196,29 @@ class CODIS(nn.Module):
         text_embeds = self.text_encoder_m.bert.forward_text(input_ids, attention_mask)
         return text_embeds, F.normalize(self.text_proj_m(text_embeds[:, 0, :]).float(), dim=-1)
 
-    def fusion_cls(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                   text_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Return the fusion encoder's CLS state (B, D) for text states cross-attending to image tokens."""
-        fused = self.text_encoder.bert.forward_fusion(text_embeds, text_attention_mask, image_embeds)
+    def fusion_cls(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_attention_mask: torch.Tensor,
+                   *, first_token_only: bool = True, text_self_attended: bool = False) -> torch.Tensor:
+        """Return the fusion encoder's CLS state (B, D) for text states cross-attending to image tokens.
+
+        first_token_only (default): the last fusion layer runs at [CLS] only, the one position read
+          here; False runs it on every token as ALBEF does (same values up to float round-off).
+        text_self_attended: text_embeds are `fusion_text_states(...)` (see BertTextFusion.forward_fusion).
+        """
+        fused = self.text_encoder.bert.forward_fusion(text_embeds, text_attention_mask, image_embeds,
+                                                      first_token_only=first_token_only,
+                                                      text_self_attended=text_self_attended)
         return fused[:, 0, :]
 
-    def itm_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                   text_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Return image-text matching logits (B, 2); column 1 is "match"."""
-        return self.itm_head(self.fusion_cls(image_embeds, text_embeds, text_attention_mask))
+    def itm_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_attention_mask: torch.Tensor,
+                   *, first_token_only: bool = True, text_self_attended: bool = False) -> torch.Tensor:
+        """Return image-text matching logits (B, 2); column 1 is "match". Keywords as in `fusion_cls`."""
+        return self.itm_head(self.fusion_cls(image_embeds, text_embeds, text_attention_mask,
+                                             first_token_only=first_token_only,
+                                             text_self_attended=text_self_attended))
+
+    def fusion_text_states(self, text_embeds: torch.Tensor, text_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Return the fusion work that depends on the caption alone (B, L, D), for `text_self_attended=True`."""
+        return self.text_encoder.bert.fusion_text_states(text_embeds, text_attention_mask)
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_embeds: torch.Tensor) -> torch.Tensor:
