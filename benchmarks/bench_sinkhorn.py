@@ -4,11 +4,12 @@ Prints the median and spread of each over repeats, measured in one run, and the 
 3 iterations (CODIS's setting) and run to convergence (code-marginal error 1e-6). Also checks that
 the three reach the same plan.
 
-    python benchmarks/bench_sinkhorn.py [--repeats 7] [--batch 1024] [--codes 4096] [--threads 2]
+    python benchmarks/bench_sinkhorn.py [--repeats 9] [--batch 1024] [--codes 4096] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -57,15 +58,35 @@ def pot_sinkhorn_numpy(scores: torch.Tensor, eps: float, n_iters: int | None, to
     return plan * batch
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """Return (median ms, spread ms as (max-min)/2, last result) over `repeats` calls after one warm-up."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), (max(times) - min(times)) / 2, result
+def interleaved(variants: dict, rounds: int, calls: int = 3) -> dict:
+    """Return {name: (median ms, spread ms as (max-min)/2, last result, per-round ms)} over `rounds` rounds.
+
+    Each round runs every variant in turn (the order rotates from round to round): one untimed call,
+    then `calls` timed calls whose median is the round's figure. Noise from other jobs on a shared
+    machine then lands on all variants alike and per-round ratios can be taken, while each variant
+    is timed in its steady state (its buffers reused, as in a training loop that calls it every step)
+    rather than just after another variant has churned through hundreds of MB.
+    """
+    results = {}
+    times = {name: [] for name in variants}
+    names = list(variants)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name] = variants[name]()
+            round_times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                results[name] = variants[name]()
+                round_times.append((time.perf_counter() - start) * 1e3)
+            times[name].append(statistics.median(round_times))
+    return {name: (statistics.median(t), (max(t) - min(t)) / 2, results[name], t) for name, t in times.items()}
+
+
+def ratio(slow: tuple, fast: tuple) -> str:
+    """Return 'median-of-rounds ratio (min-max)' of two interleaved timings."""
+    per_round = [s / f for s, f in zip(slow[3], fast[3])]
+    return f"{statistics.median(per_round):6.2f}x  ({min(per_round):.2f}-{max(per_round):.2f})"
 
 
 def main() -> None:
@@ -74,7 +95,7 @@ def main() -> None:
     parser.add_argument("--codes", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=256, help="feature width (CODIS base: 256)")
     parser.add_argument("--eps", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9, help="rounds (each: 1 untimed + 3 timed calls per variant)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,19 +107,34 @@ def main() -> None:
     scores = features @ codebook.t()  # (B, K) float32
     print(f"B={args.batch} K={args.codes} eps={args.eps} float32, {args.threads} threads, {args.repeats} repeats\n")
 
-    rows = []
-    ours3 = timed(lambda: sinkhorn(scores, args.eps, 3), args.repeats)
-    loop3 = timed(lambda: swav_inplace(scores, args.eps, 3), args.repeats)
-    pot3 = timed(lambda: pot_sinkhorn(scores, args.eps, 3, None), args.repeats)
-    pot3_np = timed(lambda: pot_sinkhorn_numpy(scores, args.eps, 3, None), args.repeats)
-    rows += [("codis_lib, 3 iterations", ours3), ("SwAV in-place loop, 3 iterations", loop3),
-             ("POT ot.sinkhorn (torch fp32), 3 iterations", pot3), ("POT ot.sinkhorn (NumPy fp64), 3 iter.", pot3_np)]
-    ours_conv = timed(lambda: sinkhorn_with_info(scores, args.eps, None, tol=1e-6), args.repeats)
-    pot_conv = timed(lambda: pot_sinkhorn(scores, args.eps, None, 1e-6), args.repeats)
-    pot_conv_np = timed(lambda: pot_sinkhorn_numpy(scores, args.eps, None, 1e-6), args.repeats)
-    rows += [(f"codis_lib, to 1e-6 ({ours_conv[2].n_iters} it)", ours_conv),
-             ("POT ot.sinkhorn (torch fp32), to 1e-6", pot_conv), ("POT ot.sinkhorn (NumPy fp64), to 1e-6", pot_conv_np)]
-    for name, (median, spread, _) in rows:
+    # The NumPy variants run in phases of their own: NumPy's BLAS threads keep spinning after a call and
+    # slow whatever torch runs next on a 2-core machine, so interleaving them with the torch variants
+    # would bill that contention to the torch variants. codis_lib is timed again beside them (a
+    # conservative figure for the NumPy ratios: it runs under that contention).
+    three = interleaved({
+        "codis_lib, 3 iterations": lambda: sinkhorn(scores, args.eps, 3),
+        "SwAV in-place loop, 3 iterations": lambda: swav_inplace(scores, args.eps, 3),
+        "POT ot.sinkhorn (torch fp32), 3 iterations": lambda: pot_sinkhorn(scores, args.eps, 3, None),
+    }, args.repeats)
+    converged = interleaved({
+        "codis_lib, to 1e-6": lambda: sinkhorn_with_info(scores, args.eps, None, tol=1e-6),
+        "POT ot.sinkhorn (torch fp32), to 1e-6": lambda: pot_sinkhorn(scores, args.eps, None, 1e-6),
+    }, args.repeats)
+    three_np = interleaved({
+        "codis_lib, 3 iterations (NumPy phase)": lambda: sinkhorn(scores, args.eps, 3),
+        "POT ot.sinkhorn (NumPy fp64), 3 iter.": lambda: pot_sinkhorn_numpy(scores, args.eps, 3, None),
+    }, args.repeats)
+    converged_np = interleaved({
+        "codis_lib, to 1e-6 (NumPy phase)": lambda: sinkhorn_with_info(scores, args.eps, None, tol=1e-6),
+        "POT ot.sinkhorn (NumPy fp64), to 1e-6": lambda: pot_sinkhorn_numpy(scores, args.eps, None, 1e-6),
+    }, args.repeats)
+    ours3, loop3, pot3 = three.values()
+    ours_conv, pot_conv = converged.values()
+    ours3_np, pot3_np = three_np.values()
+    ours_conv_np, pot_conv_np = converged_np.values()
+    for name, (median, spread, result, _) in (three | converged | three_np | converged_np).items():
+        if name.startswith("codis_lib, to 1e-6"):
+            name = f"{name} ({result.n_iters} it)"
         print(f"{name:<44} {median:8.1f} ms  +- {spread:5.1f}")
 
     diff3_loop = float((ours3[2] - loop3[2]).abs().max())
@@ -106,12 +142,13 @@ def main() -> None:
     diff_conv = float((ours_conv[2].plan - pot_conv[2]).abs().max())
     print(f"\nmax |plan difference| (rows sum to 1): 3 it vs loop {diff3_loop:.1e}, 3 it vs POT {diff3_pot:.1e}, "
           f"converged vs POT {diff_conv:.1e} (mass-1 scale: {diff_conv / args.batch:.1e})")
-    print("\nspeed-up (median ratio)        measured   target")
-    print(f"3 it: in-place loop / codis      {loop3[0] / ours3[0]:6.2f}x   >= 1.5x")
-    print(f"3 it: POT torch fp32 / codis     {pot3[0] / ours3[0]:6.2f}x   >= 4x")
-    print(f"3 it: POT NumPy fp64 / codis     {pot3_np[0] / ours3[0]:6.2f}x   >= 4x")
-    print(f"to 1e-6: POT torch fp32 / codis  {pot_conv[0] / ours_conv[0]:6.2f}x   >= 2x")
-    print(f"to 1e-6: POT NumPy fp64 / codis  {pot_conv_np[0] / ours_conv[0]:6.2f}x   >= 2x")
+    print("\nspeed-up (median of per-round ratios, min-max)   measured                  target")
+    print(f"3 it: in-place loop / codis                     {ratio(loop3, ours3)}   >= 1.5x")
+    print(f"3 it: POT torch fp32 / codis                    {ratio(pot3, ours3)}   >= 4x")
+    print(f"3 it: POT NumPy fp64 / codis                    {ratio(pot3_np, ours3_np)}   >= 4x")
+    print(f"to 1e-6: POT torch fp32 / codis                 {ratio(pot_conv, ours_conv)}   >= 2x")
+    print(f"to 1e-6: POT NumPy fp64 / codis                 {ratio(pot_conv_np, ours_conv_np)}   >= 2x")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     diff_np = float(np.abs(ours_conv[2].plan.double().numpy() - pot_conv_np[2]).max())
     print(f"converged plan vs POT NumPy: max |difference| {diff_np:.1e} (rows sum to 1), {diff_np / args.batch:.1e} (mass 1)")
 

@@ -60,15 +60,35 @@ class SinkhornResult:
     marginal_error: float  # L2 distance of the mass-1 plan's code marginal from uniform 1/K
 
 
-def _score_range(scores: torch.Tensor, distributed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the (min, max) of the scores over all ranks in one pass, raising if any is NaN or inf."""
-    low, high = torch.aminmax(scores)  # NaN propagates to both; +-inf shows up in one of them
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-        bad = int((~torch.isfinite(scores)).sum())
-        raise ValueError(f"scores contains {bad} non-finite value(s) (NaN or inf); Sinkhorn needs finite scores")
-    if distributed:
-        all_reduce_max_(high)
+def _score_range(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (min, max) of the scores in one pass, raising if any is NaN or +inf.
+
+    -inf is allowed: a score of -inf (an infinite cost) forbids that (sample, code) pair, which then
+    gets no mass, as in POT.
+    """
+    low, high = torch.aminmax(scores)  # NaN propagates to both; +inf shows up in the max
+    if bool(torch.isnan(low)) or not bool(torch.isfinite(high)):
+        _raise_not_finite(scores)
     return low, high
+
+
+def _raise_not_finite(scores: torch.Tensor) -> None:
+    bad = int((torch.isnan(scores) | torch.isposinf(scores)).sum())
+    raise ValueError(f"scores contains {bad} NaN or +inf value(s); Sinkhorn needs finite scores "
+                     "(-inf is allowed: it forbids that pair)")
+
+
+def _code_maxima(scores: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """Return each code's maximum score over the (global) batch, (K,); 0 for a code whose scores are all -inf.
+
+    Raises if a score is NaN or +inf.
+    """
+    code_max = scores.amax(dim=0)  # NaN propagates
+    if distributed:  # before the check, so that every rank takes part and then raises alike
+        all_reduce_max_(code_max)
+    if bool(torch.isnan(code_max).any()) or bool(torch.isposinf(code_max).any()):
+        _raise_not_finite(scores)
+    return torch.where(torch.isneginf(code_max), torch.zeros_like(code_max), code_max)
 
 
 def _working_precision(scores: torch.Tensor) -> torch.Tensor:
@@ -85,30 +105,49 @@ def _global_batch(local_batch: int, device: torch.device, distributed: bool) -> 
     return int(all_reduce_sum_(count).item())
 
 
+def _code_mass(kernel: torch.Tensor, sample_scale: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """Return K^T a, (K,): the column sums of diag(a) K over the global batch."""
+    code_mass = sample_scale @ kernel
+    if distributed:
+        all_reduce_sum_(code_mass)
+    return code_mass
+
+
 def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None,
                     max_iters: int, distributed: bool) -> SinkhornResult:
     """Scaling-vector Sinkhorn in the exp domain; returns rows normalised to sum to 1.
 
-    Memory passes over the (B, K) matrix: one for the range check, two to build the kernel, two
-    mat-vecs per iteration and two to form the plan. SwAV's in-place loop makes about seven per
+    Memory passes over the (B, K) matrix: two to build the kernel, two mat-vecs per iteration and two
+    to form the plan. SwAV's in-place loop makes about seven per
     iteration; that difference is the speed-up (benchmarks/bench_sinkhorn.py).
     """
     scores = _working_precision(scores)
     batch, codes = scores.shape
     global_batch = _global_batch(batch, scores.device, distributed)
-    # A global shift of the scores is a constant factor on the kernel and cancels in the first
-    # code-marginal update; it keeps exp() in range for ordinary eps.
-    _, shift = _score_range(scores, distributed)
-    kernel = torch.add(-shift / eps, scores, alpha=1.0 / eps).exp_()  # (B, K) = exp((S - max) / eps)
     sample_scale = torch.full((batch,), 1.0 / global_batch, device=scores.device, dtype=scores.dtype)  # a: (B,)
+
+    # Shifting the scores of a code by a constant scales its kernel column, which the first code update
+    # cancels; the shift only has to keep exp() in range. The first row's maximum, one shift for all
+    # codes, does that for ordinary eps at the cost of K reads instead of a pass over the matrix. If a
+    # score exceeds it by more than ~88 eps (exp overflows) or a score is NaN or +inf, the code masses
+    # come out non-finite and the kernel is rebuilt shifting each code by its own maximum, which never
+    # overflows (that path also rejects NaN and +inf by name).
+    shift = scores[0].amax()
+    if distributed:
+        all_reduce_max_(shift)
+    kernel = torch.add(-shift / eps, scores, alpha=1.0 / eps).exp_()  # (B, K) = exp((S - shift) / eps)
+    code_mass = _code_mass(kernel, sample_scale, distributed)
+    if not bool(torch.isfinite(code_mass).all()):
+        code_max = _code_maxima(scores, distributed)  # (K,)
+        torch.sub(scores, code_max, out=kernel).div_(eps).exp_()
+        code_mass = _code_mass(kernel, sample_scale, distributed)
     code_scale = torch.ones(codes, device=scores.device, dtype=scores.dtype)  # b: (K,)
     row_mass = None  # K b, (B,): the last row update's denominator
     limit = n_iters if n_iters is not None else max_iters
     done, error = 0, float("nan")
     for done in range(1, limit + 1):
-        code_mass = sample_scale @ kernel  # (K,) column sums of diag(a) K
-        if distributed:
-            all_reduce_sum_(code_mass)
+        if done > 1:
+            code_mass = _code_mass(kernel, sample_scale, distributed)
         if tol is not None and done > 1:
             # The plan's current code marginal is b * (K^T a); its distance to uniform is free here.
             error = float(torch.linalg.vector_norm(code_scale * code_mass - 1.0 / codes))
@@ -121,7 +160,8 @@ def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: 
     if not (bool(torch.isfinite(code_scale).all()) and bool(torch.isfinite(sample_scale).all())):
         raise FloatingPointError(
             f"Sinkhorn overflowed/underflowed in the exp domain at eps={eps}: exp(scores / eps) leaves "
-            "some code or sample with zero mass. Use log_domain=True (sinkhorn_log) for small eps.")
+            "some code or sample with zero mass. Use log_domain=True (sinkhorn_log) for small eps "
+            "(or check for a sample or code whose scores are all -inf).")
     # Rows of diag(a) K diag(b) scaled to sum to 1: K_ik b_k / (K b)_i, formed in place in two passes.
     plan = kernel.mul_(code_scale).div_(row_mass[:, None])
     if tol is not None and math.isnan(error):
@@ -145,7 +185,7 @@ def _sinkhorn_log(scores: torch.Tensor, eps: float, n_iters: int | None, tol: fl
                   max_iters: int, distributed: bool) -> SinkhornResult:
     """Log-domain Sinkhorn: the same iterations on log-potentials, finite for tiny eps."""
     scores = _working_precision(scores)
-    _score_range(scores, distributed=False)
+    _score_range(scores)
     log_kernel = scores / eps  # (B, K)
     batch, codes = log_kernel.shape
     global_batch = _global_batch(batch, log_kernel.device, distributed)
@@ -184,7 +224,7 @@ def sinkhorn_with_info(scores: torch.Tensor, eps: float = 0.05, n_iters: int | N
     """Return the Sinkhorn plan (rows sum to 1) with the iteration count and marginal error.
 
     scores: (B, K) similarities between samples and codes (bf16/fp16/float32 are computed in float32,
-      float64 in float64).
+      float64 in float64). NaN and +inf raise a ValueError; -inf forbids that pair (it gets no mass).
     eps: entropic regularisation; smaller is closer to a hard assignment.
     n_iters: fixed number of iterations (SwAV/CODIS use 3). With `tol` as well, stops early once the
       code-marginal error is at most `tol`; with `n_iters=None`, runs until `tol` or `max_iters`.

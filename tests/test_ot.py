@@ -81,8 +81,9 @@ def test_three_iterations_are_not_yet_converged():
 
 def test_log_domain_is_finite_where_the_plain_one_overflows():
     scores = cosine_scores(64, 16, seed=11, dtype=torch.float32)
-    eps = 0.005
-    # In float32, exp(score / 0.005) overflows for any score above 0.44.
+    eps = 0.002
+    # In float32, exp(score / 0.002) overflows for any score above 0.18, and no single shift keeps
+    # every row's largest kernel entry above the underflow limit (scores span 1.5 = 750 eps).
     assert not torch.isfinite(swav_reference(scores, eps, 3, dtype=torch.float32)).all()
     with pytest.raises(FloatingPointError, match="log_domain=True"):
         sinkhorn(scores, eps, 3)
@@ -92,9 +93,44 @@ def test_log_domain_is_finite_where_the_plain_one_overflows():
     # The float32 log-domain plan equals the step-by-step loop run in float64, where it does not overflow.
     np.testing.assert_allclose(plan.double().numpy(), swav_reference(scores, eps, 3).numpy(), atol=1e-5, rtol=0)
     # And run to convergence it is POT's log-domain plan (a small problem: eps this small converges slowly).
+    eps = 0.005
     small = cosine_scores(12, 4, seed=11)
     converged = sinkhorn_log(small, eps, None, tol=1e-12, max_iters=50_000)
     np.testing.assert_allclose(converged.numpy(), pot_plan(small, eps, log=True), atol=1e-6, rtol=0)
+
+
+def test_plain_solver_shift_and_its_fallback_give_the_reference_plan():
+    # The kernel is shifted by the first row's maximum (a constant factor that cancels). At eps=0.005
+    # the unshifted float32 loop overflows, yet the shifted plain solver is exact ...
+    scores = cosine_scores(64, 16, seed=11, dtype=torch.float32)
+    assert not torch.isfinite(swav_reference(scores, 0.005, 3, dtype=torch.float32)).all()
+    np.testing.assert_allclose(sinkhorn(scores, 0.005, 3).double().numpy(),
+                               swav_reference(scores, 0.005, 3).numpy(), atol=1e-6, rtol=0)
+    # ... and when another score exceeds the first row's maximum by more than ~88 eps (exp overflows)
+    # the kernel is rebuilt shifting each code by its own maximum: same plan as the float64 loop.
+    high = scores * 4.0  # scores up to ~3 = 60 eps at eps=0.05
+    high[:, 3] = -5.0
+    high[0] = -5.0
+    high[0, 3] = -4.5  # the first row's maximum, 150 eps below the top score; code 3's best sample
+    with torch.no_grad():
+        assert not torch.isfinite(torch.exp((high - high[0].max()) / 0.05)).all()
+    np.testing.assert_allclose(sinkhorn(high, 0.05, 3).double().numpy(),
+                               swav_reference(high.double(), 0.05, 3).numpy(), atol=1e-6, rtol=0)
+
+
+def test_minus_inf_scores_forbid_a_pair():
+    scores = cosine_scores(16, 8, seed=5, dtype=torch.float64)
+    forbidden = scores.clone()
+    forbidden[3, 2] = -math.inf
+    forbidden[0, 0] = -math.inf  # in the first row too, whose maximum is the shift
+    plan = sinkhorn(forbidden, 0.05, 3)
+    assert plan[3, 2] == 0 and plan[0, 0] == 0
+    np.testing.assert_allclose(plan.sum(1).numpy(), 1.0, atol=1e-12)
+    # the same as a score so low that its kernel entry is exactly 0
+    very_low = scores.clone()
+    very_low[3, 2] = very_low[0, 0] = -1e4
+    np.testing.assert_allclose(plan.numpy(), sinkhorn(very_low, 0.05, 3).numpy(), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(sinkhorn_log(forbidden, 0.05, 3).numpy(), plan.numpy(), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -123,8 +159,9 @@ def test_ot_cost_is_the_mass_one_weighted_cost():
     (torch.zeros(4), {}, "scores must have shape"),
     (torch.zeros(0, 4), {}, "B = 0"),
     (torch.zeros(4, 0), {}, "K = 0"),
-    (torch.tensor([[0.0, float("nan")]]), {}, "non-finite"),
-    (torch.tensor([[0.0, float("inf")]]), {}, "non-finite"),
+    (torch.tensor([[0.0, float("nan")]]), {}, "NaN or \\+inf"),
+    (torch.tensor([[0.0, float("inf")]]), {}, "NaN or \\+inf"),
+    (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), {}, "1 NaN or \\+inf"),
     (torch.zeros(4, 3), {"eps": 0.0}, "eps"),
     (torch.zeros(4, 3), {"eps": -1.0}, "eps"),
     (torch.zeros(4, 3), {"n_iters": 0}, "n_iters"),
