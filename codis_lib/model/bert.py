@@ -25,9 +25,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (BertAttention, BertEmbeddings, BertIntermediate, BertLayer,
-                                                    BertOnlyMLMHead, BertOutput, eager_attention_forward)
+                                                    BertOnlyMLMHead, BertOutput)
 
 from codis_lib.config import TextConfig
 
@@ -111,33 +110,43 @@ class FusionLayer(nn.Module):
                             image_embeds: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the layer output at position 0 only, (B, 1, D): equal to forward(...)[:, :1].
 
-        The [CLS] state still attends to every caption token (their keys and values are computed),
-        but the queries, the cross-attention and the feed-forward block run on one position instead
-        of L. The ITM head reads nothing else, so the last fusion layer needs no more.
+        The [CLS] state still attends to every caption token, but the self-attention is computed for
+        one query (without projecting the other tokens, see `_first_token_self_attention`), and the
+        cross-attention and feed-forward block run on one position instead of L. The ITM head reads
+        nothing else, so the last fusion layer needs no more.
         """
-        return self.attend_image(_self_attention_at(self.attention, hidden_states[:, :1], hidden_states,
-                                                    attention_mask), image_embeds, image_mask)
+        return self.attend_image(_first_token_self_attention(self.attention, hidden_states, attention_mask),
+                                 image_embeds, image_mask)
 
 
-def _self_attention_at(attention: BertAttention, queries: torch.Tensor, hidden_states: torch.Tensor,
-                       attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Return BertAttention's output (B, Lq, D) at the positions `queries` (B, Lq, D) of `hidden_states` (B, L, D).
+def _first_token_self_attention(attention: BertAttention, hidden_states: torch.Tensor,
+                                attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Return BertAttention's output at position 0 only, (B, 1, D): `attention(hidden_states, mask)[0][:, :1]`.
 
-    The same computation as `attention(hidden_states, attention_mask)[0]` restricted to those rows: the
-    module's own projections, attention function (sdpa or eager) and output block (dense, residual
-    from the query position, LayerNorm).
+    With one query the key and value projections can be moved to the query side: per head h,
+    q_h . (W_k,h x_j + b_k,h) = (W_k,h^T q_h) . x_j + const (the constant cancels in the softmax), and
+    sum_j p_j (W_v,h x_j + b_v,h) = W_v,h (sum_j p_j x_j) + b_v,h since the weights sum to 1. So no
+    token is projected at all: two (D x D)-sized products per sequence instead of two per token.
+    attention_mask: from `attention_bias` (boolean for sdpa, additive for eager) or None.
     """
     heads = attention.self
-    batch, length = queries.shape[:2]
-
-    def split_heads(states: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, head size)
-        return states.view(batch, states.shape[1], -1, heads.attention_head_size).transpose(1, 2)
-
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(heads.config._attn_implementation, eager_attention_forward)
-    context, _ = interface(heads, split_heads(heads.query(queries)), split_heads(heads.key(hidden_states)),
-                           split_heads(heads.value(hidden_states)), attention_mask,
-                           dropout=0.0 if not heads.training else heads.dropout.p, scaling=heads.scaling)
-    return attention.output(context.reshape(batch, length, -1), queries)
+    batch, _, width = hidden_states.shape
+    num_heads, head_size = heads.num_attention_heads, heads.attention_head_size
+    first = hidden_states[:, :1]  # (B, 1, D)
+    query = heads.query(first).view(batch, num_heads, head_size)  # (B, H, d)
+    key_weight = heads.key.weight.view(num_heads, head_size, width)  # (H, d, D)
+    value_weight = heads.value.weight.view(num_heads, head_size, width)
+    query_in_input_space = torch.einsum("bhe,hed->bhd", query, key_weight)  # (B, H, D)
+    logits = torch.bmm(query_in_input_space, hidden_states.transpose(1, 2)) * heads.scaling  # (B, H, L)
+    if attention_mask is not None:  # (B, 1, 1, L)
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask[:, :, 0, :], torch.finfo(logits.dtype).min)
+        else:
+            logits = logits + attention_mask[:, :, 0, :]
+    weights = heads.dropout(torch.softmax(logits, dim=-1))  # (B, H, L)
+    pooled = torch.bmm(weights, hidden_states)  # (B, H, D): sum_j p_j x_j per head
+    context = torch.einsum("bhd,hed->bhe", pooled, value_weight) + heads.value.bias.view(num_heads, head_size)
+    return attention.output(context.reshape(batch, 1, num_heads * head_size), first)
 
 
 class _LayerStack(nn.Module):
