@@ -57,6 +57,7 @@ def test_batched_equals_one_query_at_a_time(setup):
     reference = itm_rerank_one_query_at_a_time(model, features, K, distributed=False)
     for options in ({"pair_batch_size": 7}, {"pair_batch_size": 1000},
                     {"pair_batch_size": 64, "share_image_tokens": False},
+                    {"pair_batch_size": 64, "share_text_work": False, "first_token_only": False},
                     {"pair_batch_size": 5, "deduplicate": False, "trim_padding": False}):
         batched = itm_rerank_batched(model, features, K, distributed=False, **options)
         torch.testing.assert_close(batched.scores_i2t, reference.scores_i2t, atol=1e-5, rtol=0)

@@ -36,17 +36,23 @@ reference. `itm_rerank_batched` gives the same scores with less work:
   the cross-attention broadcasts over up to `pair_batch_size` captions: the keys and values of the
   image tokens are computed once per image rather than once per pair;
 - inside a group the captions are sorted by length and each batch is trimmed to its longest caption
-  (padded keys get zero attention weight, so trimming them does not change the real tokens' outputs).
+  (padded keys get zero attention weight, so trimming them does not change the real tokens' outputs);
+- the first fusion layer's self-attention sees the caption only, so it is computed once per caption
+  (`share_text_work`), not once per pair;
+- the last fusion layer runs at [CLS] only (`first_token_only`), the one position the ITM head reads,
+  and that position's self-attention needs no projection of the other tokens (model/bert.py).
 `share_image_tokens=False` instead fills batches with any pairs (for a fusion encoder that does not
-broadcast); tests/test_eval_rerank.py checks every setting against the reference to 1e-5.
+broadcast); tests/test_eval_rerank.py checks the settings against the reference to 1e-5.
 
 What this buys depends on where the loop's time goes. On a CPU the one-query loop is already
 compute-bound (k = 128 pairs per call keep the matrix units busy), so only removed work counts:
-benchmarks/bench_rerank.py measures 1.8x on the tiny model at k = 128 (23 % of the pairs are shared
-by the two directions; trimming and batching give the rest), and sharing the image tokens is a wash
-there (65 image tokens, per-image batches are small). The sharing is the default because at base size
-an image has 577 tokens, whose cross-attention keys and values cost several times the caption side
-of a pair; that, and the launch-bound per-query loop on a GPU, have not been measured here.
+benchmarks/bench_rerank.py measures 3.5x on the tiny model at k = 128 (1 thread). Its `--attribution`
+run turns each saving off in turn: the [CLS]-only last layer and the shared caption work remove about
+half of the fusion encoder's per-pair work, and 23 % of the pairs are needed by both directions and
+scored once; trimming and sharing the image tokens are a wash there (captions are short, an image has
+17 tokens). The image sharing is the default because at base size an image has 577 tokens, whose
+cross-attention keys and values cost several times the caption side of a pair; that, and the
+launch-bound per-query loop on a GPU, have not been measured here.
 
 Distributed: as ALBEF, every rank computes all features and the similarity matrix, the queries of
 each direction are split into contiguous slices (ALBEF's `n // world_size + 1` step), each rank
@@ -266,10 +272,10 @@ def _check_score_mode(score_mode: str) -> None:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
 
 
-def _match_logit(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                 text_attention_mask: torch.Tensor) -> torch.Tensor:
+def _match_logit(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_attention_mask: torch.Tensor,
+                 **fusion_options: bool) -> torch.Tensor:
     """Return the ITM match logit (column 1) of each (image, caption) pair, shape (P,)."""
-    return model.itm_logits(image_embeds, text_embeds, text_attention_mask)[:, 1]
+    return model.itm_logits(image_embeds, text_embeds, text_attention_mask, **fusion_options)[:, 1]
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -280,15 +286,19 @@ def _is_right_padded(attention_mask: torch.Tensor) -> bool:
 @torch.no_grad()
 def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tensor, text_index: torch.Tensor,
                     pair_batch_size: int = 1024, trim_padding: bool = True,
-                    share_image_tokens: bool = True) -> torch.Tensor:
+                    share_image_tokens: bool = True, share_text_work: bool = True,
+                    first_token_only: bool = True) -> torch.Tensor:
     """Return the ITM match logit of each (image_index[p], text_index[p]) pair, shape (P,).
 
     Pairs are sorted by decreasing caption length and cut into batches of at most `pair_batch_size`
     pairs of similar length, each trimmed to its longest caption (when the masks are right-padded).
     With `share_image_tokens` the pairs are first grouped by image and a fusion call gets that image's
     tokens once, as a (1, N, D) tensor that the cross-attention broadcasts over the captions: the
-    cross-attention keys and values (about half the fusion encoder's work at tiny size) are then
-    computed once per image instead of once per pair. Both settings give the same scores.
+    cross-attention keys and values are then computed once per image instead of once per pair.
+    With `share_text_work` the first fusion layer's self-attention, which sees the caption only, is
+    computed once per caption (not once per pair; it holds one more (captions, L, D) tensor meanwhile).
+    With `first_token_only` the last fusion layer runs at [CLS] only, the one position the ITM head
+    reads. Every setting gives the same scores.
     """
     if pair_batch_size < 1:
         raise ValueError(f"pair_batch_size must be >= 1, got {pair_batch_size}")
@@ -308,6 +318,12 @@ def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tenso
     else:
         groups = (order,)
     max_length = features.text_embeds.shape[1]
+    text_states, text_row = features.text_embeds, text_index
+    if share_text_work:  # the captions the pairs need, each through the image-free part once
+        needed, text_row = torch.unique(text_index, return_inverse=True)
+        text_states = torch.cat([model.fusion_text_states(features.text_embeds[chunk],
+                                                          features.text_attention_mask[chunk])
+                                 for chunk in torch.split(needed, pair_batch_size)])
     for group in groups:
         for batch in _length_batches(group, lengths, pair_batch_size, trim):
             texts = text_index[batch]
@@ -316,8 +332,9 @@ def itm_pair_scores(model, features: RetrievalFeatures, image_index: torch.Tenso
                 image_tokens = features.image_embeds[image_index[batch[:1]]]  # (1, N, D), broadcast over B
             else:
                 image_tokens = features.image_embeds[image_index[batch]]  # (B, N, D)
-            scores[batch] = _match_logit(model, image_tokens, features.text_embeds[texts, :length],
-                                         features.text_attention_mask[texts, :length])
+            scores[batch] = _match_logit(model, image_tokens, text_states[text_row[batch], :length],
+                                         features.text_attention_mask[texts, :length],
+                                         first_token_only=first_token_only, text_self_attended=share_text_work)
     return scores
 
 
@@ -382,7 +399,8 @@ def _check_fill(scores: torch.Tensor, fill_value: float) -> None:
 @torch.no_grad()
 def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch_size: int = 1024,
                        score_mode: str = "itm", fill_value: float = -100.0, deduplicate: bool = True,
-                       trim_padding: bool = True, share_image_tokens: bool = True, distributed: bool = True,
+                       trim_padding: bool = True, share_image_tokens: bool = True, share_text_work: bool = True,
+                       first_token_only: bool = True, distributed: bool = True,
                        query_split: tuple[int, int] | None = None) -> RerankResult:
     """Return both re-ranked score matrices, scoring many queries' (query, candidate) pairs per fusion batch.
 
@@ -417,7 +435,7 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
         unique_image, unique_text = pair_image, pair_text
     try:
         unique_scores = itm_pair_scores(model, features, unique_image, unique_text, pair_batch_size, trim_padding,
-                                        share_image_tokens)
+                                        share_image_tokens, share_text_work, first_token_only)
     finally:
         model.train(was_training)
     pair_scores = unique_scores[inverse]
@@ -447,7 +465,8 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
     """Return both re-ranked score matrices computed as ALBEF's Retrieval.py does: one fusion batch of k pairs per query.
 
     The reference for `itm_rerank_batched` (tests, benchmarks/bench_rerank.py): no padding trimming,
-    no sharing of pairs between the two directions.
+    no sharing of pairs between the two directions or of work between pairs, and the whole fusion
+    encoder on every token, as ALBEF's `itm_eval` runs it.
     """
     _check_score_mode(score_mode)
     start_time = time.perf_counter()
@@ -469,7 +488,8 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
             topk_sim, topk_text = contrastive_topk(sims_i2t[image:image + 1], k)  # (1, k)
             topk_sim, topk_text = topk_sim[0], topk_text[0]
             score = _match_logit(model, features.image_embeds[image].expand(len(topk_text), -1, -1),
-                                 features.text_embeds[topk_text], features.text_attention_mask[topk_text])
+                                 features.text_embeds[topk_text], features.text_attention_mask[topk_text],
+                                 first_token_only=False)
             _check_fill(score, fill_value)
             scores_i2t[image, topk_text] = score + topk_sim if score_mode == "itm_plus_sim" else score
         for text in range(texts_owned.start, texts_owned.stop):
@@ -477,7 +497,8 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
             topk_sim, topk_image = topk_sim[0], topk_image[0]
             score = _match_logit(model, features.image_embeds[topk_image],
                                  features.text_embeds[text].expand(len(topk_image), -1, -1),
-                                 features.text_attention_mask[text].expand(len(topk_image), -1))
+                                 features.text_attention_mask[text].expand(len(topk_image), -1),
+                                 first_token_only=False)
             _check_fill(score, fill_value)
             scores_t2i[text, topk_image] = score + topk_sim if score_mode == "itm_plus_sim" else score
     finally:
