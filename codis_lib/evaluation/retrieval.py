@@ -46,11 +46,10 @@ broadcast); tests/test_eval_rerank.py checks the settings against the reference 
 
 What this buys depends on where the loop's time goes. On a CPU the one-query loop is already
 compute-bound (k = 128 pairs per call keep the matrix units busy), so only removed work counts:
-benchmarks/bench_rerank.py measures 3.5x on the tiny model at k = 128 (1 thread). Its `--attribution`
-run turns each saving off in turn: the [CLS]-only last layer and the shared caption work remove about
-half of the fusion encoder's per-pair work, and 23 % of the pairs are needed by both directions and
-scored once; trimming and sharing the image tokens are a wash there (captions are short, an image has
-17 tokens). The image sharing is the default because at base size an image has 577 tokens, whose
+benchmarks/bench_rerank.py measures 3.4-3.5x on the tiny model at k = 128 (1 thread). Its
+`--attribution` run turns each saving off in turn (speed-up left without it): [CLS]-only last layer
+1.8x, caption work per pair 2.4x, no pair dedup 2.6x (23 % of the pairs are needed by both
+directions), no trimming 3.0x, image tokens per pair 3.3x (an image has 17 tokens there). The image sharing is the default because at base size an image has 577 tokens, whose
 cross-attention keys and values cost several times the caption side of a pair; that, and the
 launch-bound per-query loop on a GPU, have not been measured here.
 
