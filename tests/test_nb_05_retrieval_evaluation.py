@@ -5,7 +5,9 @@ from tests.nbharness import run_notebook
 def test_notebook_05_retrieval_evaluation():
     metrics = run_notebook("05_retrieval_evaluation")
     assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
-    assert metrics["hand_vs_library_max_abs"] == 0.0
+    # by-hand (argsort) and library recalls agree except for exact float32 ties, which the notebook counts
+    assert metrics["hand_vs_library_max_abs"] <= metrics["hand_vs_library_tie_bound"] + 1e-9
+    assert metrics["rank_ties"] <= 0.05 * (metrics["num_images"] + metrics["num_texts"])
     assert metrics["rerank_max_abs_diff"] < 1e-5
     assert metrics["k"] == 8 and metrics["num_images"] > 8
     assert metrics["pairs_scored"] <= metrics["pairs_requested"] == 8 * (metrics["num_images"] + metrics["num_texts"])
