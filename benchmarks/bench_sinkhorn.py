@@ -5,6 +5,7 @@ Prints the median and spread of each over repeats, measured in one run, and the 
 the three reach the same plan.
 
     python benchmarks/bench_sinkhorn.py [--repeats 9] [--batch 1024] [--codes 4096] [--threads 2]
+    python benchmarks/bench_sinkhorn.py --compiled   # also the same algorithm fused by torch.compile
 """
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def pot_sinkhorn_numpy(scores: torch.Tensor, eps: float, n_iters: int | None, to
     return plan * batch
 
 
+def scaling_vectors_3_iterations(scores: torch.Tensor, eps: float) -> torch.Tensor:
+    """codis_lib's algorithm (plain path, 3 iterations) as one function for torch.compile to fuse (--compiled)."""
+    batch, codes = scores.shape
+    kernel = torch.exp((scores - scores[0].amax()) / eps)
+    sample_scale = torch.full((batch,), 1.0 / batch, dtype=scores.dtype)
+    for _ in range(3):
+        code_scale = 1.0 / (codes * (sample_scale @ kernel))
+        row_mass = kernel @ code_scale
+        sample_scale = 1.0 / (batch * row_mass)
+    return kernel * code_scale / row_mass[:, None]
+
+
 def interleaved(variants: dict, rounds: int, calls: int = 3) -> dict:
     """Return {name: (median ms, spread ms as (max-min)/2, last result, per-round ms)} over `rounds` rounds.
 
@@ -83,6 +96,15 @@ def interleaved(variants: dict, rounds: int, calls: int = 3) -> dict:
     return {name: (statistics.median(t), (max(t) - min(t)) / 2, results[name], t) for name, t in times.items()}
 
 
+def compiled_variant(scores: torch.Tensor, eps: float):
+    """Return a no-argument callable running the torch.compile'd 3-iteration algorithm (compiled here, once)."""
+    start = time.perf_counter()
+    compiled = torch.compile(scaling_vectors_3_iterations, dynamic=False)
+    compiled(scores, eps)
+    print(f"torch.compile: {time.perf_counter() - start:.1f} s to compile\n")
+    return lambda: compiled(scores, eps)
+
+
 def ratio(slow: tuple, fast: tuple) -> str:
     """Return 'median-of-rounds ratio (min-max)' of two interleaved timings."""
     per_round = [s / f for s, f in zip(slow[3], fast[3])]
@@ -97,6 +119,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=9, help="rounds (each: 1 untimed + 3 timed calls per variant)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the same algorithm fused by torch.compile (needs a C++ compiler; ~10 s to compile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -115,7 +139,7 @@ def main() -> None:
         "codis_lib, 3 iterations": lambda: sinkhorn(scores, args.eps, 3),
         "SwAV in-place loop, 3 iterations": lambda: swav_inplace(scores, args.eps, 3),
         "POT ot.sinkhorn (torch fp32), 3 iterations": lambda: pot_sinkhorn(scores, args.eps, 3, None),
-    }, args.repeats)
+    } | ({"same algorithm, torch.compile": compiled_variant(scores, args.eps)} if args.compiled else {}), args.repeats)
     converged = interleaved({
         "codis_lib, to 1e-6": lambda: sinkhorn_with_info(scores, args.eps, None, tol=1e-6),
         "POT ot.sinkhorn (torch fp32), to 1e-6": lambda: pot_sinkhorn(scores, args.eps, None, 1e-6),
@@ -128,7 +152,7 @@ def main() -> None:
         "codis_lib, to 1e-6 (NumPy phase)": lambda: sinkhorn_with_info(scores, args.eps, None, tol=1e-6),
         "POT ot.sinkhorn (NumPy fp64), to 1e-6": lambda: pot_sinkhorn_numpy(scores, args.eps, None, 1e-6),
     }, args.repeats)
-    ours3, loop3, pot3 = three.values()
+    ours3, loop3, pot3 = list(three.values())[:3]
     ours_conv, pot_conv = converged.values()
     ours3_np, pot3_np = three_np.values()
     ours_conv_np, pot_conv_np = converged_np.values()
@@ -148,6 +172,10 @@ def main() -> None:
     print(f"3 it: POT NumPy fp64 / codis                    {ratio(pot3_np, ours3_np)}   >= 4x")
     print(f"to 1e-6: POT torch fp32 / codis                 {ratio(pot_conv, ours_conv)}   >= 2x")
     print(f"to 1e-6: POT NumPy fp64 / codis                 {ratio(pot_conv_np, ours_conv_np)}   >= 2x")
+    if args.compiled:
+        compiled = three["same algorithm, torch.compile"]
+        print(f"3 it: codis_lib / torch.compile of it             {ratio(ours3, compiled)}   "
+              f"(plan diff {float((compiled[2] - ours3[2]).abs().max()):.1e})")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     diff_np = float(np.abs(ours_conv[2].plan.double().numpy() - pot_conv_np[2]).max())
     print(f"converged plan vs POT NumPy: max |difference| {diff_np:.1e} (rows sum to 1), {diff_np / args.batch:.1e} (mass 1)")
