@@ -117,6 +117,10 @@ def test_coco_format_fixtures_through_the_datasets(tmp_path):
     assert test.txt2img == [0] * 5 + [1] * 5 and test.img2txt == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     pretrain = PretrainDataset(FIXTURES / "pretrain_list.json", root, image_size=24, cache=True)
     assert pretrain.image_ids == [0, 1, 2] and len(pretrain.images.cache) == 3
+    # ALBEF's default sizes when none is given: 256 for pretraining, 384 for retrieval
+    assert PretrainDataset(FIXTURES / "pretrain_list.json", root, augment=False)[0]["image"].shape == (3, 256, 256)
+    assert RetrievalTrainDataset(FIXTURES / "coco_karpathy_train.json", root, augment=False)[0]["image"].shape \
+        == (3, 384, 384)
 
 
 def test_undecodable_image_names_annotation_file_and_record(corpus, tmp_path):

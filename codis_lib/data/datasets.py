@@ -131,15 +131,30 @@ def _contiguous_ids(values) -> tuple[list[int], dict]:
     return ids, mapping
 
 
-class PretrainDataset(Dataset):
-    """ALBEF pretraining list(s): items {image, caption (drawn from the record's list), image_id, index}."""
+class _ImageTextDataset(Dataset):
+    """The two training datasets: (image, caption) items from an ALBEF annotation reader, transformed a batch at a time.
+
+    Subclasses set the reader, the transform kind ("pretrain" or "train"), the default image size,
+    which record field identifies an image, and how an item's caption is chosen.
+    """
+
+    _transform_kind = ""
+    _default_image_size = 0
+
+    @staticmethod
+    def _read(annotation_files, image_root, **options):
+        raise NotImplementedError
+
+    @staticmethod
+    def _image_key(record):
+        raise NotImplementedError
 
     def __init__(
         self,
         annotation_files: str | os.PathLike | Sequence[str | os.PathLike],
         image_root: str | os.PathLike | None = None,
         *,
-        image_size: int = 256,
+        image_size: int | None = None,
         transform=None,
         augment: bool = True,
         flip_policy: str = "skip",
@@ -149,23 +164,23 @@ class PretrainDataset(Dataset):
         cache: bool = False,
         cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
     ):
-        result = read_pretrain_annotations(annotation_files, image_root, max_words=max_words, on_error=on_error,
-                                           check_images=check_images)
+        """image_size: the output side (default 256 for pretraining, 384 for retrieval, as ALBEF)."""
+        result = self._read(annotation_files, image_root, max_words=max_words, on_error=on_error,
+                            check_images=check_images)
         if not result.records:
             raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
         self.records = result.records
         self.skipped = result.skipped
-        self.image_ids, _ = _contiguous_ids(r.image for r in self.records)  # distinct images
+        self.image_ids, self.image_id_of = _contiguous_ids(self._image_key(r) for r in self.records)
         self.transform = transform if transform is not None else build_transform(
-            "pretrain", image_size, augment=augment, flip_policy=flip_policy)
+            self._transform_kind, image_size or self._default_image_size, augment=augment, flip_policy=flip_policy)
         self.images = _ImageSource(self.records, cache, cache_max_bytes)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _caption(self, index: int) -> str:
-        captions = self.records[index].captions
-        return captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
+        raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
@@ -178,47 +193,41 @@ class PretrainDataset(Dataset):
                 for row, i in enumerate(indices)]
 
 
-class RetrievalTrainDataset(Dataset):
-    """ALBEF retrieval training records: items {image, caption, image_id (contiguous), index}."""
+class PretrainDataset(_ImageTextDataset):
+    """ALBEF pretraining list(s): items {image, caption (drawn from the record's list), image_id, index}.
 
-    def __init__(
-        self,
-        annotation_files: str | os.PathLike | Sequence[str | os.PathLike],
-        image_root: str | os.PathLike | None = None,
-        *,
-        image_size: int = 384,
-        transform=None,
-        augment: bool = True,
-        flip_policy: str = "skip",
-        max_words: int = 30,
-        on_error: str = "raise",
-        check_images: str = "verify",
-        cache: bool = False,
-        cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
-    ):
-        result = read_retrieval_train(annotation_files, image_root, max_words=max_words, on_error=on_error,
-                                      check_images=check_images)
-        if not result.records:
-            raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
-        self.records = result.records
-        self.skipped = result.skipped
-        self.image_ids, self.image_id_of = _contiguous_ids(r.image_id for r in self.records)
-        self.transform = transform if transform is not None else build_transform(
-            "train", image_size, augment=augment, flip_policy=flip_policy)
-        self.images = _ImageSource(self.records, cache, cache_max_bytes)
+    image_id numbers the distinct image paths in order of first appearance.
+    """
 
-    def __len__(self) -> int:
-        return len(self.records)
+    _transform_kind = "pretrain"
+    _default_image_size = 256
+    _read = staticmethod(read_pretrain_annotations)
 
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
+    @staticmethod
+    def _image_key(record):
+        return record.image
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        """Return the items of a whole batch, transformed together (DataLoader calls this when it exists)."""
-        images = [self.images.load(self.records[i].image) for i in indices]
-        batch, captions = _transform_batch(self.transform, images, [self.records[i].caption for i in indices])
-        return [{"image": batch[row], "caption": captions[row], "image_id": self.image_ids[i], "index": i}
-                for row, i in enumerate(indices)]
+    def _caption(self, index: int) -> str:
+        captions = self.records[index].captions
+        return captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
+
+
+class RetrievalTrainDataset(_ImageTextDataset):
+    """ALBEF retrieval training records: items {image, caption, image_id (contiguous), index}.
+
+    image_id numbers the records' own image_id values in order of first appearance (image_id_of maps back).
+    """
+
+    _transform_kind = "train"
+    _default_image_size = 384
+    _read = staticmethod(read_retrieval_train)
+
+    @staticmethod
+    def _image_key(record):
+        return record.image_id
+
+    def _caption(self, index: int) -> str:
+        return self.records[index].caption
 
 
 class RetrievalEvalDataset(Dataset):
