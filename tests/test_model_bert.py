@@ -108,6 +108,10 @@ def test_first_token_only_and_shared_text_work_equal_the_full_fusion(implementat
     encoder = _encoder(implementation)
     bert = encoder.bert
     torch.manual_seed(2)
+    with torch.no_grad():  # BERT's zero biases would hide a mistake in how the shortcut treats them
+        for module in bert.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.bias.normal_(std=0.5)
     text_embeds = torch.randn(3, 7, 32, requires_grad=True)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
     image = torch.randn(1, 5, IMAGE_WIDTH)  # one image broadcast over the three captions
@@ -153,3 +157,37 @@ def test_single_fusion_layer_with_both_shortcuts():
                                    first_token_only=True, text_self_attended=True)
     assert both.shape == (2, 1, 32)
     torch.testing.assert_close(both, full[:, :1], atol=1e-6, rtol=0)
+
+
+def test_first_token_attention_under_dropout_matches_explicit_projections():
+    """With attention dropout (training) the weights no longer sum to 1; the query-side form must still equal
+    softmax(q K^T) with the same dropped weights applied to explicitly projected values."""
+    from codis_lib.model.bert import _first_token_self_attention, attention_bias
+
+    torch.manual_seed(3)
+    attention = _encoder().bert.encoder.layer[-1].attention
+    heads = attention.self
+    keep = (torch.rand(2, TEXT.num_heads, 5) > 0.3).float() / 0.7  # a fixed dropout mask, rescaled
+
+    class FixedDropout(torch.nn.Module):
+        def forward(self, weights):
+            return weights * keep
+
+    heads.dropout = FixedDropout()
+    with torch.no_grad():
+        heads.value.bias.normal_()  # BERT initialises biases to 0, which would hide a wrong bias term
+    hidden = torch.randn(2, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    out = _first_token_self_attention(attention, hidden, attention_bias(mask, hidden.dtype, "sdpa"))
+
+    def split(x):  # (B, L, D) -> (B, H, L, d)
+        return x.view(2, x.shape[1], TEXT.num_heads, -1).transpose(1, 2)
+
+    q, k, v = split(heads.query(hidden[:, :1])), split(heads.key(hidden)), split(heads.value(hidden))
+    logits = (q @ k.transpose(-1, -2)).squeeze(2) * heads.scaling  # (B, H, L)
+    logits = logits.masked_fill(mask[:, None, :] == 0, float("-inf"))
+    weights = torch.softmax(logits, dim=-1) * keep
+    context = (weights[:, :, None, :] @ v).squeeze(2).reshape(2, 1, -1)  # (B, 1, D)
+    expected = attention.output(context, hidden[:, :1])
+    assert (keep == 0).any() and not torch.allclose(weights.sum(-1), torch.ones(2, TEXT.num_heads))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)

@@ -125,7 +125,7 @@ def _first_token_self_attention(attention: BertAttention, hidden_states: torch.T
 
     With one query the key and value projections can be moved to the query side: per head h,
     q_h . (W_k,h x_j + b_k,h) = (W_k,h^T q_h) . x_j + const (the constant cancels in the softmax), and
-    sum_j p_j (W_v,h x_j + b_v,h) = W_v,h (sum_j p_j x_j) + b_v,h since the weights sum to 1. So no
+    sum_j p_j (W_v,h x_j + b_v,h) = W_v,h (sum_j p_j x_j) + b_v,h sum_j p_j (= b_v,h without dropout). So no
     token is projected at all: two (D x D)-sized products per sequence instead of two per token.
     attention_mask: from `attention_bias` (boolean for sdpa, additive for eager) or None.
     """
@@ -145,7 +145,9 @@ def _first_token_self_attention(attention: BertAttention, hidden_states: torch.T
             logits = logits + attention_mask[:, :, 0, :]
     weights = heads.dropout(torch.softmax(logits, dim=-1))  # (B, H, L)
     pooled = torch.bmm(weights, hidden_states)  # (B, H, D): sum_j p_j x_j per head
-    context = torch.einsum("bhd,hed->bhe", pooled, value_weight) + heads.value.bias.view(num_heads, head_size)
+    # sum_j p_j is 1, except under attention dropout in training, which rescales and zeroes some p_j
+    bias = heads.value.bias.view(num_heads, head_size) * weights.sum(dim=-1, keepdim=True)  # (B, H, d)
+    context = torch.einsum("bhd,hed->bhe", pooled, value_weight) + bias
     return attention.output(context.reshape(batch, 1, num_heads * head_size), first)
 
 
