@@ -118,8 +118,9 @@ def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: 
     """Scaling-vector Sinkhorn in the exp domain; returns rows normalised to sum to 1.
 
     Memory passes over the (B, K) matrix: two to build the kernel, two mat-vecs per iteration and two
-    to form the plan. SwAV's in-place loop makes about seven per
-    iteration; that difference is the speed-up (benchmarks/bench_sinkhorn.py).
+    to form the plan. SwAV's in-place loop makes about seven per iteration; that difference is the
+    speed-up (benchmarks/bench_sinkhorn.py). torch.compile of the same algorithm is no faster
+    (`bench_sinkhorn.py --compiled`): what remains is memory traffic.
     """
     scores = _working_precision(scores)
     batch, codes = scores.shape
