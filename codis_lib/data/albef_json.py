@@ -208,6 +208,18 @@ class _Reader:
             )
         return ReadResult(records=records, skipped=self.skipped, files=tuple(files))
 
+    def records_with_caption(self, paths: list[str]):
+        """Yield (path, index, record) for every JSON object that has a 'caption' field; report the others bad."""
+        for path in paths:
+            for index, record in enumerate(load_json_list(path)):
+                if not isinstance(record, dict):
+                    self.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
+                    continue
+                if "caption" not in record:
+                    self.bad(path, index, "missing_caption_field", "record has no 'caption'")
+                    continue
+                yield path, index, record
+
     def image_of(self, record, path: str, index: int, image_root) -> str | None:
         """Return the resolved image path of ``record``, or None after reporting it bad."""
         image = record.get("image")
@@ -256,27 +268,20 @@ def read_pretrain_annotations(
     reader = _Reader("pretrain", on_error, check_images)
     records: list[PretrainRecord] = []
     paths = _as_list(files)
-    for path in paths:
-        for index, record in enumerate(load_json_list(path)):
-            if not isinstance(record, dict):
-                reader.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
-                continue
-            if "caption" not in record:
-                reader.bad(path, index, "missing_caption_field", "record has no 'caption'")
-                continue
-            raw = record["caption"]
-            raw_list = raw if isinstance(raw, list) else [raw]
-            if not raw_list:
-                reader.bad(path, index, "empty_caption", "caption list is empty")
-                continue
-            captions, problem = _clean_caption_list(raw_list, max_words)
-            if problem:
-                reader.bad(path, index, _problem_kind(problem), problem)
-                continue
-            image = reader.image_of(record, path, index, image_root)
-            if image is None:
-                continue
-            records.append(PretrainRecord(image=image, captions=tuple(captions), source=path, index=index))
+    for path, index, record in reader.records_with_caption(paths):
+        raw = record["caption"]
+        raw_list = raw if isinstance(raw, list) else [raw]
+        if not raw_list:
+            reader.bad(path, index, "empty_caption", "caption list is empty")
+            continue
+        captions, problem = _clean_caption_list(raw_list, max_words)
+        if problem:
+            reader.bad(path, index, _problem_kind(problem), problem)
+            continue
+        image = reader.image_of(record, path, index, image_root)
+        if image is None:
+            continue
+        records.append(PretrainRecord(image=image, captions=tuple(captions), source=path, index=index))
     return reader.finish(records, paths)
 
 
@@ -292,26 +297,19 @@ def read_retrieval_train(
     reader = _Reader("retrieval-train", on_error, check_images)
     records: list[RetrievalTrainRecord] = []
     paths = _as_list(files)
-    for path in paths:
-        for index, record in enumerate(load_json_list(path)):
-            if not isinstance(record, dict):
-                reader.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
-                continue
-            if "caption" not in record:
-                reader.bad(path, index, "missing_caption_field", "record has no 'caption'")
-                continue
-            cleaned, problem = _clean_one_caption(record["caption"], max_words)
-            if problem:
-                reader.bad(path, index, _problem_kind(problem), problem)
-                continue
-            image_id = record.get("image_id")
-            if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
-                reader.bad(path, index, "missing_image_id", "record has no 'image_id' (string or integer)")
-                continue
-            image = reader.image_of(record, path, index, image_root)
-            if image is None:
-                continue
-            records.append(RetrievalTrainRecord(image=image, caption=cleaned, image_id=image_id, source=path, index=index))
+    for path, index, record in reader.records_with_caption(paths):
+        cleaned, problem = _clean_one_caption(record["caption"], max_words)
+        if problem:
+            reader.bad(path, index, _problem_kind(problem), problem)
+            continue
+        image_id = record.get("image_id")
+        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+            reader.bad(path, index, "missing_image_id", "record has no 'image_id' (string or integer)")
+            continue
+        image = reader.image_of(record, path, index, image_root)
+        if image is None:
+            continue
+        records.append(RetrievalTrainRecord(image=image, caption=cleaned, image_id=image_id, source=path, index=index))
     return reader.finish(records, paths)
 
 
@@ -331,13 +329,7 @@ def read_retrieval_eval(
     reader = _Reader("retrieval-eval", on_error, check_images)
     records: list[RetrievalEvalRecord] = []
     path = str(file)
-    for index, record in enumerate(load_json_list(path)):
-        if not isinstance(record, dict):
-            reader.bad(path, index, "not_a_record", f"expected a JSON object, found {type(record).__name__}")
-            continue
-        if "caption" not in record:
-            reader.bad(path, index, "missing_caption_field", "record has no 'caption'")
-            continue
+    for _, index, record in reader.records_with_caption([path]):
         raw = record["caption"]
         if not isinstance(raw, list):
             reader.bad(path, index, "bad_caption", f"retrieval test records need a list of captions, found {type(raw).__name__}")
