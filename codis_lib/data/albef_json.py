@@ -220,6 +220,17 @@ class _Reader:
                     continue
                 yield path, index, record
 
+    def captions_of(self, raw_list: list, path: str, index: int, max_words: int) -> list[str] | None:
+        """Return the cleaned captions of a record's caption list, or None after reporting it bad (empty or unusable)."""
+        if not raw_list:
+            self.bad(path, index, "empty_caption", "caption list is empty")
+            return None
+        captions, problem = _clean_caption_list(raw_list, max_words)
+        if problem:
+            self.bad(path, index, _problem_kind(problem), problem)
+            return None
+        return captions
+
     def image_of(self, record, path: str, index: int, image_root) -> str | None:
         """Return the resolved image path of ``record``, or None after reporting it bad."""
         image = record.get("image")
@@ -270,13 +281,8 @@ def read_pretrain_annotations(
     paths = _as_list(files)
     for path, index, record in reader.records_with_caption(paths):
         raw = record["caption"]
-        raw_list = raw if isinstance(raw, list) else [raw]
-        if not raw_list:
-            reader.bad(path, index, "empty_caption", "caption list is empty")
-            continue
-        captions, problem = _clean_caption_list(raw_list, max_words)
-        if problem:
-            reader.bad(path, index, _problem_kind(problem), problem)
+        captions = reader.captions_of(raw if isinstance(raw, list) else [raw], path, index, max_words)
+        if captions is None:
             continue
         image = reader.image_of(record, path, index, image_root)
         if image is None:
@@ -334,12 +340,8 @@ def read_retrieval_eval(
         if not isinstance(raw, list):
             reader.bad(path, index, "bad_caption", f"retrieval test records need a list of captions, found {type(raw).__name__}")
             continue
-        if not raw:
-            reader.bad(path, index, "empty_caption", "caption list is empty")
-            continue
-        captions, problem = _clean_caption_list(raw, max_words)
-        if problem:
-            reader.bad(path, index, _problem_kind(problem), problem)
+        captions = reader.captions_of(raw, path, index, max_words)
+        if captions is None:
             continue
         image = reader.image_of(record, path, index, image_root)
         if image is None:
