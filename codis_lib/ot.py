@@ -60,8 +60,8 @@ class SinkhornResult:
     marginal_error: float  # L2 distance of the mass-1 plan's code marginal from uniform 1/K
 
 
-def _score_range(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the (min, max) of the scores in one pass, raising if any is NaN or +inf.
+def _reject_nan_and_posinf(scores: torch.Tensor) -> None:
+    """Return None if no score is NaN or +inf (one aminmax pass); raise a ValueError counting them otherwise.
 
     -inf is allowed: a score of -inf (an infinite cost) forbids that (sample, code) pair, which then
     gets no mass, as in POT.
@@ -69,7 +69,6 @@ def _score_range(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     low, high = torch.aminmax(scores)  # NaN propagates to both; +inf shows up in the max
     if bool(torch.isnan(low)) or not bool(torch.isfinite(high)):
         _raise_not_finite(scores)
-    return low, high
 
 
 def _raise_not_finite(scores: torch.Tensor) -> None:
@@ -186,7 +185,7 @@ def _sinkhorn_log(scores: torch.Tensor, eps: float, n_iters: int | None, tol: fl
                   max_iters: int, distributed: bool) -> SinkhornResult:
     """Log-domain Sinkhorn: the same iterations on log-potentials, finite for tiny eps."""
     scores = _working_precision(scores)
-    _score_range(scores)
+    _reject_nan_and_posinf(scores)
     log_kernel = scores / eps  # (B, K)
     batch, codes = log_kernel.shape
     global_batch = _global_batch(batch, log_kernel.device, distributed)

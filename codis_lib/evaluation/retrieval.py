@@ -47,11 +47,12 @@ broadcast); tests/test_eval_rerank.py checks the settings against the reference 
 What this buys depends on where the loop's time goes. On a CPU the one-query loop is already
 compute-bound (k = 128 pairs per call keep the matrix units busy), so only removed work counts:
 benchmarks/bench_rerank.py measures 3.4-3.5x on the tiny model at k = 128 (1 thread). Its
-`--attribution` run turns each saving off in turn (speed-up left without it): [CLS]-only last layer
-1.8x, caption work per pair 2.4x, no pair dedup 2.6x (23 % of the pairs are needed by both
-directions), no trimming 3.0x, image tokens per pair 3.3x (an image has 17 tokens there). The image sharing is the default because at base size an image has 577 tokens, whose
-cross-attention keys and values cost several times the caption side of a pair; that, and the
-launch-bound per-query loop on a GPU, have not been measured here.
+`--attribution` run turns each saving off in turn (speed-up left without it): full last layer 1.8x,
+caption work per pair 2.4x, no pair dedup 2.6x (23 % of the pairs are needed by both directions), no
+trimming 3.0x, image tokens per pair 3.3x (an image has 17 tokens there). Sharing the image tokens is
+the default because at base size an image has 577 tokens, whose cross-attention keys and values cost
+several times the caption side of a pair; that, and the launch-bound per-query loop on a GPU, have
+not been measured here.
 
 Distributed: as ALBEF, every rank computes all features and the similarity matrix, the queries of
 each direction are split into contiguous slices (ALBEF's `n // world_size + 1` step), each rank
