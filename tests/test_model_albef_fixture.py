@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from codis_lib.model import build_model
-from codis_lib.model.albef_checkpoint import load_albef_state_dict, model_config_from_albef
+from codis_lib.model.albef_checkpoint import model_config_from_albef
+from codis_lib.model.loading import load_albef_state_dict
 from codis_lib.model.vit import interpolate_pos_embed
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "albef_tiny" / "albef_tiny.pt"
@@ -50,11 +51,12 @@ def _close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_every_key_is_accounted_for(fixture, loaded):
     model, report = loaded
     state = fixture["state_dict"]
-    assert report.layout == "pretrain"
-    assert len(report.loaded) + len(report.consumed) == len(state) == 268
-    assert sorted(report.consumed) == ["text_encoder.bert.embeddings.position_ids",
-                                       "text_encoder_m.bert.embeddings.position_ids"]
-    assert report.fresh == ["codebook.weight", "idx_queue"]
+    assert report.layout == "albef-pretrain"
+    assert len(report.loaded) + len(report.dropped) == len(state) == 268
+    assert sorted(report.dropped) == ["text_encoder.bert.embeddings.position_ids",
+                                      "text_encoder_m.bert.embeddings.position_ids"]
+    assert list(report.fresh) == ["codebook.weight", "idx_queue"]
+    assert report.interpolated == [] and report.queues_reset == []
     ours = model.state_dict()
     for key in report.loaded:
         assert torch.equal(ours[key], state[key]), key
@@ -135,7 +137,7 @@ def test_loader_refuses_missing_and_unexpected_keys(fixture):
         load_albef_state_dict(model, state)
     message = str(info.value)
     assert "itm_head.bias" in message and "layer.3.crossattention.self.key.weight" in message
-    assert "unexpected in the checkpoint (1): ['text_encoder.bert.pooler.dense.weight']" in message
+    assert "  unexpected keys (1): text_encoder.bert.pooler.dense.weight" in message.splitlines()
     wrong_queue = dict(fixture["state_dict"])
     wrong_queue["image_queue"] = torch.zeros(32, 128)
     with pytest.raises(ValueError, match="load_queues=False"):
@@ -165,7 +167,7 @@ def test_retrieval_layout_is_recognised(fixture):
     state["idx_queue"] = torch.arange(64).reshape(1, 64)
     model = build_model(model_config_from_albef(fixture["config"], mode="albef", codebook_size=16)).eval()
     report = load_albef_state_dict(model, state)
-    assert report.layout == "retrieval"
+    assert report.layout == "albef-retrieval"
     assert "text_encoder.cls.predictions.transform.dense.weight" in report.fresh
     assert torch.equal(model.idx_queue, state["idx_queue"])
     inputs, expected = fixture["inputs"], fixture["expected"]

@@ -85,7 +85,8 @@ def load_albef_model(checkpoint: str | os.PathLike, *, task_config=None, bert_co
     """
     from codis_lib.data.tokenizer import load_tokenizer
     from codis_lib.model import build_model
-    from codis_lib.model.albef_checkpoint import load_albef_checkpoint, model_config_from_albef
+    from codis_lib.model.albef_checkpoint import model_config_from_albef
+    from codis_lib.model.loading import load_albef_checkpoint
 
     model_config = model_config_from_albef(albef_config(task_config, bert_config, image_res), mode="albef")
     text_tokenizer = load_tokenizer(tokenizer, allow_download=allow_download)
