@@ -7,9 +7,10 @@ import torch
 
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
+from codis_lib.model.loading import load_state_strict
 from codis_lib.train.checkpoint import (CheckpointMismatchError, capture_rng_state, checkpoint_path,
                                         find_latest_checkpoint, list_checkpoints, load_checkpoint,
-                                        load_model_state_strict, prune_checkpoints, restore_rng_state, save_atomic)
+                                        prune_checkpoints, restore_rng_state, save_atomic)
 
 
 def _tiny_model(**overrides):
@@ -29,12 +30,12 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
 def test_strict_loading_lists_missing_unexpected_and_misshapen_keys():
     model = _tiny_model()
     state = dict(model.state_dict())
-    load_model_state_strict(_tiny_model(), state)  # the model's own state fits
+    load_state_strict(_tiny_model(), state)  # the model's own state fits
     del state["itm_head.weight"]
     state["extra.weight"] = torch.zeros(1)
     state["vision_proj.bias"] = torch.zeros(7)
     with pytest.raises(CheckpointMismatchError) as info:
-        load_model_state_strict(_tiny_model(), state, source="run/checkpoint_00000009.pt")
+        load_state_strict(_tiny_model(), state, source="run/checkpoint_00000009.pt")
     message = str(info.value)
     assert "run/checkpoint_00000009.pt" in message
     assert "missing keys (1): itm_head.weight" in message

@@ -14,6 +14,9 @@ A checkpoint is one `torch.save`d dict, loadable with `torch.load(..., weights_o
 Files are `checkpoint_<step:08d>.pt` in the run's output directory plus `checkpoint_final.pt` at the
 end. Each is written to a temporary file in the same directory, then renamed with `os.replace`, which
 is atomic on POSIX: a crash mid-write leaves the previous checkpoint intact, never a truncated one.
+
+The model's tensors are loaded by `codis_lib.model.loading.load_state_strict`, the strict load that every
+weights path shares; this module keeps the files (save, find, read) and the rest of the training state.
 """
 from __future__ import annotations
 
@@ -26,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codis_lib.model.loading import CheckpointMismatchError, load_state_strict
+
 FORMAT_VERSION = 1
 FINAL_CHECKPOINT_NAME = "checkpoint_final.pt"
 _NUMBERED = re.compile(r"^checkpoint_(\d{8})\.pt$")
 
-
-class CheckpointMismatchError(RuntimeError):
-    """Raised when a checkpoint's tensors do not fit the model (lists the missing/unexpected keys)."""
+# The strict model load is codis_lib.model.loading's; the old name stays importable from here.
+load_model_state_strict = load_state_strict
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -127,30 +131,6 @@ def _as_tuples(value):
     return value
 
 
-def load_model_state_strict(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load `state_dict` into `model`, raising CheckpointMismatchError naming every missing/unexpected key.
-
-    Unlike `strict=False` loading, nothing is silently skipped; unlike plain `strict=True`, the error
-    names the file and lists all keys and shape mismatches at once.
-    """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                         for k in set(expected) & set(state_dict)
-                         if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong_shape:
-        lines = [f"{source} does not fit the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if wrong_shape:
-            lines.append(f"  shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
-        raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Return the checkpoint dict stored at `path` (weights_only loading), with a clear error if it is not one."""
     path = Path(path)
@@ -189,7 +169,7 @@ def restore_training_state(checkpoint: dict, *, model: torch.nn.Module, optimize
     RNG states are restored only when the world size is unchanged (ranks map one to one); otherwise
     training continues correctly but not bit-for-bit, and we say so.
     """
-    load_model_state_strict(model, checkpoint["model"], source)
+    load_state_strict(model, checkpoint["model"], source)
     if optimizer is not None and checkpoint.get("optimizer") is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None and checkpoint.get("scheduler") is not None:

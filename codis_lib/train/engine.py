@@ -250,27 +250,9 @@ def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike) -> 
     left freshly initialised (they are refilled within queue_size / batch steps). Anything else that
     does not fit raises CheckpointMismatchError listing the keys.
     """
-    from codis_lib.model.vit import interpolate_pos_embed
+    from codis_lib.model.loading import load_codis_weights
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.init_from: no checkpoint file {path}")
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    state = dict(stored["model"] if isinstance(stored, dict) and "model" in stored else stored)
-    own = model.state_dict()
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in state and key in own and state[key].shape != own[key].shape:
-            num_patches = own[key].shape[1] - 1
-            print(f"[codis] {path}: resampling {key} {tuple(state[key].shape)} -> {tuple(own[key].shape)}")
-            state[key] = interpolate_pos_embed(state[key], num_patches)
-    for key in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
-        if key in state and key in own and state[key].shape != own[key].shape:
-            print(f"[codis] {path}: {key} has shape {tuple(state[key].shape)}, the model {tuple(own[key].shape)}; "
-                  f"starting with fresh queues")
-            for queue_key in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
-                state[queue_key] = own[queue_key]
-            break
-    load_model_state_strict(model, state, source=str(path))
+    load_codis_weights(model, path, what="train.init_from: checkpoint file", log=lambda line: print(f"[codis] {line}"))
 
 
 def _model_config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

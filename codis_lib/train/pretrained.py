@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from codis_lib.config import ModelConfig
-from codis_lib.train.checkpoint import FINAL_CHECKPOINT_NAME, load_checkpoint, load_model_state_strict
+from codis_lib.model.loading import load_state_strict
+from codis_lib.train.checkpoint import FINAL_CHECKPOINT_NAME, load_checkpoint
 from codis_lib.train.config import RunConfig, load_run_config, run_config_from_dict
 
 __all__ = ["TrainedModel", "load_trained_model", "pretrain_or_load"]
@@ -54,7 +55,7 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
     model_config = ModelConfig.from_dict(saved["model"], source=f"{path} [model]")
     run_config = run_config_from_dict(saved, source=str(path))
     model = build_model(model_config)
-    load_model_state_strict(model, stored["model"], source=str(path))
+    load_state_strict(model, stored["model"], source=str(path))
     model.to(device).eval()
     run_tokenizer = path.parent / "tokenizer"
     if (run_tokenizer / "tokenizer.json").is_file():
