@@ -22,9 +22,10 @@ Layout of ``out_dir``::
 Run ``codis-build-emoji --help``; a second run reuses every image whose sha256 matches the
 manifest and re-renders only missing or altered ones.
 
-This module holds the build, the manifest and the command line; the pieces live in
+This module holds the plan, the build and the command line; the pieces live in
 ``emoji_sources`` (Unicode's list, the art sets), ``emoji_concepts`` (base concepts, splits),
-``emoji_captions`` and ``emoji_render``. Their public names are importable from here too.
+``emoji_captions``, ``emoji_render`` and ``emoji_manifest``. Their public names are importable
+from here too.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from codis_lib.data.emoji_concepts import (
     PERSON_CODEPOINT_TO_NEUTRAL, RIGHTWARDS_ARROW, SKIN_TONES, SPLIT_SALT, SPLITS, VARIANT_QUALIFIERS, ZWJ,
     _limit_subset, assign_splits, base_concepts, eval_art_style,
 )
+from codis_lib.data.emoji_manifest import MANIFEST_FORMAT, manifest_of, reusable_manifest, sha256_file, write_json
 from codis_lib.data.emoji_render import RENDER_RECIPE, render_images, render_openmoji, render_twemoji
 from codis_lib.data.emoji_sources import (
     ART_STYLES, VARIATION_SELECTOR_16, Emoji, emoji_in_both_art_sets, emoji_test_path, file_key,
@@ -62,13 +64,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
 DEFAULT_VOCAB_SIZE = 4096
-LICENCES = {
-    "twemoji": "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0",
-    "openmoji": "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0",
-    "names": "Unicode CLDR short names via Unicode's emoji-test.txt (Unicode License v3)",
-}
 
 
 def plan_corpus(
@@ -107,43 +103,6 @@ def plan_corpus(
 def _image_relpath(style: str, key: str) -> str:
     """Return the path of an image relative to the corpus folder (what the JSON files name)."""
     return f"images/{style}/{key}.png"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Return the hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data) -> str:
-    """Write ``data`` as indented UTF-8 JSON, atomically; return the sha256 of the bytes written."""
-    text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _previous_manifest(manifest_path: Path, config: dict, force: bool) -> dict | None:
-    """Return the manifest of the corpus already in the folder if it can be trusted for reuse, else None.
-
-    A corpus built with other settings is refused (ValueError) unless ``force``; a forced
-    rebuild, or one over an older manifest format, trusts nothing of the old folder.
-    """
-    if not manifest_path.is_file():
-        return None
-    previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if previous.get("config") != config and not force:
-        raise ValueError(
-            f"{manifest_path}: existing corpus was built with {previous.get('config')}, "
-            f"asked for {config}; pass force=True (--force) to rebuild it, or use another out_dir"
-        )
-    if previous.get("format") != MANIFEST_FORMAT or previous.get("config") != config:
-        return None  # forced rebuild: trust nothing
-    return previous
 
 
 def _render_images(out: Path, plan: dict, previous: dict | None, image_size: int,
@@ -191,7 +150,7 @@ def _write_annotations(out: Path, plan: dict) -> tuple[dict[str, list], dict[str
             records["train"].extend({"image": rel, "caption": c, "image_id": e.key} for c in captions[e.key])
         else:
             records[split].append({"image": rel, "caption": list(captions[e.key])})
-    file_hashes = {f"{stem}.json": _write_json(out / f"{stem}.json", rows) for stem, rows in records.items()}
+    file_hashes = {f"{stem}.json": write_json(out / f"{stem}.json", rows) for stem, rows in records.items()}
     return records, file_hashes
 
 
@@ -226,51 +185,6 @@ def _tokenizer(out: Path, training_captions: list[str], previous: dict | None,
     }, False
 
 
-def _split_counts(plan: dict, records: dict[str, list]) -> dict[str, dict]:
-    """Return the manifest's per-split counts: emoji, base concepts, images (per style), captions, records."""
-    per_split = {}
-    for split in SPLITS:
-        split_emojis = [e for e in plan["emojis"] if plan["splits"][e.key] == split]
-        split_images = [(s, e) for sp, s, e in plan["images"] if sp == split]
-        per_split[split] = {
-            "emoji": len(split_emojis),
-            "base_concepts": len({plan["concepts"][e.key] for e in split_emojis}),
-            "images": len(split_images),
-            "images_per_style": {style: sum(1 for s, _ in split_images if s == style) for style in ART_STYLES},
-            "captions": sum(len(plan["captions"][e.key]) for e in split_emojis),
-            "records": len(records[split]),
-        }
-    return per_split
-
-
-def _manifest(plan: dict, config: dict, records: dict[str, list], file_hashes: dict[str, str],
-              tokenizer_info: dict, image_hashes: dict[str, str]) -> dict:
-    """Return the manifest written next to the corpus: format, settings, sources, counts, hashes, emoji table."""
-    return {
-        "format": MANIFEST_FORMAT,
-        "render_recipe": RENDER_RECIPE,
-        "config": config,
-        "sources": {**source_versions(), "unicode_emoji": plan["unicode_version"]},
-        "licences": dict(LICENCES),
-        "counts": {
-            "emoji_listed_fully_qualified": plan["emoji_listed"],
-            "emoji": len(plan["emojis"]),
-            "base_concepts": len({plan["concepts"][e.key] for e in plan["emojis"]}),
-            "images": len(plan["images"]),
-            "pretrain_records": len(records["pretrain"]),
-            "splits": _split_counts(plan, records),
-        },
-        "files": file_hashes,
-        "tokenizer": tokenizer_info,
-        "emoji": [
-            {"key": e.key, "char": e.char, "name": e.name, "group": e.group, "subgroup": e.subgroup,
-             "base_concept": plan["concepts"][e.key], "split": plan["splits"][e.key]}
-            for e in plan["emojis"]
-        ],
-        "images": dict(sorted(image_hashes.items())),
-    }
-
-
 def build_emoji_corpus(
     out_dir: str | os.PathLike = "data/emoji",
     image_size: int = 64,
@@ -299,15 +213,15 @@ def build_emoji_corpus(
     config = {"image_size": image_size, "limit": limit, "test_images": test_images, "val_images": val_images,
               "vocab_size": vocab_size, "split_salt": SPLIT_SALT}
     manifest_path = out / "manifest.json"
-    previous = _previous_manifest(manifest_path, config, force)
+    previous = reusable_manifest(manifest_path, config, force)
     plan = plan_corpus(image_size=image_size, limit=limit, test_images=test_images, val_images=val_images)
     image_hashes, rendered, render_seconds = _render_images(out, plan, previous, image_size, workers)
     records, file_hashes = _write_annotations(out, plan)
     # The tokenizer is trained on the cleaned training captions only.
     training_captions = [pre_caption(record["caption"]) for record in records["train"]]
     tokenizer_info, tokenizer_reused = _tokenizer(out, training_captions, previous, vocab_size)
-    manifest = _manifest(plan, config, records, file_hashes, tokenizer_info, image_hashes)
-    _write_json(manifest_path, manifest)
+    manifest = manifest_of(plan, config, records, file_hashes, tokenizer_info, image_hashes)
+    write_json(manifest_path, manifest)
     manifest["last_build"] = {
         "seconds": round(time.perf_counter() - started, 2),
         "render_seconds": round(render_seconds, 2),
