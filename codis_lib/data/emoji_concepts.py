@@ -3,7 +3,9 @@
 Two emoji share a base concept when they are skin-tone, gender, hair or facing-direction variants
 of each other (found from code points and from CLDR names, closed transitively); val and test
 take whole concepts, chosen by a salted stable hash, so nothing of a test concept is seen in
-training and a ``--limit`` subset agrees with the full corpus.
+training and a ``--limit`` subset agrees with the full corpus. A fourth, image-level split,
+``new_drawings``, holds out one of the two drawings of about a thousand *training* emoji: known
+concepts and captions, new pictures (the setting of COCO's test images).
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ SPLITS = ("train", "val", "test")
 SPLIT_SALT = "codis-emoji-split-v1"  # changing it reshuffles which concepts are held out
 DEFAULT_TEST_IMAGES = 1000  # like Flickr30K's 1K test split
 DEFAULT_VAL_IMAGES = 500
+NEW_DRAWINGS = "new_drawings"
+EVAL_SPLITS = ("val", "test", NEW_DRAWINGS)  # the files <split>.json in the evaluation format
+IMAGE_SPLITS = (*SPLITS, NEW_DRAWINGS)  # where an image goes: its concept's split, or new_drawings
+NEW_DRAWINGS_SALT = "codis-emoji-new-drawings-v1"  # changing it reshuffles which drawings are held out
+DEFAULT_NEW_DRAWINGS_IMAGES = 1000
 
 SKIN_TONES = frozenset({"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})
 HAIR_COMPONENTS = frozenset({"1f9b0", "1f9b1", "1f9b2", "1f9b3"})
@@ -115,9 +122,9 @@ def base_concepts(emojis: list[Emoji]) -> dict[str, str]:
     return {e.key: label_of_root[find(e.key)] for e in emojis}
 
 
-def _stable_rank(text: str) -> str:
-    """Return the salted sha256 of ``text``: a stable, well-spread sort key for concepts."""
-    return hashlib.sha256(f"{SPLIT_SALT}:{text}".encode("utf-8")).hexdigest()
+def _stable_rank(text: str, salt: str = SPLIT_SALT) -> str:
+    """Return the salted sha256 of ``text``: a stable, well-spread sort key for concepts and emoji."""
+    return hashlib.sha256(f"{salt}:{text}".encode("utf-8")).hexdigest()
 
 
 def assign_splits(
@@ -167,6 +174,42 @@ def eval_art_style(key: str) -> str:
     """Return the art style that draws emoji ``key`` in val / test (one image per emoji there)."""
     # A hash, not alternation, so that a --limit subset agrees with the full corpus.
     return ART_STYLES[int(hashlib.sha256(key.encode("ascii")).hexdigest(), 16) % 2]
+
+
+def select_new_drawings(
+    emojis: list[Emoji],
+    concepts: dict[str, str],
+    splits: dict[str, str],
+    images: int = DEFAULT_NEW_DRAWINGS_IMAGES,
+) -> dict[str, str]:
+    """Return {emoji key: held-out art style} for about ``images`` training emoji, deterministic.
+
+    Each chosen emoji keeps its other drawing in training; the held-out one forms the
+    ``new_drawings`` split. Each CLDR group gets a share proportional to its training emoji;
+    within a group the emoji are taken round-robin over its concepts (one variant of every
+    concept, in the order of a salted hash, before a second variant of any), so the split
+    covers as many training concepts as it can. The held-out styles alternate along another
+    salted hash order: half Twemoji, half OpenMoji (one more of one when the count is odd).
+    """
+    if images < 0:
+        raise ValueError(f"images={images}: the new_drawings split cannot have a negative size")
+    train = [e for e in emojis if splits[e.key] == "train"]
+    by_group: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for e in train:
+        by_group[e.group][concepts[e.key]].append(e.key)
+    chosen: list[str] = []
+    for group in sorted(by_group):
+        members = by_group[group]
+        group_size = sum(len(keys) for keys in members.values())
+        quota = round(images * group_size / len(train)) if train else 0
+        concept_order = {c: i for i, c in enumerate(sorted(members, key=lambda c: _stable_rank(c, NEW_DRAWINGS_SALT)))}
+        candidates = []  # (round, concept position, key): round r takes the r-th variant of every concept
+        for concept, keys in members.items():
+            for position, key in enumerate(sorted(keys, key=lambda k: _stable_rank(k, NEW_DRAWINGS_SALT))):
+                candidates.append((position, concept_order[concept], key))
+        chosen.extend(key for _, _, key in sorted(candidates)[:quota])
+    by_style_rank = sorted(chosen, key=lambda k: _stable_rank(f"style:{k}", NEW_DRAWINGS_SALT))
+    return {key: ART_STYLES[i % len(ART_STYLES)] for i, key in enumerate(by_style_rank)}
 
 
 def _limit_subset(emojis: list[Emoji], concepts: dict[str, str], splits: dict[str, str], limit: int) -> list[Emoji]:

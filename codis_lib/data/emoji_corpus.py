@@ -6,8 +6,10 @@ medium skin tone", "flag: Japan") and natural variants (the CLDR subgroup and gr
 GitHub-style aliases from the ``emoji`` package). Splits are made by *base concept*: all
 skin-tone, gender, hair and facing-direction variants of an emoji ("thumbs up", "thumbs up: dark
 skin tone"; "technologist", "woman technologist") fall in the same split, so nothing of a test
-concept is seen in training. The corpus is written in ALBEF's JSON formats (see
-``codis_lib.data.albef_json``) so that the same loaders read it and COCO / Flickr30K.
+concept is seen in training. A fourth split, ``new_drawings``, holds out one of the two drawings
+of about a thousand training emoji: familiar concepts and captions, pictures never seen. The
+corpus is written in ALBEF's JSON formats (see ``codis_lib.data.albef_json``) so that the same
+loaders read it and COCO / Flickr30K.
 
 Layout of ``out_dir``::
 
@@ -16,6 +18,7 @@ Layout of ``out_dir``::
     train.json      retrieval training records {image, caption, image_id}: one per caption
     val.json        retrieval test records {image, caption: [..]}: one image per emoji
     test.json       idem, about 1000 images, like Flickr30K's test split
+    new_drawings.json  idem, about 1000 held-out drawings of training emoji (not in pretrain/train.json)
     tokenizer/      WordPiece tokenizer trained on the training captions only
     manifest.json   counts, sources and versions, per-emoji table, sha256 of every file
 
@@ -41,11 +44,14 @@ from pathlib import Path
 from codis_lib.data.albef_json import pre_caption
 from codis_lib.data.emoji_captions import caption_name, captions_for, corpus_captions
 from codis_lib.data.emoji_concepts import (
-    DEFAULT_TEST_IMAGES, DEFAULT_VAL_IMAGES, GENDER_SIGNS, GENDER_WORDS, HAIR_COMPONENTS, LINKED_CONCEPTS,
-    PERSON_CODEPOINT_TO_NEUTRAL, RIGHTWARDS_ARROW, SKIN_TONES, SPLIT_SALT, SPLITS, VARIANT_QUALIFIERS, ZWJ,
-    _limit_subset, assign_splits, base_concepts, eval_art_style,
+    DEFAULT_NEW_DRAWINGS_IMAGES, DEFAULT_TEST_IMAGES, DEFAULT_VAL_IMAGES, EVAL_SPLITS, GENDER_SIGNS, GENDER_WORDS,
+    HAIR_COMPONENTS, IMAGE_SPLITS, LINKED_CONCEPTS, NEW_DRAWINGS, NEW_DRAWINGS_SALT, PERSON_CODEPOINT_TO_NEUTRAL,
+    RIGHTWARDS_ARROW, SKIN_TONES, SPLIT_SALT, SPLITS, VARIANT_QUALIFIERS, ZWJ, _limit_subset, assign_splits,
+    base_concepts, eval_art_style, select_new_drawings,
 )
-from codis_lib.data.emoji_manifest import MANIFEST_FORMAT, manifest_of, reusable_manifest, sha256_file, write_json
+from codis_lib.data.emoji_manifest import (
+    MANIFEST_FORMAT, emoji_split_file, manifest_of, reusable_manifest, sha256_file, write_json,
+)
 from codis_lib.data.emoji_render import RENDER_RECIPE, render_images, render_openmoji, render_twemoji
 from codis_lib.data.emoji_sources import (
     ART_STYLES, VARIATION_SELECTOR_16, Emoji, emoji_in_both_art_sets, emoji_test_path, file_key,
@@ -53,13 +59,15 @@ from codis_lib.data.emoji_sources import (
 )
 
 __all__ = [
-    "ART_STYLES", "DEFAULT_TEST_IMAGES", "DEFAULT_VAL_IMAGES", "DEFAULT_VOCAB_SIZE", "GENDER_SIGNS", "GENDER_WORDS",
-    "HAIR_COMPONENTS", "LINKED_CONCEPTS", "MANIFEST_FORMAT", "PERSON_CODEPOINT_TO_NEUTRAL", "RENDER_RECIPE",
+    "ART_STYLES", "DEFAULT_NEW_DRAWINGS_IMAGES", "DEFAULT_TEST_IMAGES", "DEFAULT_VAL_IMAGES", "DEFAULT_VOCAB_SIZE",
+    "EVAL_SPLITS", "GENDER_SIGNS", "GENDER_WORDS", "HAIR_COMPONENTS", "IMAGE_SPLITS", "LINKED_CONCEPTS",
+    "MANIFEST_FORMAT", "NEW_DRAWINGS", "NEW_DRAWINGS_SALT", "PERSON_CODEPOINT_TO_NEUTRAL", "RENDER_RECIPE",
     "RIGHTWARDS_ARROW", "SKIN_TONES", "SPLITS", "SPLIT_SALT", "VARIANT_QUALIFIERS", "VARIATION_SELECTOR_16", "ZWJ",
     "Emoji", "assign_splits", "base_concepts", "build_emoji_corpus", "caption_name", "captions_for",
-    "corpus_captions", "emoji_in_both_art_sets", "emoji_test_path", "eval_art_style", "file_key", "main",
-    "openmoji_font_path", "openmoji_svg_dir", "plan_corpus", "read_emoji_test", "render_images", "render_openmoji",
-    "render_twemoji", "sha256_file", "source_versions", "twemoji_files", "twemoji_png_dir",
+    "corpus_captions", "emoji_in_both_art_sets", "emoji_split_file", "emoji_test_path", "eval_art_style",
+    "file_key", "main", "openmoji_font_path", "openmoji_svg_dir", "plan_corpus", "read_emoji_test",
+    "render_images", "render_openmoji", "render_twemoji", "select_new_drawings", "sha256_file", "source_versions",
+    "tokenizer_captions", "twemoji_files", "twemoji_png_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,28 +80,40 @@ def plan_corpus(
     limit: int | None = None,
     test_images: int = DEFAULT_TEST_IMAGES,
     val_images: int = DEFAULT_VAL_IMAGES,
+    new_drawings_images: int = DEFAULT_NEW_DRAWINGS_IMAGES,
 ) -> dict:
-    """Return the corpus plan (emoji, concepts, splits, captions, images) without rendering anything."""
+    """Return the corpus plan (emoji, concepts, splits, held-out drawings, captions, images) without rendering.
+
+    ``splits`` is the split of each emoji's base concept; ``held_out`` maps the training emoji
+    that have one drawing in ``new_drawings`` to its style; ``images`` lists (image split, style,
+    emoji). Splits and held-out drawings are chosen over the full list, so a ``limit`` subset
+    agrees with the full corpus.
+    """
     all_emojis, unicode_version = read_emoji_test()
     emojis = emoji_in_both_art_sets(all_emojis)
     concepts = base_concepts(emojis)
     splits = assign_splits(emojis, concepts, test_images=test_images, val_images=val_images)
+    held_out = select_new_drawings(emojis, concepts, splits, images=new_drawings_images)
     if limit is not None:
         if limit < 3:
             raise ValueError(f"limit={limit}: need at least 3 emoji (one per split)")
         emojis = _limit_subset(emojis, concepts, splits, limit)
+        held_out = {e.key: held_out[e.key] for e in emojis if e.key in held_out}
     captions = corpus_captions(emojis)
     images = []  # (split, style, emoji)
     for e in emojis:
-        styles = ART_STYLES if splits[e.key] == "train" else (eval_art_style(e.key),)
-        for style in styles:
-            images.append((splits[e.key], style, e))
+        if splits[e.key] != "train":
+            images.append((splits[e.key], eval_art_style(e.key), e))
+            continue
+        for style in ART_STYLES:
+            images.append((NEW_DRAWINGS if held_out.get(e.key) == style else "train", style, e))
     return {
         "unicode_version": unicode_version,
         "emoji_listed": len(all_emojis),
         "emojis": emojis,
         "concepts": concepts,
         "splits": splits,
+        "held_out": held_out,
         "captions": captions,
         "images": images,
         "twemoji_files": twemoji_files(),
@@ -141,7 +161,7 @@ def _render_images(out: Path, plan: dict, previous: dict | None, image_size: int
 def _write_annotations(out: Path, plan: dict) -> tuple[dict[str, list], dict[str, str]]:
     """Write the ALBEF JSON files; return ({file stem: its records}, {file name: sha256})."""
     captions = plan["captions"]
-    records: dict[str, list] = {"pretrain": [], "train": [], "val": [], "test": []}
+    records: dict[str, list] = {"pretrain": [], "train": [], **{split: [] for split in EVAL_SPLITS}}
     for split, style, e in plan["images"]:
         rel = _image_relpath(style, e.key)
         if split == "train":
@@ -152,6 +172,17 @@ def _write_annotations(out: Path, plan: dict) -> tuple[dict[str, list], dict[str
             records[split].append({"image": rel, "caption": list(captions[e.key])})
     file_hashes = {f"{stem}.json": write_json(out / f"{stem}.json", rows) for stem, rows in records.items()}
     return records, file_hashes
+
+
+def tokenizer_captions(plan: dict) -> list[str]:
+    """Return the cleaned captions the tokenizer learns from: every caption of every training emoji, once per style.
+
+    That is the text of train.json before any drawing was held out (emoji, style, caption
+    order), so the vocabulary and token ids do not depend on which drawings form new_drawings:
+    a held-out emoji's captions are all still in training, with its other drawing.
+    """
+    return [pre_caption(caption) for e in plan["emojis"] if plan["splits"][e.key] == "train"
+            for _ in ART_STYLES for caption in plan["captions"][e.key]]
 
 
 def _tokenizer(out: Path, training_captions: list[str], previous: dict | None,
@@ -195,14 +226,15 @@ def build_emoji_corpus(
     test_images: int = DEFAULT_TEST_IMAGES,
     val_images: int = DEFAULT_VAL_IMAGES,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    new_drawings_images: int = DEFAULT_NEW_DRAWINGS_IMAGES,
 ) -> dict:
     """Return the manifest of the emoji corpus in ``out_dir``, building or repairing it as needed.
 
     Idempotent: images whose file matches the sha256 in an existing manifest are reused, others
     are (re)rendered; the JSON files are rewritten deterministically; the tokenizer is retrained
     only when the training captions changed. A corpus built with other settings (image size,
-    limit, split sizes, vocabulary) is refused unless ``force=True``, because other runs may be
-    reading it.
+    limit, split sizes, vocabulary) or by an older builder (an older manifest format) is refused
+    unless ``force=True``, because other runs may be reading it.
     """
     if image_size < 8:
         raise ValueError(f"image_size={image_size}: too small to draw an emoji (use >= 8)")
@@ -211,15 +243,15 @@ def build_emoji_corpus(
     started = time.perf_counter()
     out = Path(out_dir)
     config = {"image_size": image_size, "limit": limit, "test_images": test_images, "val_images": val_images,
-              "vocab_size": vocab_size, "split_salt": SPLIT_SALT}
+              "vocab_size": vocab_size, "split_salt": SPLIT_SALT, "new_drawings_images": new_drawings_images,
+              "new_drawings_salt": NEW_DRAWINGS_SALT}
     manifest_path = out / "manifest.json"
     previous = reusable_manifest(manifest_path, config, force)
-    plan = plan_corpus(image_size=image_size, limit=limit, test_images=test_images, val_images=val_images)
+    plan = plan_corpus(image_size=image_size, limit=limit, test_images=test_images, val_images=val_images,
+                       new_drawings_images=new_drawings_images)
     image_hashes, rendered, render_seconds = _render_images(out, plan, previous, image_size, workers)
     records, file_hashes = _write_annotations(out, plan)
-    # The tokenizer is trained on the cleaned training captions only.
-    training_captions = [pre_caption(record["caption"]) for record in records["train"]]
-    tokenizer_info, tokenizer_reused = _tokenizer(out, training_captions, previous, vocab_size)
+    tokenizer_info, tokenizer_reused = _tokenizer(out, tokenizer_captions(plan), previous, vocab_size)
     manifest = manifest_of(plan, config, records, file_hashes, tokenizer_info, image_hashes)
     write_json(manifest_path, manifest)
     manifest["last_build"] = {
@@ -252,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-images", type=int, default=DEFAULT_TEST_IMAGES,
                         help="size of the test split in images (default 1000, like Flickr30K)")
     parser.add_argument("--val-images", type=int, default=DEFAULT_VAL_IMAGES, help="size of the val split (default 500)")
+    parser.add_argument("--new-drawings-images", type=int, default=DEFAULT_NEW_DRAWINGS_IMAGES,
+                        help="training emoji that lend one drawing to the new_drawings split (default 1000; "
+                             "0 keeps both drawings of every training emoji in training)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="WordPiece vocabulary size (default 4096; the training captions need about that)")
     args = parser.parse_args(argv)
@@ -259,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = build_emoji_corpus(
         args.out_dir, args.image_size, force=args.force, limit=args.limit, workers=args.workers,
         test_images=args.test_images, val_images=args.val_images, vocab_size=args.vocab_size,
+        new_drawings_images=args.new_drawings_images,
     )
     counts = manifest["counts"]
     print(f"emoji corpus in {args.out_dir}: {counts['emoji']} emoji, {counts['base_concepts']} base concepts, "
