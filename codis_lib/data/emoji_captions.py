@@ -1,0 +1,75 @@
+"""Captions of the emoji corpus: CLDR name, subgroup and group phrases, letter-only aliases.
+
+Returned raw (the readers apply ALBEF's ``pre_caption``); names stay unique after cleaning, and a
+caption two emoji share is dropped, so that in retrieval every caption points at one image.
+"""
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter, defaultdict
+
+from codis_lib.data.albef_json import ALBEF_DELETED_CHARACTERS, pre_caption
+from codis_lib.data.emoji_sources import Emoji
+
+
+def caption_name(name: str) -> str:
+    """Return the CLDR name with symbols that ALBEF's cleaning would delete spelled out.
+
+    "keycap: #" and "keycap: *" would both clean to "keycap"; they become
+    "keycap: number sign" and "keycap: asterisk" (the Unicode character names).
+    """
+    words = []
+    for word in name.split(" "):
+        if word and all(ch in ALBEF_DELETED_CHARACTERS for ch in word):
+            word = " ".join(unicodedata.name(ch).lower() for ch in word)
+        words.append(word)
+    return " ".join(words)
+
+
+def _article(phrase: str) -> str:
+    """Return the indefinite article ("a" or "an") for ``phrase``, by its first letter."""
+    return "an" if phrase[:1] in "aeiou" else "a"
+
+
+def captions_for(emoji: Emoji) -> list[str]:
+    """Return the raw captions of one emoji: CLDR name, subgroup and group phrases, aliases (deduplicated)."""
+    name = caption_name(emoji.name)
+    subgroup = emoji.subgroup.replace("-", " ")
+    candidates = [
+        name,
+        f"{name}, {_article(subgroup)} {subgroup} emoji",
+        f"{emoji.group.lower()} emoji: {name}",
+        *emoji.aliases,
+    ]
+    seen, captions = set(), []
+    for caption in candidates:
+        cleaned = pre_caption(caption)
+        if cleaned and cleaned not in seen:
+            seen.add(cleaned)
+            captions.append(caption)
+    return captions
+
+
+def corpus_captions(emojis: list[Emoji]) -> dict[str, list[str]]:
+    """Return {key: captions}; a non-name caption that two emoji share is dropped from both.
+
+    Names must stay unique after ALBEF's cleaning (checked here): in retrieval evaluation a
+    caption must point at exactly one image.
+    """
+    per_emoji = {e.key: captions_for(e) for e in emojis}
+    cleaned = {c: pre_caption(c) for captions in per_emoji.values() for c in captions}
+    owners: dict[str, set[str]] = defaultdict(set)
+    for key, captions in per_emoji.items():
+        for caption in captions:
+            owners[cleaned[caption]].add(key)
+    names = Counter(cleaned[captions[0]] for captions in per_emoji.values())  # the first caption is the name
+    duplicated_names = [n for n, count in names.items() if count > 1]
+    if duplicated_names:
+        raise ValueError(f"CLDR names that clean to the same caption: {duplicated_names[:10]}")
+    return {
+        key: [c for i, c in enumerate(captions) if i == 0 or len(owners[cleaned[c]]) == 1]
+        for key, captions in per_emoji.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------
