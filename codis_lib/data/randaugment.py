@@ -15,6 +15,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+# One generator for a whole batch (None: torch's global one), or one per image.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
 ALBEF_RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
                      "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -159,12 +162,28 @@ class RandomAugment:
         out = out.round_().clamp_(0, 255)
         return out[0] if images.dim() == 3 else out
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(self, count: int, generator: Generators = None) -> tuple[list, list, list]:
+        """Return (op indices, applied flags, signs), each ``count`` lists of ``num_ops``, for ``count`` images.
+
+        ``generator``: one generator (or None, torch's global one) for all the images, or a sequence
+        of one per image, each drawing that image's values exactly as it would for a batch of one.
+        """
+        if generator is None or isinstance(generator, torch.Generator):
+            shape = (count, self.num_ops)
+            op_indices = torch.randint(0, len(self.ops), shape, generator=generator).tolist()
+            applied = (torch.rand(shape, generator=generator) <= self.prob).tolist()  # ALBEF: skip if > prob
+            signs = torch.where(torch.rand(shape, generator=generator) >= 0.5, 1.0, -1.0).tolist()
+            return op_indices, applied, signs
+        if len(generator) != count:
+            raise ValueError(f"{len(generator)} generators for {count} images")
+        per_image = [self.draw(1, one) for one in generator]
+        return tuple([draws[part][0] for draws in per_image] for part in range(3))
+
+    def __call__(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """Return the images augmented; ``generator`` as in :meth:`draw` (one per image: batch-independent)."""
         batched = images.unsqueeze(0) if images.dim() == 3 else images  # (B, 3, H, W)
         count, height, width = batched.shape[0], batched.shape[-2], batched.shape[-1]
-        op_indices = torch.randint(0, len(self.ops), (count, self.num_ops), generator=generator).tolist()
-        applied = (torch.rand(count, self.num_ops, generator=generator) <= self.prob).tolist()  # ALBEF: skip if > prob
-        signs = torch.where(torch.rand(count, self.num_ops, generator=generator) >= 0.5, 1.0, -1.0).tolist()
+        op_indices, applied, signs = self.draw(count, generator)
         out = batched.float()
         for slot in range(self.num_ops):  # slot by slot: each image's ops run in the order drawn
             by_op: dict[str, list[int]] = {}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from codis_lib.data.randaugment import (  # noqa: F401  (re-exported: RandomAugment used to live here)
     ALBEF_RANDAUG_OPS,
     GEOMETRIC_OPS,
+    Generators,
     RandomAugment,
     affine_sampling_grid,
     warp_affine,
@@ -225,8 +226,9 @@ class TrainTransform:
 
     ``augment=False`` gives the evaluation transform (resize + normalise, no randomness).
     ``crop_scale`` is (0.2, 1.0) for pretraining and (0.5, 1.0) for retrieval fine-tuning, as ALBEF.
-    ``batch`` transforms a list of images at once (the datasets' ``__getitems__`` uses it): same
-    distribution of augmentations, a fraction of the per-call overhead at 64 px.
+    ``batch`` transforms a list of images at once (the datasets' batched loading uses it): a
+    fraction of the per-call overhead at 64 px. Given one generator per image, each image's
+    output is the one a batch of one would give under that generator, whatever the batch.
     """
 
     def __init__(self, image_size: int, *, augment: bool = True, crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -253,10 +255,17 @@ class TrainTransform:
         images, captions = self.batch([image], [caption], generator)
         return images[0], captions[0]
 
-    def batch(self, images: Sequence, captions: Sequence[str | None], generator: torch.Generator | None = None):
-        """Return ((B, 3, S, S) float, captions) for lists of images (PIL or uint8 (3, H, W)) and captions."""
+    def batch(self, images: Sequence, captions: Sequence[str | None], generator: Generators = None):
+        """Return ((B, 3, S, S) float, captions) for lists of images (PIL or uint8 (3, H, W)) and captions.
+
+        ``generator``: one for the whole batch (None: torch's global one), or a sequence of one per
+        image from which that image draws its crop, flip and RandomAugment, in that order.
+        """
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        per_image = generator is not None and not isinstance(generator, torch.Generator)
+        if per_image and len(generator) != len(images):
+            raise ValueError(f"{len(generator)} generators for {len(images)} images")
         size = self.image_size
         if not self.augment:
             out = torch.stack([resize_square(to_uint8_tensor(img), size) for img in images])
@@ -264,9 +273,9 @@ class TrainTransform:
         out = torch.empty(len(images), 3, size, size)  # float in [0, 255] until normalised
         paired_captions = []
         for row, (image, caption) in enumerate(zip(images, captions)):
-            pixels = to_uint8_tensor(image)
-            box = random_resized_crop_box(pixels.shape[1], pixels.shape[2], self.crop_scale, self.crop_ratio, generator)
-            flip, caption = decide_flip(caption, self.flip_policy, generator)
+            pixels, draw_from = to_uint8_tensor(image), generator[row] if per_image else generator
+            box = random_resized_crop_box(pixels.shape[1], pixels.shape[2], self.crop_scale, self.crop_ratio, draw_from)
+            flip, caption = decide_flip(caption, self.flip_policy, draw_from)
             out[row] = resized_crop(pixels, box, size, as_float=True, flip=flip)
             paired_captions.append(caption)
         out.round_()  # ALBEF crops with PIL, whose output is uint8
