@@ -244,7 +244,9 @@ class PretrainDataset(_ImageTextDataset):
 
     def _caption(self, index: int, generator: torch.Generator | None) -> str:
         captions = self.records[index].captions
-        return captions[int(torch.randint(len(captions), (), generator=generator))] if len(captions) > 1 else captions[0]
+        if len(captions) == 1:
+            return captions[0]
+        return captions[int(torch.randint(len(captions), (), generator=generator))]
 
 
 class RetrievalTrainDataset(_ImageTextDataset):
