@@ -1,17 +1,24 @@
-"""Emoji loader throughput (images/s) with and without the decoded-image cache, measured side by side.
+"""Emoji loader throughput (images/s) on the path training takes, against the alternatives, side by side.
 
     python benchmarks/bench_loader.py                      # data/emoji, 64 px, 2 workers, 5 repeats
     python benchmarks/bench_loader.py --repeats 3 --batches 20
 
-For each configuration (cache on/off x augmentation on/off, plus cache + augmentation one item
-at a time, which is how a per-item seeding wrapper loads) a DataLoader with 2 worker
-processes and the real collator (tokenisation included) is run for a fixed number of batches;
-repeats are interleaved so that the configurations see the same machine noise. Prints the
-median and the spread (min-max) of images/s, and the cache/no-cache ratio. Because the
-machine may be shared, it also prints the CPU time spent per image (main process + workers,
-from /proc) and the throughput that cost allows on the worker count's cores when nothing
-else runs. A per-stage profile in the main process (decode, crop, RandomAugment, normalise)
-says where the time goes. Builds the corpus first if data/emoji is missing.
+Training loads its data as ``build_train_data`` builds it: the dataset wrapped in ``SeededItems``
+(one seed per (seed, epoch, index)), a ``GlobalBatchSampler``, the real collator (tokenisation
+included) and DataLoader workers; ``SeededItems.__getitems__`` loads each batch at once, every item
+drawing from its own generator. That path (decoded-image cache on, augmentation on) is the headline.
+Side by side, in the same run, with repeats interleaved so that every configuration sees the same
+machine noise:
+
+- the same seeded items one at a time (``SeededItems.__getitem__``: per-item transforms, the path
+  training took before it loaded batches; the items are bit-identical, tests/test_data_datasets.py);
+- the training path without the cache (every image decoded from PNG at every visit).
+
+Prints the median and spread (min-max) of images/s and the ratios of the medians. Because the
+machine may be shared, it also prints the CPU time spent per image (main process + workers, from
+/proc) and the throughput that cost allows on the worker count's cores when nothing else runs.
+A per-stage profile in the main process (decode, crop, RandomAugment, normalise) says where the
+time goes. Builds the corpus first if data/emoji is missing.
 """
 from __future__ import annotations
 
@@ -24,18 +31,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from codis_lib.train.sampler import GlobalBatchSampler, SeededItems
 
-class ItemByItem(torch.utils.data.Dataset):
-    """The dataset seen one item at a time (no ``__getitems__``), as a per-item seeding wrapper sees it."""
+TRAINING = "seeded batches, cache (training)"
+ONE_AT_A_TIME = "seeded items one at a time, cache"
+NO_CACHE = "seeded batches, no cache"
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+
+class OneAtATime(torch.utils.data.Dataset):
+    """The seeded items with no ``__getitems__``: the DataLoader fetches them one by one (B = 1 transforms)."""
+
+    def __init__(self, seeded: SeededItems):
+        self.seeded = seeded
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.seeded)
 
     def __getitem__(self, index: int):
-        return self.dataset[index]
+        return self.seeded[index]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -44,12 +57,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_loader(dataset, collate, batch_size: int, workers: int, batches: int, seed: int) -> tuple[float, float]:
-    """Return (images/s of wall-clock time, CPU seconds per image over main + workers), worker start-up excluded."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
-                        drop_last=True, generator=generator, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+def run_loader(dataset, seeded: SeededItems, collate, batch_size: int, workers: int, batches: int,
+               epoch: int) -> tuple[float, float]:
+    """Return (images/s of wall-clock time, CPU seconds per image over main + workers), worker start-up excluded.
+
+    The loader is built as training builds it: a GlobalBatchSampler over the seeded items, epoch ``epoch``.
+    """
+    sampler = GlobalBatchSampler(seeded, batch_size=batch_size, shuffle=True, seed=seeded.seed)
+    sampler.set_epoch(epoch)
+    seeded.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(seeded.seed),
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
     iterator = iter(loader)
     next(iterator)  # start-up: fork the workers and fill their first batch
     pids = [os.getpid()] + [w.pid for w in getattr(iterator, "_workers", [])]
@@ -64,7 +83,7 @@ def run_loader(dataset, collate, batch_size: int, workers: int, batches: int, se
     return n_images / elapsed, cpu / n_images
 
 
-def profile_stages(dataset, cache_dataset, batch_size: int, n: int = 256) -> dict[str, float]:
+def profile_stages(dataset, cache_dataset, seed: int, batch_size: int, n: int = 256) -> dict[str, float]:
     """Return CPU microseconds per image of each stage, measured in this process on one thread, batch by batch."""
     from codis_lib.data.datasets import decode_image
     from codis_lib.data.transforms import random_resized_crop_box, resized_crop
@@ -72,8 +91,10 @@ def profile_stages(dataset, cache_dataset, batch_size: int, n: int = 256) -> dic
     torch.set_num_threads(1)
     transform = dataset.transform
     records = dataset.records[:n]
+    seeded = SeededItems(cache_dataset, seed)
     timings = dict.fromkeys(["decode PNG", "cache lookup", "random resized crop (bicubic) + flip",
-                             "RandomAugment (2 ops, M=7)", "normalise", "whole __getitems__ (cache, augment)"], 0.0)
+                             "RandomAugment (2 ops, M=7)", "normalise", "whole seeded batch (cache, augment)",
+                             "the same items one at a time"], 0.0)
     clock = time.process_time  # CPU time of this process: less affected by other jobs than wall-clock
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
@@ -95,10 +116,25 @@ def profile_stages(dataset, cache_dataset, batch_size: int, n: int = 256) -> dic
         t = clock()
         transform.normalize(augmented)
         timings["normalise"] += clock() - t
+        indices = list(range(start, start + len(chunk)))
         t = clock()
-        cache_dataset.__getitems__(list(range(start, start + len(chunk))))
-        timings["whole __getitems__ (cache, augment)"] += clock() - t
+        seeded.__getitems__(indices)
+        timings["whole seeded batch (cache, augment)"] += clock() - t
+        t = clock()
+        [seeded[i] for i in indices]
+        timings["the same items one at a time"] += clock() - t
     return {k: v / len(records) * 1e6 for k, v in timings.items()}
+
+
+def build_datasets(data_dir: Path, image_size: int, seed: int) -> dict[str, tuple]:
+    """Return {configuration: (what the DataLoader reads, the SeededItems behind it)}, cache built once per dataset."""
+    from codis_lib.data.datasets import PretrainDataset
+
+    cached, uncached = (PretrainDataset(data_dir / "pretrain.json", image_size=image_size, augment=True,
+                                        cache=cache, check_images="exists") for cache in (True, False))
+    seeded_cached, seeded_uncached = SeededItems(cached, seed), SeededItems(uncached, seed)
+    return {TRAINING: (seeded_cached, seeded_cached), ONE_AT_A_TIME: (OneAtATime(seeded_cached), seeded_cached),
+            NO_CACHE: (seeded_uncached, seeded_uncached)}
 
 
 def main() -> None:
@@ -109,10 +145,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=30, help="batches timed per repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
     from codis_lib.data.collate import PRETRAIN_MAX_LENGTH, ImageTextCollator
-    from codis_lib.data.datasets import PretrainDataset
     from codis_lib.data.tokenizer import load_tokenizer
 
     data_dir = Path(args.data_dir)
@@ -121,57 +157,40 @@ def main() -> None:
 
         print(f"building the emoji corpus in {data_dir} first")
         build_emoji_corpus(data_dir, args.image_size)
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    collate = ImageTextCollator(tokenizer, max_length=PRETRAIN_MAX_LENGTH)
+    collate = ImageTextCollator(load_tokenizer(data_dir / "tokenizer"), max_length=PRETRAIN_MAX_LENGTH)
     started = time.perf_counter()
-    datasets = {}
-    for cache in (True, False):
-        for augment in (True, False):
-            datasets[(cache, augment)] = PretrainDataset(
-                data_dir / "pretrain.json", image_size=args.image_size, augment=augment, cache=cache,
-                check_images="exists")
-    datasets[("item by item", True)] = ItemByItem(datasets[(True, True)])  # cache, augment, no batching
-    cache_seconds = time.perf_counter() - started
-    n_images = len(datasets[(True, True)].images.cache)
-    print(f"{len(datasets[(True, True)])} pretraining records, {n_images} distinct images; "
-          f"datasets built in {cache_seconds:.1f} s (two caches of "
-          f"{datasets[(True, True)].images.cache.nbytes / 2**20:.0f} MiB decoded)")
+    configurations = build_datasets(data_dir, args.image_size, args.seed)
+    cached = configurations[TRAINING][1].dataset
+    print(f"{len(cached)} pretraining records, {len(cached.images.cache)} distinct images; datasets built in "
+          f"{time.perf_counter() - started:.1f} s (cache of {cached.images.cache.nbytes / 2**20:.0f} MiB decoded)")
     print(f"loader: batch {args.batch_size}, {args.workers} workers, {args.batches} batches x {args.repeats} repeats, "
-          f"{args.image_size} px, torch threads per worker 1\n")
+          f"{args.image_size} px, augmentation on, torch threads per worker 1\n")
 
-    rates = {key: [] for key in datasets}
-    costs = {key: [] for key in datasets}
+    rates = {key: [] for key in configurations}
+    costs = {key: [] for key in configurations}
     load_before = os.getloadavg()[0]
     for repeat in range(args.repeats):
-        for key, dataset in datasets.items():  # interleaved: every configuration sees the same noise
-            rate, cost = run_loader(dataset, collate, args.batch_size, args.workers, args.batches, seed=repeat)
+        for key, (dataset, seeded) in configurations.items():  # interleaved: every configuration sees the same noise
+            rate, cost = run_loader(dataset, seeded, collate, args.batch_size, args.workers, args.batches, repeat)
             rates[key].append(rate)
             costs[key].append(cost)
     load_after = os.getloadavg()[0]
 
-    def describe(values):
-        return f"{statistics.median(values):7.0f} img/s  (min {min(values):.0f}, max {max(values):.0f})"
-
     cores = min(args.workers, os.cpu_count() or 1) or 1
     print(f"machine load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores "
           f"(other jobs slow the wall-clock numbers most; CPU time suffers less)")
-    for augment in (True, False):
-        label = "augment on " if augment else "augment off"
-        for cache in (True, False):
-            capacity = cores / statistics.median(costs[(cache, augment)])
-            print(f"{label}: {'cache   ' if cache else 'no cache'} {describe(rates[(cache, augment)])}   "
-                  f"CPU {statistics.median(costs[(cache, augment)]) * 1e6:5.0f} us/img -> "
-                  f"{capacity:5.0f} img/s on {cores} free cores")
-        ratio = statistics.median(rates[(True, augment)]) / statistics.median(rates[(False, augment)])
-        cpu_ratio = statistics.median(costs[(False, augment)]) / statistics.median(costs[(True, augment)])
-        print(f"{label}: ratio cache / no cache = {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x CPU time\n")
-    key = ("item by item", True)
-    print(f"augment on : cache, one item at a time (no __getitems__) {describe(rates[key])}   "
-          f"CPU {statistics.median(costs[key]) * 1e6:5.0f} us/img -> {cores / statistics.median(costs[key]):5.0f} "
-          f"img/s on {cores} free cores\n")
+    for key in configurations:
+        rate, cost = statistics.median(rates[key]), statistics.median(costs[key])
+        print(f"{key:34s} {rate:7.0f} img/s  (min {min(rates[key]):.0f}, max {max(rates[key]):.0f})   "
+              f"CPU {cost * 1e6:5.0f} us/img -> {cores / cost:5.0f} img/s on {cores} free cores")
+    for other in (ONE_AT_A_TIME, NO_CACHE):
+        ratio = statistics.median(rates[TRAINING]) / statistics.median(rates[other])
+        cpu_ratio = statistics.median(costs[other]) / statistics.median(costs[TRAINING])
+        print(f"ratio training path / {other}: {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x CPU time")
 
-    print(f"where the time goes (one thread, main process, batches of {args.batch_size}, CPU microseconds per image):")
-    for stage, micros in profile_stages(datasets[(False, True)], datasets[(True, True)], args.batch_size).items():
+    print(f"\nwhere the time goes (one thread, main process, batches of {args.batch_size}, CPU microseconds per image):")
+    stages = profile_stages(configurations[NO_CACHE][1].dataset, cached, args.seed, args.batch_size)
+    for stage, micros in stages.items():
         print(f"  {stage:38s} {micros:7.0f}")
 
 

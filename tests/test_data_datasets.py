@@ -16,6 +16,7 @@ from codis_lib.data.datasets import (
     decode_image,
 )
 from codis_lib.data.tokenizer import load_tokenizer
+from codis_lib.train.sampler import GlobalBatchSampler, SeededItems
 from tests.fixtures_data.corpus import FIXTURES, SMALL_CORPUS_SIZE, small_emoji_corpus, write_coco_style_images
 
 
@@ -167,3 +168,34 @@ def test_getitems_is_the_batched_getitem(corpus):
             assert torch.equal(item["image"], single["image"]) and item["index"] == index
             if "image_id" in item:
                 assert item["image_id"] == single["image_id"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_loader_batches_equal_item_by_item_loading(corpus, workers):
+    """Training loads seeded batches at once; each sample is still the one (seed, epoch, index) gives alone."""
+    out, _, tokenizer = corpus
+    collate = ImageTextCollator(tokenizer, max_length=25)
+    for dataset in (PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, flip_policy="swap",
+                                    cache=True),
+                    RetrievalTrainDataset(out / "train.json", image_size=SMALL_CORPUS_SIZE)):
+        seeded = SeededItems(dataset, seed=5)
+        sampler = GlobalBatchSampler(seeded, batch_size=6, seed=5)
+        sampler.set_epoch(1)
+        seeded.set_epoch(1)
+        loader = DataLoader(seeded, batch_size=6, sampler=sampler, drop_last=True, collate_fn=collate,
+                            num_workers=workers)
+        order = list(sampler)
+        one_at_a_time = [seeded[index] for index in order]  # item by item, each under its own global seed
+        batches = list(loader)
+        assert len(batches) == len(order) // 6 and len(batches) > 2
+        for number, batch in enumerate(batches):
+            expected = collate(one_at_a_time[number * 6:(number + 1) * 6])
+            for key in ("image", "input_ids", "attention_mask", "image_ids", "index"):
+                assert torch.equal(batch[key], expected[key]), key
+            assert batch["captions"] == expected["captions"]
+        regrouped = seeded.__getitems__(order[9:2:-1])  # another batch composition and order, another size
+        for item, index in zip(regrouped, order[9:2:-1]):
+            single = one_at_a_time[order.index(index)]
+            assert torch.equal(item["image"], single["image"]) and item["caption"] == single["caption"]
+        seeded.set_epoch(2)
+        assert not torch.equal(seeded.__getitems__(order[:1])[0]["image"], one_at_a_time[0]["image"])

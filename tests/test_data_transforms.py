@@ -243,3 +243,17 @@ def test_batch_transform_draws_per_image_and_keeps_captions_paired():
     assert batch.shape == (8, 3, 24, 24) and torch.isfinite(batch).all()
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         full.batch([_photo_like(24)] * 2, ["x"])
+
+
+def test_batch_with_a_generator_per_image_equals_one_image_at_a_time():
+    transform = TrainTransform(24, flip_policy="swap")
+    images = [_photo_like(24 + 4 * s, seed=s) for s in range(12)]
+    captions = ["an arrow pointing left", "red on the right", "a chick", None] * 3
+    one_by_one = [transform(image, caption, torch.Generator().manual_seed(100 + s))
+                  for s, (image, caption) in enumerate(zip(images, captions))]
+    together, paired = transform.batch(images, captions, [torch.Generator().manual_seed(100 + s) for s in range(12)])
+    for row, (image, caption) in enumerate(one_by_one):
+        assert torch.equal(together[row], image) and paired[row] == caption
+    assert paired != captions  # some flip swapped a side word: the flips were drawn, not all skipped
+    with pytest.raises(ValueError, match="1 generators for 2 images"):
+        transform.batch(images[:2], captions[:2], [torch.Generator()])

@@ -79,3 +79,9 @@ def test_seeded_items_are_reproducible_and_leave_the_global_stream_alone():
     assert torch.equal(torch.rand(1), after)  # loading an item does not consume the caller's stream
     items.set_epoch(1)
     assert not torch.equal(items[4], first)  # a new epoch draws new augmentations
+
+
+def test_seeded_batch_of_a_plain_dataset_is_its_items_one_at_a_time():
+    items = SeededItems(_RandomItems(), seed=1)
+    together = items.__getitems__([4, 7, 4])
+    assert all(torch.equal(a, items[i]) for a, i in zip(together, [4, 7, 4]))

@@ -10,6 +10,9 @@ Each training item is a dict ``{"image": (3, S, S) float, "caption": str, "image
 :class:`codis_lib.data.collate.ImageTextCollator` turns a list of them into the batch of COMMON.md.
 The datasets define ``__getitems__``, which PyTorch's DataLoader calls with the indices of a whole
 batch: the transforms then run once per batch (``TrainTransform.batch``) instead of once per image.
+The training datasets' ``load_items(indices, generators)`` does the same with one generator per
+item, from which that item draws all its randomness: training (``SeededItems``) loads batches this
+way and gets, bit for bit, the items it would get one at a time.
 A custom ``transform`` may be a plain callable ``(image, caption) -> (tensor, caption)`` instead.
 
 The cache (``cache=True``) decodes every distinct image once into uint8 tensors (for the emoji
@@ -112,11 +115,29 @@ class _ImageSource:
             raise AnnotationError(source, index, f"cannot decode image {path}: {err}") from err
 
 
-def _transform_batch(transform, images: list, captions: list[str]) -> tuple:
+def _call_drawing_from(transform, image, caption: str, generator: torch.Generator | None) -> tuple:
+    """Return ``transform(image, caption)`` run with torch's global generator in ``generator``'s state.
+
+    A plain callable draws from the global generator; this gives it the item's own stream (the
+    caller's state is restored). ``generator=None``: the global generator as it is.
+    """
+    if generator is None:
+        return transform(image, caption)
+    global_generator = torch.default_generator
+    caller_state = global_generator.get_state()
+    global_generator.set_state(generator.get_state())
+    try:
+        return transform(image, caption)
+    finally:
+        global_generator.set_state(caller_state)
+
+
+def _transform_batch(transform, images: list, captions: list[str], generators: list | None) -> tuple:
     """Return (images (B, 3, S, S), captions) through ``transform.batch``, or one by one for a plain callable."""
     if hasattr(transform, "batch"):
-        return transform.batch(images, captions)
-    pairs = [transform(image, caption) for image, caption in zip(images, captions)]
+        return transform.batch(images, captions, generators)
+    pairs = [_call_drawing_from(transform, image, caption, None if generators is None else generators[row])
+             for row, (image, caption) in enumerate(zip(images, captions))]
     return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
 
 
@@ -179,16 +200,30 @@ class _ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _caption(self, index: int) -> str:
+    def _caption(self, index: int, generator: torch.Generator | None) -> str:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
+        return self.load_items([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """Return the items of a whole batch, transformed together (DataLoader calls this when it exists)."""
+        return self.load_items(indices)
+
+    def load_items(self, indices: Sequence[int], generators: Sequence[torch.Generator] | None = None) -> list[dict]:
+        """Return the items ``indices``, transformed together.
+
+        ``generators``: None draws from torch's global generator; or one generator per index, from
+        which item k draws all its randomness (its caption, then the transform's crop, flip and
+        RandomAugment): then item k is the one ``self[indices[k]]`` gives with the global generator
+        in that generator's state, bit for bit, whatever else is in the batch.
+        """
+        if generators is not None and len(generators) != len(indices):
+            raise ValueError(f"{len(generators)} generators for {len(indices)} indices")
+        draw_from = list(generators) if generators is not None else [None] * len(indices)
         images = [self.images.load(self.records[i].image) for i in indices]
-        batch, captions = _transform_batch(self.transform, images, [self._caption(i) for i in indices])
+        captions = [self._caption(i, generator) for i, generator in zip(indices, draw_from)]
+        batch, captions = _transform_batch(self.transform, images, captions, generators)
         return [{"image": batch[row], "caption": captions[row], "image_id": self.image_ids[i], "index": i}
                 for row, i in enumerate(indices)]
 
@@ -207,9 +242,11 @@ class PretrainDataset(_ImageTextDataset):
     def _image_key(record):
         return record.image
 
-    def _caption(self, index: int) -> str:
+    def _caption(self, index: int, generator: torch.Generator | None) -> str:
         captions = self.records[index].captions
-        return captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
+        if len(captions) == 1:
+            return captions[0]
+        return captions[int(torch.randint(len(captions), (), generator=generator))]
 
 
 class RetrievalTrainDataset(_ImageTextDataset):
@@ -226,7 +263,7 @@ class RetrievalTrainDataset(_ImageTextDataset):
     def _image_key(record):
         return record.image_id
 
-    def _caption(self, index: int) -> str:
+    def _caption(self, index: int, generator: torch.Generator | None) -> str:
         return self.records[index].caption
 
 

@@ -108,7 +108,9 @@ class SeededItems(Dataset):
     torch's global generator. Seeding it per item makes an item depend only on (seed, epoch, index):
     the same whether it is loaded by one process or another, by the main process or a DataLoader
     worker, in an uninterrupted run or after a resume. The caller's generator state is restored after
-    each item, so the training loop's own random stream is untouched.
+    each item, so the training loop's own random stream is untouched. A DataLoader fetches whole
+    batches through ``__getitems__``, which gives each item its own generator under the same seed
+    instead, so the datasets can transform a batch at once with the same result.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -122,6 +124,20 @@ class SeededItems(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """Return the items of a whole batch (DataLoader calls this), each still decided by (seed, epoch, index) alone.
+
+        A dataset with ``load_items(indices, generators)`` loads the batch at once, item k drawing
+        from its own generator seeded as ``__getitem__`` seeds the global one: the same items, bit
+        for bit, as loading them one at a time. Any other dataset is loaded item by item.
+        """
+        load_items = getattr(self.dataset, "load_items", None)
+        if load_items is None:
+            return [self[index] for index in indices]
+        generators = [torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index, DATA_STREAM))
+                      for index in indices]
+        return load_items(list(indices), generators)
 
     def __getitem__(self, index: int):
         generator = torch.default_generator  # the CPU generator behind torch.rand & co. without generator=
