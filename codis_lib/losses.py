@@ -1,4 +1,4 @@
-"""The loss terms of CODIS as pure functions of features, logits and targets (METHOD.md).
+"""The loss terms of CODIS (L_align, L_itm, L_mlm) as pure functions of features, logits and targets.
 
 This layer sits between the codebook (L_code, L_ot live in `codis_lib.codebook`) and the model: it
 knows nothing about encoders, so every term can be checked on hand-made tensors. `CODIS.forward`
@@ -78,7 +78,7 @@ def distilled_contrast(student_rows: torch.Tensor, teacher_rows: torch.Tensor, c
     """Return (H, sim): soft-target cross-entropy of student rows against teacher columns, and sim (B, C).
 
     sim = z_s [z_u^m ; queue_u] / tau; targets = alpha softmax(z_s^m [z_u^m ; queue_u] / tau)
-    + (1 - alpha) positives (METHOD.md, L_align). columns: (d, C) unit teacher features.
+    + (1 - alpha) positives (the paper's L_align). columns: (d, C) unit teacher features.
     """
     sim = student_rows @ columns / temp  # (B, C)
     with torch.no_grad():
@@ -264,7 +264,7 @@ def image_text_matching(score_pairs: PairScorer, image_embeds: torch.Tensor, tex
                                                           sample_seeds)
     pairs = itm_pairs(image_embeds, text_embeds, attention_mask, negative_image, negative_text)
     logits = score_pairs(pairs.image_embeds, pairs.text_embeds, pairs.attention_mask)  # (3B, 2)
-    return itm_loss_from_logits(logits, pairs.labels.to(logits.device))
+    return itm_loss_from_logits(logits, pairs.labels)
 
 
 # ---------------------------------------------------------------------------------------- MLM

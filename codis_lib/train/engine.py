@@ -372,7 +372,7 @@ def _step_scalars(losses: dict[str, torch.Tensor], total: torch.Tensor, diagnost
     values.append(total.detach().float().reshape(()))
     for name, value in diagnostics.scalar_tensors(LOGGED_DIAGNOSTICS).items():  # the ones the mode computes
         names.append(name)
-        values.append(value.to(device))
+        values.append(value)
     packed = torch.stack([v.to(device) for v in values]).double()  # (n,)
     if cdist.is_distributed() and cdist.get_world_size() > 1:
         cdist.all_reduce_sum_(packed)
