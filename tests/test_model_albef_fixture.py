@@ -93,12 +93,12 @@ def test_contrastive_and_mlm_losses_match(fixture, loaded):
     inputs, expected = fixture["inputs"], fixture["expected"]
     queue_before = model.text_queue.clone()
     with torch.no_grad():
-        output = model(inputs["image"], inputs["input_ids"], inputs["attention_mask"], alpha=0.4)
-    diagnostics = output.diagnostics
-    _close("sim_i2t", diagnostics["sim_i2t"], expected["sim_i2t"])
-    _close("sim_t2i", diagnostics["sim_t2i"], expected["sim_t2i"])
-    _close("loss_i2t", diagnostics["align_i2t"], expected["loss_i2t"])
-    _close("loss_t2i", diagnostics["align_t2i"], expected["loss_t2i"])
+        output = model(inputs["image"], inputs["input_ids"], inputs["attention_mask"], alpha=0.4,
+                       return_details=True)
+    _close("sim_i2t", output.details.sim_i2t, expected["sim_i2t"])
+    _close("sim_t2i", output.details.sim_t2i, expected["sim_t2i"])
+    _close("loss_i2t", output.diagnostics.align_i2t, expected["loss_i2t"])
+    _close("loss_t2i", output.diagnostics.align_t2i, expected["loss_t2i"])
     _close("loss_ita", output.losses["align"], expected["loss_ita"])  # albef mode: L_align is ALBEF's ITC
     assert torch.equal(model.text_queue, queue_before) and int(model.queue_ptr) == 0  # eval leaves queues alone
     with torch.no_grad():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.config import ModelConfig
+from codis_lib.losses import sample_hard_negatives
 from codis_lib.model import CODIS, build_model
-from codis_lib.model.codis import sample_hard_negatives
 from codis_lib.model.masking import mask_tokens
 
 TINY = ModelConfig.preset("tiny")
@@ -217,16 +217,16 @@ def test_albef_configuration_equals_itc_plus_itm_plus_mlm_by_hand():
 def test_codis_alignment_adds_the_unimodal_pair_and_weights_apply():
     model = _model(**{"losses.itm_weight": 0.5, "losses.align_unimodal_weight": 2.0}).eval()
     with torch.no_grad():
-        output = model(*_batch(model.config), alpha=0.4)
-    diag = output.diagnostics
-    torch.testing.assert_close(output.losses["align"], (diag["align_i2t"] + diag["align_t2i"]) / 2
-                               + (diag["align_i2i"] + diag["align_t2t"]) / 2)
-    assert diag["sim_i2i"].shape == (4, 4 + model.config.queue_size)
-    expected = (diag["align_itc"] + 2.0 * diag["align_unimodal"] + output.losses["code"] + output.losses["ot"]
+        output = model(*_batch(model.config), alpha=0.4, return_details=True)
+    diag, details = output.diagnostics, output.details
+    torch.testing.assert_close(output.losses["align"], (diag.align_i2t + diag.align_t2i) / 2
+                               + (diag.align_i2i + diag.align_t2t) / 2)
+    assert details.sim_i2i.shape == (4, 4 + model.config.queue_size)
+    expected = (diag.align_itc + 2.0 * diag.align_unimodal + output.losses["code"] + output.losses["ot"]
                 + 0.5 * output.losses["itm"] + output.losses["mlm"])
     torch.testing.assert_close(output.loss, expected)
-    assert diag["assign_image"].shape == (4, model.config.codebook_size)
-    torch.testing.assert_close(diag["assign_image"].sum(1), torch.ones(4))
+    assert details.assign_image.shape == (4, model.config.codebook_size)
+    torch.testing.assert_close(details.assign_image.sum(1), torch.ones(4))
 
 
 @pytest.mark.parametrize("mode, terms", [("clip", {"align"}), ("albef", {"align", "itm", "mlm"}),
@@ -255,11 +255,11 @@ def test_every_mode_trains_forward_and_backward(mode, terms):
 def test_bf16_autocast_keeps_contrastive_math_in_float32():
     model = _model().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model(*_batch(model.config), alpha=0.4)
+        output = model(*_batch(model.config), alpha=0.4, return_details=True)
     output.loss.backward()
     assert torch.isfinite(output.loss)
-    assert output.diagnostics["sim_i2t"].dtype == torch.float32
-    assert output.diagnostics["assign_image"].dtype == torch.float32
+    assert output.details.sim_i2t.dtype == torch.float32
+    assert output.details.assign_image.dtype == torch.float32
     assert model.visual_encoder.patch_embed.proj.weight.grad is not None
 
 
@@ -271,10 +271,10 @@ def test_base_builds_and_runs_one_forward_at_batch_2():
     assert 200e6 < n_student < 230e6  # ViT-B/16 (86M) + BERT-base with 6 cross-attention layers (~124M) + heads
     image, input_ids, attention_mask = _batch(config, batch=2, length=8)
     with torch.no_grad():
-        output = model(image, input_ids, attention_mask, alpha=0.4)
+        output = model(image, input_ids, attention_mask, alpha=0.4, return_details=True)
     assert set(output.losses) == {"align", "code", "ot", "itm", "mlm"}
     assert torch.isfinite(output.loss)
-    assert output.diagnostics["sim_i2t"].shape == (2, 2 + 65536)
+    assert output.details.sim_i2t.shape == (2, 2 + 65536)
 
 
 def test_bad_batches_are_named():

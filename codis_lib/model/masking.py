@@ -13,21 +13,11 @@ randomness independent of how the global batch is split over processes.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from codis_lib.losses import sample_generator  # the per-sample streams, shared with the ITM draws
+
 __all__ = ["mask_tokens", "sample_generator"]
-
-def sample_generator(seed: int, stream: str) -> torch.Generator:
-    """Return a CPU generator seeded from (seed, stream); the same pair always gives the same stream.
-
-    Different stream names ("mlm", "itm_image", ...) give independent streams from one per-sample seed.
-    """
-    digest = hashlib.blake2b(f"{stream}:{int(seed)}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return generator
 
 
 def _check_seeds(sample_seeds: torch.Tensor, batch: int, name: str = "sample_seeds") -> list[int]:

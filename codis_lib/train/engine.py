@@ -38,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -55,11 +55,15 @@ from codis_lib.train.logging import LOSS_PREFIX, MetricsLogger
 from codis_lib.train.sampler import GlobalBatchSampler, SeededItems, sample_seeds
 from codis_lib.train.schedule import WarmupCosineSchedule, alpha_at_step, build_adamw
 
+if TYPE_CHECKING:  # the model package itself is imported where a model is built
+    from codis_lib.model.output import Diagnostics
+
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "RunContext", "init_distributed", "build_train_data",
            "compile_transformer_blocks",
            "load_pretrained_weights", "evaluate_split", "format_retrieval_table", "resolve_precision"]
 
-# Scalar diagnostics of CODISOutput that are averaged over ranks and logged next to the losses.
+# Fields of CODISOutput.diagnostics (codis_lib.model.output.Diagnostics) averaged over ranks and logged
+# next to the losses.
 LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "dead_codes", "itm_accuracy", "mlm_accuracy")
 
 
@@ -335,7 +339,7 @@ def format_retrieval_table(evaluation: dict, title: str = "") -> str:
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def _step_scalars(losses: dict[str, torch.Tensor], total: torch.Tensor, diagnostics: dict,
+def _step_scalars(losses: dict[str, torch.Tensor], total: torch.Tensor, diagnostics: Diagnostics,
                   device: torch.device) -> dict[str, float]:
     """Return the step's loss terms, total and scalar diagnostics as floats, averaged over ranks.
 
@@ -348,14 +352,9 @@ def _step_scalars(losses: dict[str, torch.Tensor], total: torch.Tensor, diagnost
         values.append(value.detach().float().reshape(()))
     names.append("loss")
     values.append(total.detach().float().reshape(()))
-    for name in LOGGED_DIAGNOSTICS:
-        value = diagnostics.get(name)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            names.append(name)
-            values.append(value.detach().float().reshape(()).to(device))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            names.append(name)
-            values.append(torch.tensor(float(value), device=device))
+    for name, value in diagnostics.scalar_tensors(LOGGED_DIAGNOSTICS).items():  # the ones the mode computes
+        names.append(name)
+        values.append(value)
     packed = torch.stack([v.to(device) for v in values]).double()  # (n,)
     if cdist.is_distributed() and cdist.get_world_size() > 1:
         cdist.all_reduce_sum_(packed)
