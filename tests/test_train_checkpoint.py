@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from codis_lib.checkpoint import (CheckpointMismatchError, capture_rng_state, checkpoint_path, find_latest_checkpoint,
+                                  list_checkpoints, load_checkpoint, load_model_state_strict, prune_checkpoints,
+                                  restore_rng_state, save_atomic)
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
-from codis_lib.train.checkpoint import (CheckpointMismatchError, capture_rng_state, checkpoint_path,
-                                        find_latest_checkpoint, list_checkpoints, load_checkpoint,
-                                        load_model_state_strict, prune_checkpoints, restore_rng_state, save_atomic)
 
 
 def _tiny_model(**overrides):

@@ -2,8 +2,8 @@
 import pytest
 
 from codis_lib.config import ConfigError
-from codis_lib.train.config import (apply_overrides, load_run_config, parse_overrides, run_config_from_dict,
-                                    run_config_names)
+from codis_lib.run_config import (apply_overrides, load_run_config, parse_overrides, run_config_from_dict,
+                                  run_config_names)
 
 
 def test_packaged_configs_load_and_validate():

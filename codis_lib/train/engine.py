@@ -22,7 +22,7 @@ What happens, in order:
    schedule step. Rank 0 logs per-term losses, lr, alpha, temperature, throughput and codebook usage
    to metrics.jsonl and TensorBoard, and writes atomic checkpoints.
 5. The end. A final checkpoint (`checkpoint_final.pt`) and, if configured, zero-shot / fine-tuned
-   retrieval evaluation on the held-out split (ALBEF's protocol, `codis_lib.evaluation.retrieval`).
+   retrieval evaluation on the held-out split (ALBEF's protocol, `codis_lib.evaluation.report`).
 
 Retrieval fine-tuning (`train.task: finetune`) is the same loop on the retrieval training records,
 with `image_ids` passed to the model (positives share an image id, hard negatives never do) and the
@@ -46,18 +46,19 @@ from torch.utils.data import DataLoader
 
 from codis_lib import distributed as cdist
 from codis_lib.config import ConfigError, ModelConfig
-from codis_lib.train.checkpoint import (FINAL_CHECKPOINT_NAME, CheckpointMismatchError, capture_rng_state,
-                                        checkpoint_path, find_latest_checkpoint, link_or_copy, load_checkpoint,
-                                        load_model_state_strict, make_checkpoint, prune_checkpoints,
-                                        restore_training_state, save_atomic)
-from codis_lib.train.config import RunConfig
-from codis_lib.train.logging import LOSS_PREFIX, MetricsLogger
+from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, CheckpointMismatchError, capture_rng_state, checkpoint_path,
+                                  find_latest_checkpoint, link_or_copy, load_checkpoint, load_model_state_strict,
+                                  make_checkpoint, prune_checkpoints, restore_training_state, save_atomic)
+from codis_lib.data.tokenizer import tokenizer_location
+from codis_lib.evaluation.report import retrieval_report, retrieval_split_dataset
+from codis_lib.run_config import RunConfig
+from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
 from codis_lib.train.sampler import GlobalBatchSampler, SeededItems, sample_seeds
 from codis_lib.train.schedule import WarmupCosineSchedule, alpha_at_step, build_adamw
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "RunContext", "init_distributed", "build_train_data",
            "compile_transformer_blocks",
-           "load_pretrained_weights", "evaluate_split", "format_retrieval_table", "resolve_precision"]
+           "load_pretrained_weights", "resolve_precision"]
 
 # Scalar diagnostics of CODISOutput that are averaged over ranks and logged next to the losses.
 LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "dead_codes", "itm_accuracy", "mlm_accuracy")
@@ -181,15 +182,6 @@ def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
     return root
 
 
-def tokenizer_location(config: RunConfig) -> str:
-    """Return the tokenizer folder or hub name the run uses."""
-    if config.data.tokenizer is not None:
-        return config.data.tokenizer
-    if config.data.dataset == "emoji":
-        return str(Path(config.data.root) / "tokenizer")
-    raise ConfigError("data.tokenizer: needed for albef_json data")
-
-
 def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     """Return the tokenizer, dataset, sampler and DataLoader of this rank for `config`."""
     from codis_lib.data.collate import ImageTextCollator
@@ -304,52 +296,6 @@ def compile_transformer_blocks(model: torch.nn.Module) -> int:
                 block.compile()
                 count += 1
     return count
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def evaluation_dataset(config: RunConfig, split: str):
-    """Return the RetrievalEvalDataset of `split` ("val" | "test") for this run's data."""
-    from codis_lib.data.datasets import RetrievalEvalDataset
-
-    data = config.data
-    if data.dataset == "emoji":
-        path = Path(data.root) / f"{split}.json"
-        image_root = None
-    else:
-        path = data.val_file if split == "val" else data.test_file
-        if path is None:
-            raise ConfigError(f"data.{split}_file: needed to evaluate on the {split} split")
-        image_root = data.image_root or None
-    return RetrievalEvalDataset(path, image_root, image_size=config.model.vision.image_size,
-                                cache=data.cache_images, check_images="exists")
-
-
-@torch.no_grad()
-def evaluate_split(model, tokenizer, dataset, *, k: int, batch_size: int = 64, pair_batch_size: int = 256,
-                   device: torch.device | None = None) -> dict:
-    """Return ALBEF-protocol retrieval results on a RetrievalEvalDataset (`RetrievalEvaluation.to_dict()`).
-
-    Uses `codis_lib.evaluation.retrieval.evaluate_retrieval`: every rank computes all features, ITM
-    re-ranking of each query's top k splits the queries over ranks and sums the scores.
-    """
-    from codis_lib.evaluation.retrieval import evaluate_retrieval
-
-    was_training = model.training
-    model.eval()
-    try:
-        evaluation = evaluate_retrieval(model, dataset, tokenizer, k=k, image_batch_size=batch_size,
-                                        text_batch_size=max(batch_size, 256), pair_batch_size=pair_batch_size,
-                                        device=device or next(model.parameters()).device)
-    finally:
-        model.train(was_training)
-    return evaluation.to_dict()
-
-
-def format_retrieval_table(evaluation: dict, title: str = "") -> str:
-    """Return the poster-layout table (TR/IR R@1/5/10, contrastive and ITM re-ranked rows) of an evaluation."""
-    from codis_lib.evaluation.cli import format_evaluation_table
-
-    return format_evaluation_table(evaluation, title=title)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -619,7 +565,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
                 epoch, step_in_epoch = epoch + 1, 0
                 every = tc.eval.every_epochs
                 if every and epoch % every == 0 and step < total_steps:
-                    result = _evaluate(config, model, data.tokenizer, ctx)
+                    result = _report_eval_split(config, model, data.tokenizer, ctx)
                     eval_record = {"kind": "eval", "step": step, "epoch": epoch, **result["headline"]}
                     logger.log(eval_record, step)
     finally:
@@ -635,7 +581,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
             last_checkpoint = output_dir / FINAL_CHECKPOINT_NAME
         ctx.barrier()
         if tc.eval.at_end if evaluate is None else evaluate:
-            evaluation = _evaluate(config, model, data.tokenizer, ctx)
+            evaluation = _report_eval_split(config, model, data.tokenizer, ctx)
             if ctx.is_main:
                 logger = MetricsLogger(output_dir, enabled=True, tensorboard=tc.tensorboard)
                 logger.log({"kind": "eval", "step": step, "split": tc.eval.split, **evaluation["headline"]}, step)
@@ -646,12 +592,12 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
                        wall_s=time.perf_counter() - started, train_s=train_s, model=model)
 
 
-def _evaluate(config: RunConfig, model, tokenizer, ctx: RunContext) -> dict:
-    """Return the retrieval evaluation of `model` on train.eval.split (all ranks take part)."""
+def _report_eval_split(config: RunConfig, model, tokenizer, ctx: RunContext) -> dict:
+    """Return the retrieval report of `model` on train.eval.split (all ranks take part)."""
     settings = config.train.eval
-    dataset = evaluation_dataset(config, settings.split)
+    dataset = retrieval_split_dataset(config, settings.split)
     if ctx.is_main:
         print(f"[codis] evaluating retrieval on the {settings.split} split: {len(dataset)} images, "
               f"{len(dataset.texts)} captions, ITM re-ranking of the top {settings.k_test} ...", flush=True)
-    return evaluate_split(model, tokenizer, dataset, k=settings.k_test, batch_size=settings.batch_size,
-                          pair_batch_size=settings.pair_batch_size, device=ctx.device)
+    return retrieval_report(model, tokenizer, dataset, k=settings.k_test, batch_size=settings.batch_size,
+                            pair_batch_size=settings.pair_batch_size, device=ctx.device)
