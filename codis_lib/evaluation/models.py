@@ -17,7 +17,7 @@ import torch
 
 from codis_lib.checkpoint import load_checkpoint, load_model_state_strict
 from codis_lib.config import ModelConfig
-from codis_lib.run_config import RunConfig, run_config_from_dict
+from codis_lib.run_config import RunConfig, run_config_from_dict, without_retired_keys
 
 __all__ = ["TrainedModel", "load_trained_model"]
 
@@ -46,7 +46,7 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
 
     path = Path(checkpoint)
     stored = load_checkpoint(path)
-    saved = stored["config"]
+    saved = without_retired_keys(stored["config"])  # checkpoints of earlier versions hold removed options
     model_config = ModelConfig.from_dict(saved["model"], source=f"{path} [model]")
     run_config = run_config_from_dict(saved, source=str(path))
     model = build_model(model_config)

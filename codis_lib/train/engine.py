@@ -501,9 +501,6 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
                             output = train_model(image, input_ids, attention_mask, alpha=alpha, image_ids=image_ids,
                                                  sample_seeds=seeds)
                         losses, total_loss = dict(output.losses), output.loss
-                        if tc.debug_nan_at_step == step + 1:  # testing hook, see TrainConfig.debug_nan_at_step
-                            losses[tc.debug_nan_term] = losses[tc.debug_nan_term] * float("nan")
-                            total_loss = total_loss * float("nan")
                         values = _step_scalars(losses, total_loss, output.diagnostics, ctx.device)
                         bad = [name for name, value in values.items()
                                if (name.startswith(LOSS_PREFIX) or name == "loss") and not math.isfinite(value)]
