@@ -70,7 +70,7 @@ def test_latest_is_the_highest_step_and_pruning_keeps_the_newest(tmp_path):
 
 
 def test_compiling_the_blocks_keeps_the_checkpoint_keys():
-    from codis_lib.train.engine import compile_transformer_blocks
+    from codis_lib.train.setup import compile_transformer_blocks
 
     model = _tiny_model()
     keys = list(model.state_dict())
