@@ -277,6 +277,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
 
 
 def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate) -> TrainResult:
+    """Return the TrainResult of the run: set up, start position, the epochs, the final checkpoint and evaluation."""
     started = time.perf_counter()
     tc = config.train
     run = build_training_run(config, ctx)  # data, model (seeded), AdamW, schedule, grad scaler
