@@ -62,7 +62,7 @@ def load_model_and_tokenizer(args):
     from codis_lib.data.tokenizer import load_tokenizer
 
     if args.checkpoint:
-        from codis_lib.train.pretrained import load_trained_model
+        from codis_lib.evaluation.models import load_trained_model
 
         trained = load_trained_model(args.checkpoint, device=args.device)
         return trained.model, trained.tokenizer, f"checkpoint {args.checkpoint} (step {trained.step})"

@@ -1,2 +1,110 @@
-"""CODIS: multimodal alignment with a representation codebook, on top of ALBEF."""
+"""CODIS: multimodal alignment with a representation codebook, on top of ALBEF.
+
+What a notebook needs, importable from here (`from codis_lib import build_model, pretrain_or_load`):
+
+- build: ModelConfig, build_model, RunConfig, load_run_config, build_emoji_corpus, load_tokenizer,
+  the datasets (PretrainDataset, RetrievalTrainDataset, RetrievalEvalDataset) and ImageTextCollator;
+- load: load_trained_model, pretrain_or_load, load_checkpoint, load_albef_model, load_albef_state_dict,
+  model_config_from_albef, export_albef_checkpoint;
+- train: run_training (`codis_lib.train.engine.train`; a function named `train` cannot live here, since
+  importing the subpackage `codis_lib.train` sets that attribute), TrainResult, NonFiniteLossError,
+  the schedules (lr_at_step, alpha_at_step, effective_warmup_steps) and the logs (read_jsonl,
+  plot_loss_curves, plot_series);
+- evaluate: evaluate_retrieval and its parts (dataset_features, evaluate_features, the ITM re-rankers,
+  ranks_of_best_match, retrieval_metrics), retrieval_split_dataset, retrieval_report, run_evaluation,
+  format_retrieval_table, format_evaluation_table, paper_rows, format_poster_markdown and the
+  full-recipe launcher (launch_requirements, torchrun_command, run_command);
+- optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, Codebook,
+  transport_assignments, loss_code, codebook_losses, codebook_usage;
+- constants: CLIP_MEAN, CLIP_STD.
+
+Every name is imported on first use (PEP 562), so `import codis_lib` stays light (no torch).
+Figures are in `codis_lib.viz`. The package is layered, each part importing only the ones before it:
+config, run_config, distributed and checkpoint; data; ot; codebook; model; evaluation; train.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> (module, attribute in it)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    # build
+    "ModelConfig": ("codis_lib.config", "ModelConfig"),
+    "ConfigError": ("codis_lib.config", "ConfigError"),
+    "build_model": ("codis_lib.model", "build_model"),
+    "RunConfig": ("codis_lib.run_config", "RunConfig"),
+    "load_run_config": ("codis_lib.run_config", "load_run_config"),
+    "build_emoji_corpus": ("codis_lib.data.emoji_corpus", "build_emoji_corpus"),
+    "load_tokenizer": ("codis_lib.data.tokenizer", "load_tokenizer"),
+    "PretrainDataset": ("codis_lib.data.datasets", "PretrainDataset"),
+    "RetrievalTrainDataset": ("codis_lib.data.datasets", "RetrievalTrainDataset"),
+    "RetrievalEvalDataset": ("codis_lib.data.datasets", "RetrievalEvalDataset"),
+    "ImageTextCollator": ("codis_lib.data.collate", "ImageTextCollator"),
+    # load
+    "TrainedModel": ("codis_lib.evaluation.models", "TrainedModel"),
+    "load_trained_model": ("codis_lib.evaluation.models", "load_trained_model"),
+    "pretrain_or_load": ("codis_lib.train.pretrained", "pretrain_or_load"),
+    "load_checkpoint": ("codis_lib.checkpoint", "load_checkpoint"),
+    "load_albef_model": ("codis_lib.evaluation.albef_models", "load_albef_model"),
+    "export_albef_checkpoint": ("codis_lib.evaluation.albef_models", "export_albef_checkpoint"),
+    "load_albef_state_dict": ("codis_lib.model.albef_checkpoint", "load_albef_state_dict"),
+    "model_config_from_albef": ("codis_lib.model.albef_checkpoint", "model_config_from_albef"),
+    # train
+    "run_training": ("codis_lib.train.engine", "train"),
+    "TrainResult": ("codis_lib.train.engine", "TrainResult"),
+    "NonFiniteLossError": ("codis_lib.train.engine", "NonFiniteLossError"),
+    "lr_at_step": ("codis_lib.train.schedule", "lr_at_step"),
+    "alpha_at_step": ("codis_lib.train.schedule", "alpha_at_step"),
+    "effective_warmup_steps": ("codis_lib.train.schedule", "effective_warmup_steps"),
+    "read_jsonl": ("codis_lib.train.metrics", "read_jsonl"),
+    "plot_loss_curves": ("codis_lib.train.metrics", "plot_loss_curves"),
+    "plot_series": ("codis_lib.train.metrics", "plot_series"),
+    # evaluate (the retrieval parts through codis_lib.evaluation, which re-exports them)
+    "evaluate_retrieval": ("codis_lib.evaluation.retrieval", "evaluate_retrieval"),
+    "RetrievalFeatures": ("codis_lib.evaluation", "RetrievalFeatures"),
+    "dataset_features": ("codis_lib.evaluation", "dataset_features"),
+    "evaluate_features": ("codis_lib.evaluation", "evaluate_features"),
+    "itm_rerank_batched": ("codis_lib.evaluation", "itm_rerank_batched"),
+    "itm_rerank_one_query_at_a_time": ("codis_lib.evaluation", "itm_rerank_one_query_at_a_time"),
+    "ranks_of_best_match": ("codis_lib.evaluation", "ranks_of_best_match"),
+    "retrieval_metrics": ("codis_lib.evaluation", "retrieval_metrics"),
+    "retrieval_split_dataset": ("codis_lib.evaluation.report", "retrieval_split_dataset"),
+    "retrieval_report": ("codis_lib.evaluation.report", "retrieval_report"),
+    "format_retrieval_table": ("codis_lib.evaluation.report", "format_retrieval_table"),
+    "format_evaluation_table": ("codis_lib.evaluation.report", "format_evaluation_table"),
+    "run_evaluation": ("codis_lib.evaluation.cli", "run_evaluation"),
+    "paper_rows": ("codis_lib.evaluation.paper", "paper_rows"),
+    "format_poster_markdown": ("codis_lib.evaluation.paper", "format_poster_markdown"),
+    "launch_requirements": ("codis_lib.evaluation.full_recipe", "launch_requirements"),
+    "torchrun_command": ("codis_lib.evaluation.full_recipe", "torchrun_command"),
+    "run_command": ("codis_lib.evaluation.full_recipe", "run_command"),
+    # optimal transport and the codebook
+    "sinkhorn": ("codis_lib.ot", "sinkhorn"),
+    "sinkhorn_with_info": ("codis_lib.ot", "sinkhorn_with_info"),
+    "ot_cost": ("codis_lib.ot", "ot_cost"),
+    "Codebook": ("codis_lib.codebook", "Codebook"),
+    "transport_assignments": ("codis_lib.codebook", "transport_assignments"),
+    "loss_code": ("codis_lib.codebook", "loss_code"),
+    "codebook_losses": ("codis_lib.codebook", "codebook_losses"),
+    "codebook_usage": ("codis_lib.codebook", "codebook_usage"),
+    # constants
+    "CLIP_MEAN": ("codis_lib.data.transforms", "CLIP_MEAN"),
+    "CLIP_STD": ("codis_lib.data.transforms", "CLIP_STD"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Return the public object `name`, importing its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'codis_lib' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -370,7 +370,7 @@ def _deep_merge(base: dict, update: Mapping) -> dict:
 def build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
     """Return cls(**checked values) after rejecting unknown keys and wrong types, naming the dotted key.
 
-    Shared by every typed config of the package (model here, data and training in codis_lib.train.config).
+    Shared by every typed config of the package (model here, data and training in codis_lib.run_config).
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")

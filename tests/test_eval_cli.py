@@ -12,7 +12,7 @@ from codis_lib.evaluation.cli import eval_main, format_evaluation_table, run_eva
 from codis_lib.evaluation.paper import PAPER_RESULTS, format_poster_markdown, paper_rows
 from codis_lib.evaluation.retrieval import evaluate_retrieval
 from codis_lib.model import build_model
-from codis_lib.train.config import load_run_config
+from codis_lib.run_config import load_run_config
 from codis_lib.train.engine import train
 from tests.fixtures_data.corpus import SMALL_CORPUS_SIZE, small_emoji_corpus
 

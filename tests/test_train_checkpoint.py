@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from codis_lib.checkpoint import (CheckpointMismatchError, capture_rng_state, checkpoint_path, find_latest_checkpoint,
+                                  list_checkpoints, load_checkpoint, prune_checkpoints,
+                                  restore_rng_state, save_atomic)
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
 from codis_lib.model.loading import load_state_strict
-from codis_lib.train.checkpoint import (CheckpointMismatchError, capture_rng_state, checkpoint_path,
-                                        find_latest_checkpoint, list_checkpoints, load_checkpoint,
-                                        prune_checkpoints, restore_rng_state, save_atomic)
 
 
 def _tiny_model(**overrides):
@@ -71,7 +71,7 @@ def test_latest_is_the_highest_step_and_pruning_keeps_the_newest(tmp_path):
 
 
 def test_compiling_the_blocks_keeps_the_checkpoint_keys():
-    from codis_lib.train.engine import compile_transformer_blocks
+    from codis_lib.train.setup import compile_transformer_blocks
 
     model = _tiny_model()
     keys = list(model.state_dict())

@@ -2,8 +2,8 @@
 import pytest
 
 from codis_lib.config import ConfigError
-from codis_lib.train.config import (apply_overrides, load_run_config, parse_overrides, run_config_from_dict,
-                                    run_config_names)
+from codis_lib.run_config import (apply_overrides, load_run_config, parse_overrides, run_config_from_dict,
+                                  run_config_names, without_retired_keys)
 
 
 def test_packaged_configs_load_and_validate():
@@ -57,7 +57,7 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     assert parsed == {"train.batch_size": 8, "train.optimizer.lr": "1e-5", "train.compile": True,
                       "train.max_steps": None, "data.train_files": ["a.json", "b.json"]}
     run = load_run_config("pretrain_emoji", overrides=["train.batch_size=8", "train.optimizer.lr=1e-5",
-                                                       "model.mode=albef", "train.debug_nan_term=itm"], world_size=1)
+                                                       "model.mode=albef"], world_size=1)
     assert run.train.batch_size == 8 and run.train.optimizer.lr == pytest.approx(1e-5) and run.model.mode == "albef"
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_overrides(["train.batch_size"])
@@ -65,6 +65,15 @@ def test_overrides_are_parsed_as_yaml_and_validated():
         load_run_config("pretrain_emoji", overrides=["train.no_such_key=1"], world_size=1)
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
+
+
+def test_a_checkpoint_config_with_retired_keys_still_loads_but_a_new_config_may_not_use_them():
+    stored = load_run_config("pretrain_emoji", world_size=1).to_dict()
+    stored["train"].update(debug_nan_at_step=None, debug_nan_term="align")  # what older checkpoints hold
+    with pytest.raises(ConfigError, match=r"train\.debug_nan_at_step"):
+        run_config_from_dict(stored)
+    assert run_config_from_dict(without_retired_keys(stored)).to_dict() == \
+        load_run_config("pretrain_emoji", world_size=1).to_dict()
 
 
 def test_round_trip_through_a_plain_dict():

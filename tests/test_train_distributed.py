@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from codis_lib.train.checkpoint import load_checkpoint
+from codis_lib.checkpoint import load_checkpoint
 from tests.test_train_resume import tiny_run_overrides
 
 STEPS = 3

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from codis_lib.train.checkpoint import CheckpointMismatchError, load_checkpoint
-from codis_lib.train.config import load_run_config
+from codis_lib.checkpoint import CheckpointMismatchError, load_checkpoint
+from codis_lib.run_config import load_run_config
 from codis_lib.train.engine import load_pretrained_weights, train
 from codis_lib.train.pretrained import pretrain_or_load
 from tests.test_train_resume import tiny_run_overrides

@@ -1,7 +1,7 @@
 """Training tiny CODIS on the (small) emoji corpus lowers every loss term."""
 import pytest
 
-from codis_lib.train.config import load_run_config
+from codis_lib.run_config import load_run_config
 from codis_lib.train.engine import train
 from tests.test_train_resume import tiny_run_overrides
 

@@ -4,9 +4,9 @@ import hashlib
 import pytest
 import torch
 
-from codis_lib.train.checkpoint import list_checkpoints, load_checkpoint
+from codis_lib.checkpoint import list_checkpoints, load_checkpoint
+from codis_lib.run_config import load_run_config
 from codis_lib.train.cli import pretrain_main
-from codis_lib.train.config import load_run_config
 from codis_lib.train.engine import NonFiniteLossError, train
 from tests.fixtures_data.corpus import small_emoji_corpus
 
@@ -50,7 +50,7 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
     for state_a, state_b in zip(uninterrupted["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
     # The two legs together logged each step once, with the same losses as the uninterrupted run.
-    from codis_lib.train.logging import read_jsonl
+    from codis_lib.train.metrics import read_jsonl
 
     assert [r["loss"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == \
         [r["loss"] for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
@@ -60,7 +60,30 @@ def _sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_checkpoint(tmp_path, capsys):
+def _poison_loss_term(monkeypatch, term, at_step, resumed_from):
+    """Patch the model's forward to return NaN for loss `term` and the total at step `at_step`; return the steps seen.
+
+    The run resumes after step `resumed_from` and takes one forward per step (no accumulation), so the
+    n-th forward after patching belongs to optimizer step `resumed_from + n`.
+    """
+    from codis_lib.model.codis import CODIS
+
+    original = CODIS.forward
+    forwards = []
+
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        forwards.append(resumed_from + len(forwards) + 1)  # the optimizer step this forward belongs to
+        if forwards[-1] == at_step:
+            output.losses = {**output.losses, term: output.losses[term] * float("nan")}
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(CODIS, "forward", forward)
+    return forwards
+
+
+def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     overrides = tiny_run_overrides(out, 6, **{"train.ckpt_every": 2})
     assert _cli(overrides, "--stop-at-step", "2") == 0
@@ -68,8 +91,10 @@ def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_check
     digest = _sha256(good)
 
     # The real path through the CLI: exit status 1 and the term and step on stderr.
-    poisoned = overrides + ["train.debug_nan_at_step=4", "train.debug_nan_term=code"]
-    assert _cli(poisoned, "--resume") == 1
+    with monkeypatch.context() as patch:
+        forwards = _poison_loss_term(patch, "code", at_step=4, resumed_from=2)
+        assert _cli(overrides, "--resume") == 1
+    assert forwards == [3, 4]
     error = capsys.readouterr().err
     assert "non-finite loss term 'code' at step 4" in error and str(good) in error
 
@@ -78,10 +103,11 @@ def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_check
     assert _sha256(good) == digest and not (out / "checkpoint_final.pt").exists()
 
     # Through the Python API the exception carries the details; the kept checkpoint still resumes.
-    config = load_run_config("pretrain_emoji", overrides=overrides + ["train.debug_nan_at_step=3",
-                                                                      "train.debug_nan_term=itm"])
-    with pytest.raises(NonFiniteLossError) as info:
-        train(config, resume=True)
+    config = load_run_config("pretrain_emoji", overrides=overrides)
+    with monkeypatch.context() as patch:
+        _poison_loss_term(patch, "itm", at_step=3, resumed_from=2)
+        with pytest.raises(NonFiniteLossError) as info:
+            train(config, resume=True)
     assert (info.value.term, info.value.step, info.value.checkpoint) == ("itm", 3, good)
     result = train(load_run_config("pretrain_emoji", overrides=overrides), resume=True)
     assert result.finished and result.steps == 6
@@ -93,6 +119,6 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_run_unless_told_to_overwrite
     assert _cli(overrides) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert _cli(overrides + ["train.overwrite=true", "train.max_steps=2"]) == 0
-    from codis_lib.train.logging import read_jsonl
+    from codis_lib.train.metrics import read_jsonl
 
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # the old log is gone

@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import string
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:  # annotations only: building the corpus must not pay for the run config's imports
+    from codis_lib.run_config import RunConfig
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
 TOKENIZER_RECIPE = 3  # bump when train_wordpiece changes what it learns: corpora built before retrain theirs
@@ -218,3 +221,14 @@ def special_token_ids(tokenizer) -> dict[str, int]:
         "sep_token_id": tokenizer.sep_token_id,
         "mask_token_id": tokenizer.mask_token_id,
     }
+
+
+def tokenizer_location(config: RunConfig) -> str:
+    """Return the tokenizer folder or hub name a run uses: data.tokenizer, else the emoji corpus's own."""
+    if config.data.tokenizer is not None:
+        return config.data.tokenizer
+    if config.data.dataset == "emoji":
+        return str(Path(config.data.root) / "tokenizer")
+    from codis_lib.config import ConfigError
+
+    raise ConfigError("data.tokenizer: needed for albef_json data")

@@ -107,7 +107,7 @@ def load_albef_model(checkpoint: str | os.PathLike, *, task_config=None, bert_co
 
 def load_our_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
     """Return a model saved by our trainer (codis-pretrain / codis-finetune / notebook 04), with its tokenizer."""
-    from codis_lib.train.pretrained import load_trained_model
+    from codis_lib.evaluation.models import load_trained_model
 
     trained = load_trained_model(checkpoint, device=device)
     return LoadedModel(model=trained.model, tokenizer=trained.tokenizer, run_config=trained.run_config,

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 8 -m codis_lib.evaluation.cli CKPT ...        # queries split over 8 processes
 
 Python: `run_evaluation(...)` returns the result dict (the metrics of `RetrievalEvaluation.to_dict()`
-plus what was evaluated), `format_evaluation_table(result)` the table.
+plus what was evaluated), `format_evaluation_table(result)` (from `codis_lib.evaluation.report`) the table.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from codis_lib.evaluation.paper import format_poster_table, paper_rows
+from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset
 
-RANKING_NAMES = {"itm": "ITM re-ranked", "itc": "contrastive only"}
+__all__ = ["run_evaluation", "format_evaluation_table", "load_dataset", "eval_main"]
 
 
 def _device(choice: str) -> torch.device:
@@ -54,9 +54,7 @@ def load_dataset(annotation, image_root, image_size: int, *, run_config=None, sp
     if run_config is None:
         raise ValueError("--annotation is required for an ALBEF checkpoint (ALBEF's test JSON, e.g. "
                          "data/flickr30k_test.json, with --image-root)")
-    from codis_lib.train.engine import evaluation_dataset
-
-    return evaluation_dataset(run_config, split)
+    return retrieval_split_dataset(run_config, split)
 
 
 def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpoint=None, albef_config=None,
@@ -97,23 +95,6 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
     result.update(model=loaded.description, world_size=get_world_size(), rank=get_rank(), score_mode=score_mode,
                   dataset=str(annotation) if annotation is not None else f"{split} split of the checkpoint's run")
     return result
-
-
-def format_evaluation_table(result: dict, *, title: str = "", paper: str | None = None,
-                            setting: str = "zero-shot") -> str:
-    """Return the poster-layout table of a `run_evaluation` result, optionally under the paper's rows.
-
-    paper: "coco" | "flickr" adds the poster's ALBEF 4M and CODIS rows of that dataset and `setting`.
-    """
-    rows = dict(paper_rows(setting, paper)) if paper else {}
-    for ranking in ("itc", "itm"):
-        metrics = result["metrics"].get(ranking)
-        if metrics is not None:
-            suffix = f" (k={result['k']})" if ranking == "itm" else ""
-            rows[f"this run, {RANKING_NAMES[ranking]}{suffix}"] = metrics
-    footer = (f"{result['num_images']} images, {result['num_texts']} captions; TR = image -> text (an image counts "
-              f"if any of its captions is within K), IR = text -> image; recall in %.")
-    return format_poster_table(rows, title=title) + "\n" + footer
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ def _parser(prog: str, default_config: str, what: str) -> argparse.ArgumentParse
 
 def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -> int:
     args = _parser(prog, default_config, what).parse_args(argv)
-    from codis_lib.train.config import load_run_config
+    from codis_lib.run_config import load_run_config
 
     overrides = list(args.overrides)
     if args.output_dir is not None:
@@ -61,7 +61,8 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
         print(config.to_yaml())
         return 0
 
-    from codis_lib.train.engine import NonFiniteLossError, format_retrieval_table, train
+    from codis_lib.evaluation.report import format_retrieval_table
+    from codis_lib.train.engine import NonFiniteLossError, train
 
     resume = False if args.resume is None else (True if args.resume == "latest" else args.resume)
     started = time.perf_counter()

@@ -1,28 +1,31 @@
-"""The CODIS training loop: one function, `train(config)`, readable top to bottom (nanoGPT's layout).
+"""The CODIS training loop: `train(config)` around one `train_step`, readable top to bottom (nanoGPT's layout).
 
 The same code runs a 2-core laptop, one GPU, or many GPUs under torchrun:
 
     codis-pretrain                                              # 1 process, tiny model, emoji corpus
     torchrun --nproc_per_node 8 -m codis_lib.train.cli pretrain --config pretrain_4m
 
-What happens, in order:
-1. Processes. Under torchrun (WORLD_SIZE > 1) a process group is created (NCCL on GPUs, gloo on CPU)
-   and the model is wrapped in DistributedDataParallel; a single process needs no group at all.
-2. Data. The emoji corpus is built if missing (rank 0; the others wait). `GlobalBatchSampler` cuts a
-   seeded per-epoch permutation into global batches and gives each rank a contiguous slice, and
-   `SeededItems` loads item i of epoch e under a seed of (seed, e, i): the global batch, its order and
-   every sample's augmentation are the same whatever the number of processes.
-3. Model, AdamW (ALBEF's groups), warm-up + cosine schedule, optional fp16 grad scaler. `--resume`
-   restores all of it, the RNG states and the position in the epoch from the latest checkpoint.
-4. The loop. For each optimizer step: alpha from its ramp; `grad_accum_steps` forwards under autocast
-   (bf16 on GPU by default), each with per-sample seeds for the model's own randomness (MLM masking,
-   ITM hard negatives); every loss term is averaged over ranks and checked for NaN/inf *before*
-   backward (a non-finite term stops the run naming the term and step; no checkpoint is written after
-   it); backward (DDP all-reduces gradients on the last micro-batch only); clipping; optimizer and
-   schedule step. Rank 0 logs per-term losses, lr, alpha, temperature, throughput and codebook usage
-   to metrics.jsonl and TensorBoard, and writes atomic checkpoints.
+What happens, in order (`train` -> `_train`):
+1. Processes (`setup.init_distributed`). Under torchrun (WORLD_SIZE > 1) a process group is created
+   (NCCL on GPUs, gloo on CPU) and the model is wrapped in DistributedDataParallel; a single process
+   needs no group at all.
+2. Data, model, optimizer (`setup.build_training_run`). The emoji corpus is built if missing (rank 0;
+   the others wait). `GlobalBatchSampler` cuts a seeded per-epoch permutation into global batches and
+   gives each rank a contiguous slice, and `SeededItems` loads item i of epoch e under a seed of
+   (seed, e, i): the global batch, its order and every sample's augmentation are the same whatever the
+   number of processes. AdamW (ALBEF's groups), warm-up + cosine schedule, optional fp16 grad scaler.
+3. Where to start (`_start_position`): `--resume` restores all of it, the RNG states and the position
+   in the epoch from the latest checkpoint; `train.init_from` loads pretrained weights; else scratch.
+4. The loop (`_train_epoch`, `train_step`). For each optimizer step: alpha from its ramp;
+   `grad_accum_steps` forwards under autocast (bf16 on GPU by default), each with per-sample seeds for
+   the model's own randomness (MLM masking, ITM hard negatives); every loss term is averaged over ranks
+   and checked for NaN/inf *before* backward (a non-finite term stops the run naming the term and
+   step; no checkpoint is written after it); backward (DDP all-reduces gradients on the last
+   micro-batch only); clipping; optimizer and schedule step. Rank 0 logs per-term losses, lr, alpha,
+   temperature, throughput and codebook usage to metrics.jsonl and TensorBoard, and writes atomic
+   checkpoints (`run_dir`).
 5. The end. A final checkpoint (`checkpoint_final.pt`) and, if configured, zero-shot / fine-tuned
-   retrieval evaluation on the held-out split (ALBEF's protocol, `codis_lib.evaluation.retrieval`).
+   retrieval evaluation on the held-out split (ALBEF's protocol, `codis_lib.evaluation.report`).
 
 Retrieval fine-tuning (`train.task: finetune`) is the same loop on the retrieval training records,
 with `image_ids` passed to the model (positives share an image id, hard negatives never do) and the
@@ -32,35 +35,33 @@ to the new image size).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from codis_lib import distributed as cdist
-from codis_lib.config import ConfigError, ModelConfig
-from codis_lib.train.checkpoint import (FINAL_CHECKPOINT_NAME, CheckpointMismatchError, capture_rng_state,
-                                        checkpoint_path, find_latest_checkpoint, link_or_copy, load_checkpoint,
-                                        load_model_state_strict, make_checkpoint, prune_checkpoints,
-                                        restore_training_state, save_atomic)
-from codis_lib.train.config import RunConfig
-from codis_lib.train.logging import LOSS_PREFIX, MetricsLogger
-from codis_lib.train.sampler import GlobalBatchSampler, SeededItems, sample_seeds
-from codis_lib.train.schedule import WarmupCosineSchedule, alpha_at_step, build_adamw
+from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoint, load_checkpoint,
+                                  restore_training_state)
+from codis_lib.evaluation.report import retrieval_report, retrieval_split_dataset
+from codis_lib.run_config import RunConfig
+from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
+from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, save_checkpoint, write_final_evaluation,
+                                     write_run_files)
+from codis_lib.train.sampler import sample_seeds
+from codis_lib.train.schedule import alpha_at_step
+from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, describe_run, init_distributed,
+                                   model_config_differences, pad_text_to_global_length, wrap_model)
 
 if TYPE_CHECKING:  # the model package itself is imported where a model is built
     from codis_lib.model.output import Diagnostics
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "RunContext", "init_distributed", "build_train_data",
-           "compile_transformer_blocks",
-           "load_pretrained_weights", "evaluate_split", "format_retrieval_table", "resolve_precision"]
+__all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError", "load_pretrained_weights"]
 
 # Fields of CODISOutput.diagnostics (codis_lib.model.output.Diagnostics) averaged over ranks and logged
 # next to the losses.
@@ -91,161 +92,22 @@ class TrainResult:
     model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
 
 
-# ------------------------------------------------------------------------------------------ processes
 @dataclass
-class RunContext:
-    """This process's place in the run: rank, world size, device."""
+class LoopState:
+    """Where the loop is, and what it has written: the part of a run that changes at every step."""
 
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_process_group: bool  # True when train() created the group (and must destroy it)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        """Wait for every rank (no-op in a single process)."""
-        if cdist.is_distributed():
-            dist.barrier()
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    last_checkpoint: Path | None = None
+    stopped_early: bool = False  # stop_at_step reached before the end of the schedule
+    records: list[dict] = field(default_factory=list)  # training log records of this invocation
+    interval: dict[str, float] = field(default_factory=dict)  # sums of the step scalars since the last record
+    interval_steps: int = 0
+    interval_start: float = field(default_factory=time.perf_counter)
 
 
-def init_distributed(device_choice: str = "auto") -> RunContext:
-    """Return the RunContext, creating the process group when launched by torchrun with WORLD_SIZE > 1.
-
-    NCCL is used on GPUs, gloo on CPU. A group created by the caller beforehand is reused.
-    """
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    owns = False
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if world_size > 1 and not cdist.is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")  # rendezvous from torchrun's env://
-        owns = True
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return RunContext(rank=cdist.get_rank(), world_size=cdist.get_world_size(), local_rank=local_rank,
-                      device=device, owns_process_group=owns)
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Return (autocast dtype or None for fp32, whether a GradScaler is needed) for `train.precision`."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-        return None, False
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    if device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return torch.float16, True
-
-
-# ------------------------------------------------------------------------------------------ data
-@dataclass
-class TrainData:
-    """The tokenizer, the (seeded) training set, its sampler and loader."""
-
-    tokenizer: Any
-    dataset: Any  # the underlying codis_lib.data dataset
-    seeded: SeededItems
-    sampler: GlobalBatchSampler
-    loader: DataLoader
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Prepare the sampler and the item seeds for `epoch`, skipping its first `start_batch` global batches."""
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_start_batch(start_batch)
-        self.seeded.set_epoch(epoch)
-
-
-def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
-    """Return the emoji corpus directory, building it on rank 0 first when it is missing and allowed."""
-    data = config.data
-    root = Path(data.root)
-    if not (root / "manifest.json").is_file():
-        if not data.build_if_missing:
-            raise FileNotFoundError(f"no emoji corpus in {root} (data.root) and data.build_if_missing is false; "
-                                    f"build it with `codis-build-emoji --out-dir {root}`")
-        if ctx.is_main:
-            from codis_lib.data.emoji_corpus import build_emoji_corpus
-
-            print(f"[codis] building the emoji corpus in {root} (once; about a minute on 2 cores) ...", flush=True)
-            manifest = build_emoji_corpus(root, image_size=data.emoji_image_size, limit=data.emoji_limit)
-            counts = manifest["counts"]
-            print(f"[codis] emoji corpus: {counts['emoji']} emoji, {counts['images']} images", flush=True)
-    ctx.barrier()
-    return root
-
-
-def tokenizer_location(config: RunConfig) -> str:
-    """Return the tokenizer folder or hub name the run uses."""
-    if config.data.tokenizer is not None:
-        return config.data.tokenizer
-    if config.data.dataset == "emoji":
-        return str(Path(config.data.root) / "tokenizer")
-    raise ConfigError("data.tokenizer: needed for albef_json data")
-
-
-def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
-    """Return the tokenizer, dataset, sampler and DataLoader of this rank for `config`."""
-    from codis_lib.data.collate import ImageTextCollator
-    from codis_lib.data.datasets import PretrainDataset, RetrievalTrainDataset
-    from codis_lib.data.tokenizer import load_tokenizer
-
-    data, train_config = config.data, config.train
-    if data.dataset == "emoji":
-        root = ensure_emoji_corpus(config, ctx)
-        files = data.train_files or [str(root / ("pretrain.json" if train_config.task == "pretrain" else "train.json"))]
-    else:
-        files = data.train_files
-    tokenizer = load_tokenizer(tokenizer_location(config), max_length=data.max_tokens)
-    image_root = data.image_root or None  # None: relative image paths are relative to the JSON file
-    dataset_class = PretrainDataset if train_config.task == "pretrain" else RetrievalTrainDataset
-    # With the cache every image is decoded (so checked) once; without it, verify the files up front.
-    dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
-                            cache=data.cache_images, check_images="exists" if data.cache_images else "verify")
-    seeded = SeededItems(dataset, train_config.seed)
-    sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,
-                                 rank=ctx.rank, shuffle=True, seed=train_config.seed,
-                                 batches_multiple_of=train_config.grad_accum_steps)
-    # The loader's own generator only seeds worker processes; giving it one keeps the global torch
-    # stream (dropout) free of the draw a DataLoader iterator makes at every epoch start.
-    loader_generator = torch.Generator().manual_seed(train_config.seed)
-    loader = DataLoader(seeded, batch_size=train_config.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=ImageTextCollator(tokenizer, max_length=data.max_tokens),
-                        num_workers=data.num_workers, pin_memory=ctx.device.type == "cuda",
-                        generator=loader_generator, persistent_workers=False)
-    return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader)
-
-
-def pad_text_to_global_length(batch: dict, ctx: RunContext) -> dict:
-    """Return the batch with input_ids / attention_mask right-padded to the longest caption of the global batch.
-
-    The collator pads each rank's batch to its own longest caption; tensors gathered across ranks
-    (text states for ITM negatives) must have one length, and the single-process run pads the whole
-    global batch to its longest, so matching it keeps the computation identical.
-    """
-    if ctx.world_size == 1:
-        return batch
-    length = torch.tensor([batch["input_ids"].shape[1]], device=batch["input_ids"].device)
-    cdist.all_reduce_max_(length)
-    missing = int(length) - batch["input_ids"].shape[1]
-    if missing > 0:
-        batch = dict(batch)
-        for key in ("input_ids", "attention_mask"):
-            batch[key] = torch.nn.functional.pad(batch[key], (0, missing), value=0)
-    return batch
-
-
-# ------------------------------------------------------------------------------------------ model
+# ------------------------------------------------------------------------------------------ weights
 def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Initialise `model` from a CODIS checkpoint (or a bare state dict) for fine-tuning, strictly.
 
@@ -259,86 +121,38 @@ def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike) -> 
     load_codis_weights(model, path, what="train.init_from: checkpoint file", log=lambda line: print(f"[codis] {line}"))
 
 
-def _model_config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Return the dotted keys whose values differ between two nested config dicts."""
-    keys = sorted(set(saved) | set(current))
-    differences = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differences += _model_config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            differences.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
-    return differences
+def _start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> LoopState:
+    """Return the loop's starting state: from a checkpoint of this run, from train.init_from, or from scratch.
 
-
-def compile_transformer_blocks(model: torch.nn.Module) -> int:
-    """Return how many transformer blocks were compiled in place with `torch.compile` (`Module.compile`).
-
-    Compiling block by block (every ViT block and BERT layer, student and teacher) rather than the whole
-    forward keeps the model's Python logic (EMA, sampling, queues, collectives) out of the graphs, so
-    there are no graph breaks to trip over, and leaves parameter names (checkpoints) unchanged.
+    A fresh run claims its output folder first (refusing, or with train.overwrite deleting, an earlier run's files).
     """
-    count = 0
-    for module in model.modules():
-        # A stack of blocks: BERT's encoder.layer (a ModuleList of text and fusion layers) or timm's ViT
-        # blocks (a Sequential): >= 2 children, each a layer with its own attention.
-        children = list(module.children()) if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) else []
-        if len(children) >= 2 and all(any("attn" in name or "attention" in name for name, _ in child.named_children())
-                                      for child in children):
-            for block in children:
-                block.compile()
-                count += 1
-    return count
+    tc, ctx, output_dir = run.config.train, run.ctx, run.output_dir
+    resume_path = None
+    if resume:
+        resume_path = Path(resume) if not isinstance(resume, bool) else find_latest_checkpoint(output_dir)
+        if resume_path is None and ctx.is_main:
+            print(f"[codis] --resume: no checkpoint in {output_dir}; starting from scratch", flush=True)
+    if resume_path is None:
+        claim_output_dir(output_dir, overwrite=tc.overwrite, ctx=ctx)
+        if tc.init_from:
+            load_pretrained_weights(run.model, tc.init_from)
+        return LoopState()
+    checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
+    differences = model_config_differences(checkpoint["config"]["model"], run.model_config.to_dict())
+    if differences:
+        raise CheckpointMismatchError(f"{resume_path} was trained with another model config:\n  "
+                                      + "\n  ".join(differences))
+    restore_training_state(checkpoint, model=run.model, optimizer=run.optimizer, scheduler=run.schedule,
+                           scaler=run.scaler, rank=ctx.rank, world_size=ctx.world_size, source=str(resume_path))
+    state = LoopState(step=checkpoint["step"], epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
+                      last_checkpoint=find_latest_checkpoint(output_dir))
+    if ctx.is_main:
+        print(f"[codis] resumed from {resume_path}: step {state.step}, epoch {state.epoch}, step "
+              f"{state.step_in_epoch} of the epoch", flush=True)
+    return state
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-def evaluation_dataset(config: RunConfig, split: str):
-    """Return the RetrievalEvalDataset of `split` ("val" | "test") for this run's data."""
-    from codis_lib.data.datasets import RetrievalEvalDataset
-
-    data = config.data
-    if data.dataset == "emoji":
-        path = Path(data.root) / f"{split}.json"
-        image_root = None
-    else:
-        path = data.val_file if split == "val" else data.test_file
-        if path is None:
-            raise ConfigError(f"data.{split}_file: needed to evaluate on the {split} split")
-        image_root = data.image_root or None
-    return RetrievalEvalDataset(path, image_root, image_size=config.model.vision.image_size,
-                                cache=data.cache_images, check_images="exists")
-
-
-@torch.no_grad()
-def evaluate_split(model, tokenizer, dataset, *, k: int, batch_size: int = 64, pair_batch_size: int = 256,
-                   device: torch.device | None = None) -> dict:
-    """Return ALBEF-protocol retrieval results on a RetrievalEvalDataset (`RetrievalEvaluation.to_dict()`).
-
-    Uses `codis_lib.evaluation.retrieval.evaluate_retrieval`: every rank computes all features, ITM
-    re-ranking of each query's top k splits the queries over ranks and sums the scores.
-    """
-    from codis_lib.evaluation.retrieval import evaluate_retrieval
-
-    was_training = model.training
-    model.eval()
-    try:
-        evaluation = evaluate_retrieval(model, dataset, tokenizer, k=k, image_batch_size=batch_size,
-                                        text_batch_size=max(batch_size, 256), pair_batch_size=pair_batch_size,
-                                        device=device or next(model.parameters()).device)
-    finally:
-        model.train(was_training)
-    return evaluation.to_dict()
-
-
-def format_retrieval_table(evaluation: dict, title: str = "") -> str:
-    """Return the poster-layout table (TR/IR R@1/5/10, contrastive and ITM re-ranked rows) of an evaluation."""
-    from codis_lib.evaluation.cli import format_evaluation_table
-
-    return format_evaluation_table(evaluation, title=title)
-
-
-# ------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------ one step
 def _step_scalars(losses: dict[str, torch.Tensor], total: torch.Tensor, diagnostics: Diagnostics,
                   device: torch.device) -> dict[str, float]:
     """Return the step's loss terms, total and scalar diagnostics as floats, averaged over ranks.
@@ -362,47 +176,66 @@ def _step_scalars(losses: dict[str, torch.Tensor], total: torch.Tensor, diagnost
     return dict(zip(names, packed.tolist()))
 
 
-RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml")
+def _stop_if_non_finite(values: dict[str, float], run: TrainingRun, *, step: int, epoch: int, alpha: float,
+                        last_checkpoint: Path | None) -> None:
+    """Raise NonFiniteLossError naming the first NaN/inf loss term of optimizer step `step` (1-based), if any."""
+    bad = [name for name, value in values.items()
+           if (name.startswith(LOSS_PREFIX) or name == "loss") and not math.isfinite(value)]
+    if not bad:
+        return
+    term = next((n[len(LOSS_PREFIX):] for n in bad if n.startswith(LOSS_PREFIX)), "total")
+    listing = ", ".join(f"{n}={values[n]}" for n in bad)
+    where = (f"the last good checkpoint is {last_checkpoint} (resume with --resume)"
+             if last_checkpoint is not None else "no checkpoint had been written yet")
+    raise NonFiniteLossError(
+        f"non-finite loss term '{term}' at step {step} (epoch {epoch}, alpha {alpha:.3f}, "
+        f"lr {run.schedule.current_lr():.3g}): {listing}. Training stopped before the update; "
+        f"{where}.", term=term, step=step, epoch=epoch, checkpoint=last_checkpoint)
 
 
-def _claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> None:
-    """Make sure a fresh run does not mix with an earlier run's files in `output_dir` (deleted if `overwrite`)."""
-    import shutil
+def train_step(run: TrainingRun, batches: Iterator[dict], *, step: int, epoch: int, alpha: float,
+               last_checkpoint: Path | None = None) -> dict[str, float]:
+    """Return the scalars of one optimizer step (loss terms, total, diagnostics, grad_norm, lr) after taking it.
 
-    previous = sorted(p for pattern in RUN_FILES for p in output_dir.glob(pattern)) if output_dir.is_dir() else []
-    if previous and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds a run ({', '.join(p.name for p in previous[:4])}"
-            f"{', ...' if len(previous) > 4 else ''}). Continue it with --resume (a finished run is just evaluated "
-            f"again), start over with --set train.overwrite=true, or pick another --output-dir.")
-    ctx.barrier()  # every rank has looked before rank 0 deletes anything
-    if previous and ctx.is_main:
-        print(f"[codis] train.overwrite: removing the previous run's files in {output_dir}", flush=True)
-        for path in previous:
-            path.unlink()
-        shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
-    ctx.barrier()
+    `step` optimizer steps are done before this one. Reads `grad_accum_steps` micro-batches from
+    `batches`; each forward runs under autocast and its loss terms are checked before backward, so a
+    NaN/inf stops the run (NonFiniteLossError, pointing at `last_checkpoint`) before any update.
+    """
+    tc, ctx = run.config.train, run.ctx
+    accum = tc.grad_accum_steps
+    step_values: dict[str, float] = {}
+    for micro_step in range(accum):
+        batch = pad_text_to_global_length(next(batches), ctx)
+        image = batch["image"].to(ctx.device, non_blocking=True)
+        input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(ctx.device, non_blocking=True)
+        image_ids = batch["image_ids"].to(ctx.device) if tc.task == "finetune" else None
+        seeds = sample_seeds(tc.seed, epoch, batch["index"])  # (B,) from (seed, epoch, dataset index)
+        # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
+        skip_sync = ctx.world_size > 1 and micro_step < accum - 1 and hasattr(run.train_model, "no_sync")
+        with run.train_model.no_sync() if skip_sync else contextlib.nullcontext():
+            with run.autocast:
+                output = run.train_model(image, input_ids, attention_mask, alpha=alpha, image_ids=image_ids,
+                                         sample_seeds=seeds)
+            losses, total_loss = dict(output.losses), output.loss
+            values = _step_scalars(losses, total_loss, output.diagnostics, ctx.device)
+            _stop_if_non_finite(values, run, step=step + 1, epoch=epoch, alpha=alpha, last_checkpoint=last_checkpoint)
+            run.scaler.scale(total_loss / accum).backward()
+        for name, value in values.items():
+            step_values[name] = step_values.get(name, 0.0) + value / accum
+    if tc.optimizer.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.optimizer.clip_grad_norm)
+        step_values["grad_norm"] = float(grad_norm)
+    step_values["lr"] = run.schedule.current_lr()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.schedule.step()
+    return step_values
 
 
-def _save(ctx: RunContext, output_dir: Path, *, model, optimizer, schedule, scaler, step: int, epoch: int,
-          step_in_epoch: int, saved_config: dict, keep_last: int) -> Path:
-    """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path."""
-    rng = capture_rng_state()
-    if cdist.is_distributed() and ctx.world_size > 1:
-        gathered: list = [None] * ctx.world_size
-        dist.all_gather_object(gathered, rng)
-    else:
-        gathered = [rng]
-    path = checkpoint_path(output_dir, step)
-    if ctx.is_main:
-        save_atomic(make_checkpoint(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, step=step,
-                                    epoch=epoch, step_in_epoch=step_in_epoch, config=saved_config,
-                                    rng_states=gathered, world_size=ctx.world_size), path)
-        prune_checkpoints(output_dir, keep_last)
-    ctx.barrier()
-    return path
-
-
+# ------------------------------------------------------------------------------------------ the loop
 def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_at_step: int | None = None,
           evaluate: bool | None = None) -> TrainResult:
     """Return the TrainResult of running `config` (see the module docstring for the whole sequence).
@@ -425,214 +258,117 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
 
 
 def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate) -> TrainResult:
+    """Return the TrainResult of the run: set up, start position, the epochs, the final checkpoint and evaluation."""
     started = time.perf_counter()
     tc = config.train
-    config.validate_for_world(ctx.world_size)
-    output_dir = Path(tc.output_dir)
-    torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights (DDP also broadcasts)
-
-    # ---- data, model, optimizer
-    data = build_train_data(config, ctx)
-    model_config: ModelConfig = config.model.with_tokenizer(data.tokenizer)
-    saved_config = {**config.to_dict(), "model": model_config.to_dict()}
-    from codis_lib.model import build_model
-
-    model = build_model(model_config).to(ctx.device)
-    accum = tc.grad_accum_steps
-    steps_per_epoch = data.sampler.batches_per_epoch // accum
-    total_steps = steps_per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps,
-                                                                                 steps_per_epoch * tc.epochs)
-    opt = tc.optimizer
-    optimizer = build_adamw(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps)
-    schedule = WarmupCosineSchedule(optimizer, total_steps=total_steps, lr=opt.lr, warmup_lr=opt.warmup_lr,
-                                    warmup_steps=opt.warmup_steps, min_lr=opt.min_lr,
-                                    max_warmup_fraction=opt.max_warmup_fraction)
-    autocast_dtype, use_scaler = resolve_precision(tc.precision, ctx.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    # ---- where to start: a checkpoint of this run, a pretraining checkpoint, or scratch
-    step, epoch, step_in_epoch = 0, 0, 0
-    resume_path = None
-    if resume:
-        resume_path = Path(resume) if not isinstance(resume, bool) else find_latest_checkpoint(output_dir)
-        if resume_path is None and ctx.is_main:
-            print(f"[codis] --resume: no checkpoint in {output_dir}; starting from scratch", flush=True)
-    if resume_path is None:
-        _claim_output_dir(output_dir, overwrite=tc.overwrite, ctx=ctx)
-    if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
-        differences = _model_config_differences(checkpoint["config"]["model"], model_config.to_dict())
-        if differences:
-            raise CheckpointMismatchError(f"{resume_path} was trained with another model config:\n  "
-                                          + "\n  ".join(differences))
-        restore_training_state(checkpoint, model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler,
-                               rank=ctx.rank, world_size=ctx.world_size, source=str(resume_path))
-        step, epoch, step_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["step_in_epoch"]
-        if ctx.is_main:
-            print(f"[codis] resumed from {resume_path}: step {step}, epoch {epoch}, step {step_in_epoch} of the epoch",
-                  flush=True)
-        del checkpoint
-    elif tc.init_from:
-        load_pretrained_weights(model, tc.init_from)
-
-    train_model = model
-    if ctx.world_size > 1:
-        # Queues stay in sync by construction (every rank enqueues the same gathered features), so
-        # buffers need no broadcast at every forward.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=tc.find_unused_parameters)
-    if tc.compile:
-        compiled = compile_transformer_blocks(model)
-        if ctx.is_main:
-            print(f"[codis] torch.compile: {compiled} transformer blocks (compiled on first use)", flush=True)
-    autocast = (torch.autocast(device_type=ctx.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
-
-    logger = MetricsLogger(output_dir, enabled=ctx.is_main, tensorboard=tc.tensorboard)
+    run = build_training_run(config, ctx)  # data, model (seeded), AdamW, schedule, grad scaler
+    state = _start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
+    wrap_model(run)  # DDP, torch.compile, autocast
+    logger = MetricsLogger(run.output_dir, enabled=ctx.is_main, tensorboard=tc.tensorboard)
     if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config.to_yaml())
-        data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))  # the run folder is self-contained
-        print(f"[codis] {config.source}: {model_config.mode} model, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
-              f"trainable parameters, {len(data.dataset)} training samples, {ctx.world_size} process(es) x "
-              f"batch {tc.batch_size} x {accum} accumulation = {tc.batch_size * ctx.world_size * accum} per step, "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps, device {ctx.device}, "
-              f"precision {autocast_dtype or torch.float32}", flush=True)
+        write_run_files(run.output_dir, config, run.data.tokenizer)
+        print(describe_run(run), flush=True)
 
-    # ---- the loop
-    from tqdm import tqdm
-
-    model.train()
-    records: list[dict] = []
-    interval: dict[str, float] = {}
-    interval_steps, interval_start = 0, time.perf_counter()
-    last_checkpoint = find_latest_checkpoint(output_dir) if resume_path is not None else None
-    pairs_per_step = tc.batch_size * ctx.world_size * accum
-    stopped_early = False
-    train_started = time.perf_counter()
+    run.model.train()
+    train_started = state.interval_start = time.perf_counter()
     try:
-        while step < total_steps:
-            data.set_epoch(epoch, start_batch=step_in_epoch * accum)
-            batches = iter(data.loader)
-            progress = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                            disable=not (ctx.is_main and tc.progress), dynamic_ncols=True, leave=False)
-            while step_in_epoch < steps_per_epoch and step < total_steps:
-                alpha = alpha_at_step(step, steps_per_epoch, alpha=model_config.alpha, ramp_epochs=tc.alpha_ramp_epochs)
-                step_values: dict[str, float] = {}
-                for micro_step in range(accum):
-                    batch = pad_text_to_global_length(next(batches), ctx)
-                    image = batch["image"].to(ctx.device, non_blocking=True)
-                    input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)
-                    attention_mask = batch["attention_mask"].to(ctx.device, non_blocking=True)
-                    image_ids = batch["image_ids"].to(ctx.device) if tc.task == "finetune" else None
-                    seeds = sample_seeds(tc.seed, epoch, batch["index"])  # (B,) from (seed, epoch, dataset index)
-                    last_micro_step = micro_step == accum - 1
-                    # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
-                    no_sync = train_model.no_sync() if (ctx.world_size > 1 and not last_micro_step
-                                                         and hasattr(train_model, "no_sync")) else contextlib.nullcontext()
-                    with no_sync:
-                        with autocast:
-                            output = train_model(image, input_ids, attention_mask, alpha=alpha, image_ids=image_ids,
-                                                 sample_seeds=seeds)
-                        losses, total_loss = dict(output.losses), output.loss
-                        if tc.debug_nan_at_step == step + 1:  # testing hook, see TrainConfig.debug_nan_at_step
-                            losses[tc.debug_nan_term] = losses[tc.debug_nan_term] * float("nan")
-                            total_loss = total_loss * float("nan")
-                        values = _step_scalars(losses, total_loss, output.diagnostics, ctx.device)
-                        bad = [name for name, value in values.items()
-                               if (name.startswith(LOSS_PREFIX) or name == "loss") and not math.isfinite(value)]
-                        if bad:
-                            term = next((n[len(LOSS_PREFIX):] for n in bad if n.startswith(LOSS_PREFIX)), "total")
-                            listing = ", ".join(f"{n}={values[n]}" for n in bad)
-                            where = (f"the last good checkpoint is {last_checkpoint} (resume with --resume)"
-                                     if last_checkpoint is not None else "no checkpoint had been written yet")
-                            raise NonFiniteLossError(
-                                f"non-finite loss term '{term}' at step {step + 1} (epoch {epoch}, alpha {alpha:.3f}, "
-                                f"lr {schedule.current_lr():.3g}): {listing}. Training stopped before the update; "
-                                f"{where}.", term=term, step=step + 1, epoch=epoch, checkpoint=last_checkpoint)
-                        scaler.scale(total_loss / accum).backward()
-                    for name, value in values.items():
-                        step_values[name] = step_values.get(name, 0.0) + value / accum
-                if opt.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad_norm)
-                    step_values["grad_norm"] = float(grad_norm)
-                step_values["lr"] = schedule.current_lr()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                step += 1
-                step_in_epoch += 1
-                progress.update(1)
-
-                for name, value in step_values.items():
-                    interval[name] = interval.get(name, 0.0) + value
-                interval_steps += 1
-                if step % tc.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - interval_start
-                    record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                              "alpha": alpha, **{k: v / interval_steps for k, v in interval.items()},
-                              "pairs_per_s": pairs_per_step * interval_steps / max(elapsed, 1e-9),
-                              "elapsed_s": time.perf_counter() - train_started}
-                    records.append(record)
-                    logger.log(record, step)
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-                    interval, interval_steps, interval_start = {}, 0, time.perf_counter()
-
-                end_of_epoch = step_in_epoch == steps_per_epoch
-                position = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch)  # where a resume starts
-                want_checkpoint = ((tc.ckpt_every and step % tc.ckpt_every == 0)
-                                   or (end_of_epoch and tc.ckpt_every == 0) or step == total_steps
-                                   or (stop_at_step is not None and step >= stop_at_step))
-                if want_checkpoint:
-                    last_checkpoint = _save(ctx, output_dir, model=model, optimizer=optimizer, schedule=schedule,
-                                            scaler=scaler, step=step, epoch=position[0], step_in_epoch=position[1],
-                                            saved_config=saved_config, keep_last=tc.keep_last)
-                if stop_at_step is not None and step >= stop_at_step and step < total_steps:
-                    stopped_early = True
-                    break
-            progress.close()
-            if stopped_early:
-                break
-            if step_in_epoch == steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
-                every = tc.eval.every_epochs
-                if every and epoch % every == 0 and step < total_steps:
-                    result = _evaluate(config, model, data.tokenizer, ctx)
-                    eval_record = {"kind": "eval", "step": step, "epoch": epoch, **result["headline"]}
-                    logger.log(eval_record, step)
+        while state.step < run.total_steps and not state.stopped_early:
+            _train_epoch(run, state, logger, stop_at_step=stop_at_step, train_started=train_started)
     finally:
         logger.close()
     train_s = time.perf_counter() - train_started
 
     # ---- the end: final checkpoint and evaluation
-    finished = step >= total_steps
+    finished = state.step >= run.total_steps
     evaluation = None
     if finished:
-        if ctx.is_main and last_checkpoint is not None:
-            link_or_copy(last_checkpoint, output_dir / FINAL_CHECKPOINT_NAME)
-            last_checkpoint = output_dir / FINAL_CHECKPOINT_NAME
-        ctx.barrier()
+        state.last_checkpoint = link_final_checkpoint(ctx, run.output_dir, state.last_checkpoint)
         if tc.eval.at_end if evaluate is None else evaluate:
-            evaluation = _evaluate(config, model, data.tokenizer, ctx)
+            evaluation = _report_eval_split(run)
             if ctx.is_main:
-                logger = MetricsLogger(output_dir, enabled=True, tensorboard=tc.tensorboard)
-                logger.log({"kind": "eval", "step": step, "split": tc.eval.split, **evaluation["headline"]}, step)
-                logger.close()
-                (output_dir / f"eval_{tc.eval.split}.json").write_text(json.dumps(evaluation, indent=2))
-    return TrainResult(output_dir=output_dir, steps=step, total_steps=total_steps, finished=finished,
-                       checkpoint=last_checkpoint, records=records, evaluation=evaluation,
-                       wall_s=time.perf_counter() - started, train_s=train_s, model=model)
+                write_final_evaluation(run.output_dir, evaluation, step=state.step, split=tc.eval.split,
+                                       tensorboard=tc.tensorboard)
+    return TrainResult(output_dir=run.output_dir, steps=state.step, total_steps=run.total_steps, finished=finished,
+                       checkpoint=state.last_checkpoint, records=state.records, evaluation=evaluation,
+                       wall_s=time.perf_counter() - started, train_s=train_s, model=run.model)
 
 
-def _evaluate(config: RunConfig, model, tokenizer, ctx: RunContext) -> dict:
-    """Return the retrieval evaluation of `model` on train.eval.split (all ranks take part)."""
-    settings = config.train.eval
-    dataset = evaluation_dataset(config, settings.split)
-    if ctx.is_main:
+def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, stop_at_step: int | None,
+                 train_started: float) -> None:
+    """Train from `state` to the end of its epoch, of the run or of stop_at_step; then evaluate if it is due."""
+    from tqdm import tqdm
+
+    tc = run.config.train
+    run.data.set_epoch(state.epoch, start_batch=state.step_in_epoch * tc.grad_accum_steps)
+    batches = iter(run.data.loader)
+    progress = tqdm(total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+                    disable=not (run.ctx.is_main and tc.progress), dynamic_ncols=True, leave=False)
+    while state.step_in_epoch < run.steps_per_epoch and state.step < run.total_steps:
+        alpha = alpha_at_step(state.step, run.steps_per_epoch, alpha=run.model_config.alpha,
+                              ramp_epochs=tc.alpha_ramp_epochs)
+        values = train_step(run, batches, step=state.step, epoch=state.epoch, alpha=alpha,
+                            last_checkpoint=state.last_checkpoint)
+        state.step += 1
+        state.step_in_epoch += 1
+        progress.update(1)
+        _log_step(run, state, logger, values, alpha=alpha, progress=progress, train_started=train_started)
+        _checkpoint_if_due(run, state, stop_at_step)
+        if stop_at_step is not None and state.step >= stop_at_step and state.step < run.total_steps:
+            state.stopped_early = True
+            break
+    progress.close()
+    if state.stopped_early or state.step_in_epoch < run.steps_per_epoch:
+        return
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    every = tc.eval.every_epochs
+    if every and state.epoch % every == 0 and state.step < run.total_steps:
+        result = _report_eval_split(run)
+        logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **result["headline"]}, state.step)
+
+
+def _log_step(run: TrainingRun, state: LoopState, logger: MetricsLogger, values: dict[str, float], *, alpha: float,
+              progress, train_started: float) -> None:
+    """Add the step's scalars to the interval; every train.log_every steps (and at the end) log their means."""
+    tc = run.config.train
+    for name, value in values.items():
+        state.interval[name] = state.interval.get(name, 0.0) + value
+    state.interval_steps += 1
+    if state.step % tc.log_every != 0 and state.step != run.total_steps:
+        return
+    elapsed = time.perf_counter() - state.interval_start
+    pairs_per_step = tc.batch_size * run.ctx.world_size * tc.grad_accum_steps
+    record = {"kind": "train", "step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4),
+              "alpha": alpha, **{k: v / state.interval_steps for k, v in state.interval.items()},
+              "pairs_per_s": pairs_per_step * state.interval_steps / max(elapsed, 1e-9),
+              "elapsed_s": time.perf_counter() - train_started}
+    state.records.append(record)
+    logger.log(record, state.step)
+    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+    state.interval, state.interval_steps, state.interval_start = {}, 0, time.perf_counter()
+
+
+def _checkpoint_if_due(run: TrainingRun, state: LoopState, stop_at_step: int | None) -> None:
+    """Write a checkpoint after this step when train.ckpt_every, the end of an epoch, the run or stop_at_step asks."""
+    tc = run.config.train
+    end_of_epoch = state.step_in_epoch == run.steps_per_epoch
+    want_checkpoint = ((tc.ckpt_every and state.step % tc.ckpt_every == 0)
+                       or (end_of_epoch and tc.ckpt_every == 0) or state.step == run.total_steps
+                       or (stop_at_step is not None and state.step >= stop_at_step))
+    if not want_checkpoint:
+        return
+    epoch, step_in_epoch = (state.epoch + 1, 0) if end_of_epoch else (state.epoch, state.step_in_epoch)  # resume here
+    state.last_checkpoint = save_checkpoint(run.ctx, run.output_dir, model=run.model, optimizer=run.optimizer,
+                                            schedule=run.schedule, scaler=run.scaler, step=state.step, epoch=epoch,
+                                            step_in_epoch=step_in_epoch, saved_config=run.saved_config,
+                                            keep_last=tc.keep_last)
+
+
+def _report_eval_split(run: TrainingRun) -> dict:
+    """Return the retrieval report of the model on train.eval.split (all ranks take part)."""
+    settings = run.config.train.eval
+    dataset = retrieval_split_dataset(run.config, settings.split)
+    if run.ctx.is_main:
         print(f"[codis] evaluating retrieval on the {settings.split} split: {len(dataset)} images, "
               f"{len(dataset.texts)} captions, ITM re-ranking of the top {settings.k_test} ...", flush=True)
-    return evaluate_split(model, tokenizer, dataset, k=settings.k_test, batch_size=settings.batch_size,
-                          pair_batch_size=settings.pair_batch_size, device=ctx.device)
+    return retrieval_report(run.model, run.data.tokenizer, dataset, k=settings.k_test, batch_size=settings.batch_size,
+                            pair_batch_size=settings.pair_batch_size, device=run.ctx.device)

@@ -35,9 +35,6 @@ FORMAT_VERSION = 1
 FINAL_CHECKPOINT_NAME = "checkpoint_final.pt"
 _NUMBERED = re.compile(r"^checkpoint_(\d{8})\.pt$")
 
-# The strict model load is codis_lib.model.loading's; the old name stays importable from here.
-load_model_state_strict = load_state_strict
-
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
     """Return the path of the numbered checkpoint written after optimizer step `step`."""

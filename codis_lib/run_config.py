@@ -35,8 +35,8 @@ import yaml
 from codis_lib.config import CONFIG_DIR, ConfigError, ModelConfig, build_dataclass, config_from_dict
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
-           "load_run_config", "run_config_from_dict", "parse_overrides", "apply_overrides", "resolve_config_path",
-           "run_config_names"]
+           "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
+           "resolve_config_path", "run_config_names"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -117,10 +117,6 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on rank 0
     find_unused_parameters: bool = False  # DDP: needed only when a loss switch leaves modules unused
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Testing hook: at this optimizer step (1-based) the loss term `debug_nan_term` is replaced by NaN
-    # after the forward, exercising the non-finite-loss stop. Never set it in a real run.
-    debug_nan_at_step: int | None = None
-    debug_nan_term: str = "align"
 
 
 @dataclass
@@ -197,6 +193,19 @@ def load_run_config(name_or_path: str | os.PathLike = "pretrain_emoji",
     return config.validate_for_world(world_size)
 
 
+# Options that earlier versions had and that checkpoints written by them still store.
+RETIRED_KEYS: dict[str, tuple[str, ...]] = {"train": ("debug_nan_at_step", "debug_nan_term")}
+
+
+def without_retired_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of a stored run config without the RETIRED_KEYS, so older checkpoints still load strictly."""
+    result = dict(data)
+    for section, keys in RETIRED_KEYS.items():
+        if isinstance(result.get(section), Mapping):
+            result[section] = {key: value for key, value in result[section].items() if key not in keys}
+    return result
+
+
 def run_config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
     """Return a validated RunConfig from a nested mapping with sections model, data, train."""
     if not isinstance(data, Mapping):
@@ -232,8 +241,8 @@ def _validate_values(config: RunConfig) -> None:
                        ("train.eval.k_test", e.k_test), ("train.eval.batch_size", e.batch_size),
                        ("train.eval.pair_batch_size", e.pair_batch_size)):
         need(value >= 1, key, f"must be >= 1, got {value}")
-    for key, value in (("train.max_steps", t.max_steps), ("train.debug_nan_at_step", t.debug_nan_at_step),
-                       ("data.emoji_limit", d.emoji_limit), ("train.num_threads", t.num_threads)):
+    for key, value in (("train.max_steps", t.max_steps), ("data.emoji_limit", d.emoji_limit),
+                       ("train.num_threads", t.num_threads)):
         need(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
     for key, value in (("train.ckpt_every", t.ckpt_every), ("train.keep_last", t.keep_last),
                        ("train.eval.every_epochs", e.every_epochs), ("data.num_workers", d.num_workers)):
@@ -250,9 +259,6 @@ def _validate_values(config: RunConfig) -> None:
          f"must be in [0, 1], got {o.max_warmup_fraction}")
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "train.optimizer.clip_grad_norm",
          f"must be > 0 or null, got {o.clip_grad_norm}")
-    active = [term for term, on in config.model.active_losses().items() if on and term != "align_unimodal"]
-    need(t.debug_nan_term in active, "train.debug_nan_term",
-         f"{t.debug_nan_term!r} is not an active loss term of this model (active: {', '.join(active)})")
     if d.dataset == "albef_json":
         need(bool(d.train_files), "data.train_files", "albef_json needs at least one JSON file")
         need(d.tokenizer is not None, "data.tokenizer", "albef_json needs a tokenizer directory or name")

@@ -1,0 +1,93 @@
+"""The run folder (`train.output_dir`): claimed by a fresh run, filled with checkpoints, closed with a final link.
+
+    runs/pretrain_emoji/
+      config.yaml              the resolved run config
+      tokenizer/               the tokenizer the run trained with (the folder is self-contained)
+      checkpoint_00000076.pt   numbered checkpoints, the last `train.keep_last` kept
+      checkpoint_final.pt      a hard link to (or copy of) the last one, once the run is finished
+      metrics.jsonl            training and evaluation records (codis_lib.train.metrics)
+      eval_test.json           the retrieval evaluation at the end
+      tensorboard/
+
+Only rank 0 writes; every function that touches the folder waits for the other ranks where they must agree.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from codis_lib import distributed as cdist
+from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, capture_rng_state, checkpoint_path, link_or_copy,
+                                  make_checkpoint, prune_checkpoints, save_atomic)
+from codis_lib.run_config import RunConfig
+from codis_lib.train.metrics import MetricsLogger
+from codis_lib.train.setup import RunContext
+
+__all__ = ["RUN_FILES", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
+           "write_final_evaluation"]
+
+RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml")
+
+
+def claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> None:
+    """Make sure a fresh run does not mix with an earlier run's files in `output_dir` (deleted if `overwrite`)."""
+    previous = sorted(p for pattern in RUN_FILES for p in output_dir.glob(pattern)) if output_dir.is_dir() else []
+    if previous and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({', '.join(p.name for p in previous[:4])}"
+            f"{', ...' if len(previous) > 4 else ''}). Continue it with --resume (a finished run is just evaluated "
+            f"again), start over with --set train.overwrite=true, or pick another --output-dir.")
+    ctx.barrier()  # every rank has looked before rank 0 deletes anything
+    if previous and ctx.is_main:
+        print(f"[codis] train.overwrite: removing the previous run's files in {output_dir}", flush=True)
+        for path in previous:
+            path.unlink()
+        shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
+    ctx.barrier()
+
+
+def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:
+    """Write config.yaml and the tokenizer into the run folder (rank 0 calls this), creating the folder."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config.to_yaml())
+    tokenizer.save_pretrained(str(output_dir / "tokenizer"))  # the run folder is self-contained
+
+
+def save_checkpoint(ctx: RunContext, output_dir: Path, *, model, optimizer, schedule, scaler, step: int, epoch: int,
+                    step_in_epoch: int, saved_config: dict, keep_last: int) -> Path:
+    """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path."""
+    rng = capture_rng_state()
+    if cdist.is_distributed() and ctx.world_size > 1:
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, rng)
+    else:
+        gathered = [rng]
+    path = checkpoint_path(output_dir, step)
+    if ctx.is_main:
+        save_atomic(make_checkpoint(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, step=step,
+                                    epoch=epoch, step_in_epoch=step_in_epoch, config=saved_config,
+                                    rng_states=gathered, world_size=ctx.world_size), path)
+        prune_checkpoints(output_dir, keep_last)
+    ctx.barrier()
+    return path
+
+
+def link_final_checkpoint(ctx: RunContext, output_dir: Path, last_checkpoint: Path | None) -> Path | None:
+    """Return checkpoint_final.pt after linking it to the last checkpoint (rank 0), or None if there was none."""
+    final = last_checkpoint
+    if ctx.is_main and last_checkpoint is not None:
+        link_or_copy(last_checkpoint, output_dir / FINAL_CHECKPOINT_NAME)
+        final = output_dir / FINAL_CHECKPOINT_NAME
+    ctx.barrier()
+    return final
+
+
+def write_final_evaluation(output_dir: Path, evaluation: dict, *, step: int, split: str, tensorboard: bool) -> None:
+    """Append the end-of-run evaluation to metrics.jsonl (and TensorBoard) and write eval_<split>.json (rank 0)."""
+    logger = MetricsLogger(output_dir, enabled=True, tensorboard=tensorboard)
+    logger.log({"kind": "eval", "step": step, "split": split, **evaluation["headline"]}, step)
+    logger.close()
+    (output_dir / f"eval_{split}.json").write_text(json.dumps(evaluation, indent=2))

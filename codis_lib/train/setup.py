@@ -1,0 +1,293 @@
+"""Everything the training loop needs before its first step: processes, precision, data, model, optimizer.
+
+    ctx = init_distributed("auto")          # rank, world size, device; a process group under torchrun
+    run = build_training_run(config, ctx)   # data, model, AdamW, schedule, grad scaler (seeded)
+    ...                                     # load weights (resume or init_from), then
+    wrap_model(run)                         # DDP, torch.compile, autocast
+
+Data order and per-sample randomness do not depend on the number of processes (see
+`codis_lib.train.sampler`); `pad_text_to_global_length` keeps the text tensors of every rank one length.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from codis_lib import distributed as cdist
+from codis_lib.config import ConfigError, ModelConfig
+from codis_lib.data.tokenizer import tokenizer_location
+from codis_lib.run_config import RunConfig
+from codis_lib.train.sampler import GlobalBatchSampler, SeededItems
+from codis_lib.train.schedule import WarmupCosineSchedule, build_adamw
+
+__all__ = ["RunContext", "init_distributed", "resolve_precision", "TrainData", "ensure_emoji_corpus",
+           "build_train_data", "pad_text_to_global_length", "TrainingRun", "build_training_run", "wrap_model",
+           "describe_run", "compile_transformer_blocks", "model_config_differences"]
+
+
+# ------------------------------------------------------------------------------------------ processes
+@dataclass
+class RunContext:
+    """This process's place in the run: rank, world size, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_process_group: bool  # True when train() created the group (and must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if cdist.is_distributed():
+            dist.barrier()
+
+
+def init_distributed(device_choice: str = "auto") -> RunContext:
+    """Return the RunContext, creating the process group when launched by torchrun with WORLD_SIZE > 1.
+
+    NCCL is used on GPUs, gloo on CPU. A group created by the caller beforehand is reused.
+    """
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not cdist.is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")  # rendezvous from torchrun's env://
+        owns = True
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return RunContext(rank=cdist.get_rank(), world_size=cdist.get_world_size(), local_rank=local_rank,
+                      device=device, owns_process_group=owns)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Return (autocast dtype or None for fp32, whether a GradScaler is needed) for `train.precision`."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+        return None, False
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return torch.float16, True
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    """The tokenizer, the (seeded) training set, its sampler and loader."""
+
+    tokenizer: Any
+    dataset: Any  # the underlying codis_lib.data dataset
+    seeded: SeededItems
+    sampler: GlobalBatchSampler
+    loader: DataLoader
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Prepare the sampler and the item seeds for `epoch`, skipping its first `start_batch` global batches."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start_batch(start_batch)
+        self.seeded.set_epoch(epoch)
+
+
+def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
+    """Return the emoji corpus directory, building it on rank 0 first when it is missing and allowed."""
+    data = config.data
+    root = Path(data.root)
+    if not (root / "manifest.json").is_file():
+        if not data.build_if_missing:
+            raise FileNotFoundError(f"no emoji corpus in {root} (data.root) and data.build_if_missing is false; "
+                                    f"build it with `codis-build-emoji --out-dir {root}`")
+        if ctx.is_main:
+            from codis_lib.data.emoji_corpus import build_emoji_corpus
+
+            print(f"[codis] building the emoji corpus in {root} (once; about a minute on 2 cores) ...", flush=True)
+            manifest = build_emoji_corpus(root, image_size=data.emoji_image_size, limit=data.emoji_limit)
+            counts = manifest["counts"]
+            print(f"[codis] emoji corpus: {counts['emoji']} emoji, {counts['images']} images", flush=True)
+    ctx.barrier()
+    return root
+
+
+def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
+    """Return the tokenizer, dataset, sampler and DataLoader of this rank for `config`."""
+    from codis_lib.data.collate import ImageTextCollator
+    from codis_lib.data.datasets import PretrainDataset, RetrievalTrainDataset
+    from codis_lib.data.tokenizer import load_tokenizer
+
+    data, train_config = config.data, config.train
+    if data.dataset == "emoji":
+        root = ensure_emoji_corpus(config, ctx)
+        files = data.train_files or [str(root / ("pretrain.json" if train_config.task == "pretrain" else "train.json"))]
+    else:
+        files = data.train_files
+    tokenizer = load_tokenizer(tokenizer_location(config), max_length=data.max_tokens)
+    image_root = data.image_root or None  # None: relative image paths are relative to the JSON file
+    dataset_class = PretrainDataset if train_config.task == "pretrain" else RetrievalTrainDataset
+    # With the cache every image is decoded (so checked) once; without it, verify the files up front.
+    dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
+                            cache=data.cache_images, check_images="exists" if data.cache_images else "verify")
+    seeded = SeededItems(dataset, train_config.seed)
+    sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,
+                                 rank=ctx.rank, shuffle=True, seed=train_config.seed,
+                                 batches_multiple_of=train_config.grad_accum_steps)
+    # The loader's own generator only seeds worker processes; giving it one keeps the global torch
+    # stream (dropout) free of the draw a DataLoader iterator makes at every epoch start.
+    loader_generator = torch.Generator().manual_seed(train_config.seed)
+    loader = DataLoader(seeded, batch_size=train_config.batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=ImageTextCollator(tokenizer, max_length=data.max_tokens),
+                        num_workers=data.num_workers, pin_memory=ctx.device.type == "cuda",
+                        generator=loader_generator, persistent_workers=False)
+    return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader)
+
+
+def pad_text_to_global_length(batch: dict, ctx: RunContext) -> dict:
+    """Return the batch with input_ids / attention_mask right-padded to the longest caption of the global batch.
+
+    The collator pads each rank's batch to its own longest caption; tensors gathered across ranks
+    (text states for ITM negatives) must have one length, and the single-process run pads the whole
+    global batch to its longest, so matching it keeps the computation identical.
+    """
+    if ctx.world_size == 1:
+        return batch
+    length = torch.tensor([batch["input_ids"].shape[1]], device=batch["input_ids"].device)
+    cdist.all_reduce_max_(length)
+    missing = int(length) - batch["input_ids"].shape[1]
+    if missing > 0:
+        batch = dict(batch)
+        for key in ("input_ids", "attention_mask"):
+            batch[key] = torch.nn.functional.pad(batch[key], (0, missing), value=0)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ model, optimizer
+@dataclass
+class TrainingRun:
+    """What `build_training_run` assembles for the loop: the config, this process, data, model and optimizer."""
+
+    config: RunConfig
+    ctx: RunContext
+    data: TrainData
+    model_config: ModelConfig  # config.model with the tokenizer's vocabulary size and special ids
+    saved_config: dict  # the run config as checkpoints store it (model section = model_config)
+    model: torch.nn.Module  # the CODIS being trained
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosineSchedule
+    scaler: torch.amp.GradScaler  # a no-op unless fp16
+    autocast_dtype: torch.dtype | None  # None: fp32
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int  # optimizer steps the schedule spans
+    train_model: torch.nn.Module | None = None  # the model, or its DDP wrapper, once `wrap_model` ran
+    autocast: Any = None  # the autocast context of every forward, once `wrap_model` ran
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.train.output_dir)
+
+
+def build_training_run(config: RunConfig, ctx: RunContext) -> TrainingRun:
+    """Return the data, model (seeded init), AdamW, warm-up + cosine schedule and grad scaler of a run.
+
+    The model is not wrapped yet: weights are loaded first (resume or init_from), then `wrap_model`.
+    """
+    from codis_lib.model import build_model
+
+    tc = config.train
+    config.validate_for_world(ctx.world_size)
+    torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights (DDP also broadcasts)
+    data = build_train_data(config, ctx)
+    model_config: ModelConfig = config.model.with_tokenizer(data.tokenizer)
+    saved_config = {**config.to_dict(), "model": model_config.to_dict()}
+    model = build_model(model_config).to(ctx.device)
+    steps_per_epoch = data.sampler.batches_per_epoch // tc.grad_accum_steps
+    total_steps = steps_per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps,
+                                                                                 steps_per_epoch * tc.epochs)
+    opt = tc.optimizer
+    optimizer = build_adamw(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps)
+    schedule = WarmupCosineSchedule(optimizer, total_steps=total_steps, lr=opt.lr, warmup_lr=opt.warmup_lr,
+                                    warmup_steps=opt.warmup_steps, min_lr=opt.min_lr,
+                                    max_warmup_fraction=opt.max_warmup_fraction)
+    autocast_dtype, use_scaler = resolve_precision(tc.precision, ctx.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    return TrainingRun(config=config, ctx=ctx, data=data, model_config=model_config, saved_config=saved_config,
+                       model=model, optimizer=optimizer, schedule=schedule, scaler=scaler,
+                       autocast_dtype=autocast_dtype, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def wrap_model(run: TrainingRun) -> None:
+    """Set run.train_model (DDP over several processes, else the model) and run.autocast; compile if asked."""
+    tc, ctx = run.config.train, run.ctx
+    run.train_model = run.model
+    if ctx.world_size > 1:
+        # Queues stay in sync by construction (every rank enqueues the same gathered features), so
+        # buffers need no broadcast at every forward.
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=tc.find_unused_parameters)
+    if tc.compile:
+        compiled = compile_transformer_blocks(run.model)
+        if ctx.is_main:
+            print(f"[codis] torch.compile: {compiled} transformer blocks (compiled on first use)", flush=True)
+    run.autocast = (torch.autocast(device_type=ctx.device.type, dtype=run.autocast_dtype)
+                    if run.autocast_dtype is not None else contextlib.nullcontext())
+
+
+def describe_run(run: TrainingRun) -> str:
+    """Return the one-line summary printed at the start: model, data, batch arithmetic, steps, device, precision."""
+    tc, ctx, accum = run.config.train, run.ctx, run.config.train.grad_accum_steps
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6
+    return (f"[codis] {run.config.source}: {run.model_config.mode} model, {trainable:.2f}M "
+            f"trainable parameters, {len(run.data.dataset)} training samples, {ctx.world_size} process(es) x "
+            f"batch {tc.batch_size} x {accum} accumulation = {tc.batch_size * ctx.world_size * accum} per step, "
+            f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, device {ctx.device}, "
+            f"precision {run.autocast_dtype or torch.float32}")
+
+
+def compile_transformer_blocks(model: torch.nn.Module) -> int:
+    """Return how many transformer blocks were compiled in place with `torch.compile` (`Module.compile`).
+
+    Compiling block by block (every ViT block and BERT layer, student and teacher) rather than the whole
+    forward keeps the model's Python logic (EMA, sampling, queues, collectives) out of the graphs, so
+    there are no graph breaks to trip over, and leaves parameter names (checkpoints) unchanged.
+    """
+    count = 0
+    for module in model.modules():
+        # A stack of blocks: BERT's encoder.layer (a ModuleList of text and fusion layers) or timm's ViT
+        # blocks (a Sequential): >= 2 children, each a layer with its own attention.
+        children = list(module.children()) if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) else []
+        if len(children) >= 2 and all(any("attn" in name or "attention" in name for name, _ in child.named_children())
+                                      for child in children):
+            for block in children:
+                block.compile()
+                count += 1
+    return count
+
+
+def model_config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Return the dotted keys whose values differ between two nested config dicts (a resume must match)."""
+    keys = sorted(set(saved) | set(current))
+    differences = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += model_config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return differences
