@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from codis_lib.codebook import (Codebook, codebook_losses, codebook_usage, loss_code, loss_ot,
                                 transport_assignments)
-from tests.test_ot import swav_reference
+from tests.helpers import swav_reference
 
 
 def unit(batch, dim, seed):

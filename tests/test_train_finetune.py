@@ -6,7 +6,7 @@ from codis_lib.train.checkpoint import CheckpointMismatchError, load_checkpoint
 from codis_lib.train.config import load_run_config
 from codis_lib.train.engine import load_pretrained_weights, train
 from codis_lib.train.pretrained import pretrain_or_load
-from tests.test_train_resume import tiny_run_overrides
+from tests.helpers import tiny_run_overrides
 
 
 def test_pretrain_or_load_trains_once_then_loads_and_finetuning_starts_from_it(tmp_path):
