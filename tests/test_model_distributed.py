@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,6 +16,8 @@ import torch.multiprocessing as mp
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
 from tests.helpers import free_port
+
+pytestmark = pytest.mark.slow  # spawns two gloo processes
 
 BATCH, WORLD = 8, 2
 MODES = ("clip", "codis")

@@ -1,12 +1,15 @@
 """Sinkhorn over a global batch split across two gloo processes equals the single-process plan."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from codis_lib.ot import sinkhorn
 from tests.helpers import free_port
+
+pytestmark = pytest.mark.slow  # spawns two gloo processes
 
 
 def _worker(rank: int, world_size: int, port: int, scores: torch.Tensor, out_dir: str) -> None:

@@ -9,6 +9,7 @@ from codis_lib.train.pretrained import pretrain_or_load
 from tests.helpers import tiny_run_overrides
 
 
+@pytest.mark.slow  # a pretraining run, then fine-tuning from it
 def test_pretrain_or_load_trains_once_then_loads_and_finetuning_starts_from_it(tmp_path):
     checkpoint = tmp_path / "pretrain" / "checkpoint_final.pt"
     overrides = [o for o in tiny_run_overrides(tmp_path / "ignored", 1) if not o.startswith("train.output_dir")]

@@ -16,6 +16,7 @@ def _cli(overrides, *flags):
     return pretrain_main(argv + list(flags))
 
 
+@pytest.mark.slow  # two CLI training runs of 6 steps
 def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys):
     # Dropout and augmentation on: the random generator states must really be restored.
     dropout = ["model.text.hidden_dropout=0.1", "model.text.attention_dropout=0.1"]
@@ -48,6 +49,7 @@ def _sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # CLI training runs, then a resume that must stop
 def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     overrides = tiny_run_overrides(out, 6, **{"train.ckpt_every": 2})
