@@ -1,4 +1,4 @@
-"""The codebook module, L_code, L_ot and the usage diagnostics (METHOD.md items 2-5)."""
+"""The codebook module, L_code, L_ot and the usage diagnostics (docs/METHOD.md items 2-5)."""
 import math
 
 import pytest

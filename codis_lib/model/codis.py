@@ -1,4 +1,4 @@
-"""The CODIS model (METHOD.md): ALBEF's encoders, momentum teacher and queues, plus the codebook.
+"""The CODIS model (docs/METHOD.md): ALBEF's encoders, momentum teacher and queues, plus the codebook.
 
 One `forward` computes every active loss term of
 
@@ -414,7 +414,7 @@ class CODIS(nn.Module):
         """Return (H, sim): soft-target cross-entropy of student rows against teacher columns, and sim (B, C).
 
         sim = z_s [z_u^m ; queue_u] / tau; targets = alpha softmax(z_s^m [z_u^m ; queue_u] / tau)
-        + (1 - alpha) positives (METHOD.md, L_align).
+        + (1 - alpha) positives (docs/METHOD.md, L_align).
         """
         sim = student_rows @ columns / temp  # (B, Bg + Q)
         with torch.no_grad():
