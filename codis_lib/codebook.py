@@ -1,6 +1,6 @@
 """The multimodal codebook of CODIS: shared cluster centres, code prediction, L_code and L_ot.
 
-METHOD.md, items 2-5:
+docs/METHOD.md, items 2-5:
 - C is a (K, d) matrix of code vectors whose rows are re-normalised to unit length every step.
 - A student feature z predicts a distribution over codes, p = softmax(z C^T / tau_c).
 - The *teacher* features of each modality are assigned to codes by entropic optimal transport
@@ -135,7 +135,7 @@ class CodebookLosses:
 def codebook_losses(codebook: Codebook, image_feat: torch.Tensor, text_feat: torch.Tensor,
                     image_feat_teacher: torch.Tensor, text_feat_teacher: torch.Tensor, *, eps: float = 0.05,
                     n_iters: int = 3, log_domain: bool = False, distributed: bool = True) -> CodebookLosses:
-    """Return L_code and L_ot (with their parts and the plans) for one batch, as METHOD.md items 3-5."""
+    """Return L_code and L_ot (with their parts and the plans) for one batch, as docs/METHOD.md items 3-5."""
     image_plan = transport_assignments(image_feat_teacher, codebook.weight, eps=eps, n_iters=n_iters,
                                        log_domain=log_domain, distributed=distributed)
     text_plan = transport_assignments(text_feat_teacher, codebook.weight, eps=eps, n_iters=n_iters,

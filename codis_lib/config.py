@@ -2,7 +2,7 @@
 
 A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder
 (`VisionConfig`), the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" |
-"codis"), the loss switches and weights (`LossConfig`) and the scalars of METHOD.md (temperature,
+"codis"), the loss switches and weights (`LossConfig`) and the scalars of docs/METHOD.md (temperature,
 momentum, queue, codebook, Sinkhorn, MLM masking).
 
 Presets ship as YAML files beside this module (`codis_lib/configs/tiny.yaml`, `base.yaml`):

@@ -1,6 +1,6 @@
 """Entropic optimal transport between a batch of features and a codebook (Sinkhorn-Knopp).
 
-CODIS (METHOD.md, "Optimal transport plans") assigns the B teacher features of a batch to the K codes
+CODIS (docs/METHOD.md, "Optimal transport plans") assigns the B teacher features of a batch to the K codes
 with an *equal-partition* constraint: every sample sends mass 1/B, every code receives mass 1/K. The
 entropic solution has the form
 

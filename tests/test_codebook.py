@@ -1,4 +1,4 @@
-"""The codebook module, L_code, L_ot and the usage diagnostics (METHOD.md items 2-5)."""
+"""The codebook module, L_code, L_ot and the usage diagnostics (docs/METHOD.md items 2-5)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from codis_lib.codebook import (Codebook, codebook_losses, codebook_usage, loss_code, loss_ot,
                                 transport_assignments)
-from tests.test_ot import swav_reference
+from tests.helpers import swav_reference
 
 
 def unit(batch, dim, seed):

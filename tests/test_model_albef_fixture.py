@@ -1,6 +1,6 @@
 """Numeric parity with ALBEF: load the albef_tiny fixture through our loader and reproduce every tensor.
 
-The fixture (../shared/fixtures/albef_tiny/, see its README) holds a tiny ALBEF pretraining state dict,
+The fixture (tests/fixtures/albef_tiny/, see its README) holds a tiny ALBEF pretraining state dict,
 a fixed batch, and the tensors ALBEF's own code computed from them. Tolerance: atol = rtol = 1e-4 in
 float32, as the README recommends (observed float32-vs-float64 differences are <= 6e-6).
 """
@@ -16,15 +16,15 @@ from codis_lib.model.albef_checkpoint import model_config_from_albef
 from codis_lib.model.loading import load_albef_state_dict
 from codis_lib.model.vit import interpolate_pos_embed
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "albef_tiny" / "albef_tiny.pt"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "albef_tiny" / "albef_tiny.pt"
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def fixture() -> dict:
     if not FIXTURE.exists():
-        pytest.fail(f"ALBEF parity fixture not found at {FIXTURE}. It lives in the shared folder beside the "
-                    f"repository (../shared/fixtures/albef_tiny/albef_tiny.pt); without it the ALBEF parity check "
+        pytest.fail(f"ALBEF parity fixture not found at {FIXTURE}; it is committed with the tests "
+                    f"(tests/fixtures/albef_tiny/albef_tiny.pt), and without it the ALBEF parity check "
                     f"cannot run, so this test fails rather than skips.")
     return torch.load(FIXTURE, map_location="cpu", weights_only=True)
 

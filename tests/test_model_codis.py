@@ -263,6 +263,7 @@ def test_bf16_autocast_keeps_contrastive_math_in_float32():
     assert model.visual_encoder.patch_embed.proj.weight.grad is not None
 
 
+@pytest.mark.slow  # builds the 210M-parameter base model
 def test_base_builds_and_runs_one_forward_at_batch_2():
     torch.manual_seed(0)
     config = ModelConfig.preset("base")

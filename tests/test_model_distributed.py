@@ -7,23 +7,20 @@ with per-sample streams, and MLM averages over the global batch's masked tokens.
 from __future__ import annotations
 
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.slow  # spawns two gloo processes
 
 BATCH, WORLD = 8, 2
 MODES = ("clip", "codis")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _setup(mode: str):
@@ -73,7 +70,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_split_batch_equals_single_process(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for mode in MODES:
         model, batch = _setup(mode)

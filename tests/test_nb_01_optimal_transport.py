@@ -1,5 +1,9 @@
 """Notebook 01 runs at CI size and its metrics show what the notebook teaches."""
+import pytest
+
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_01_optimal_transport():

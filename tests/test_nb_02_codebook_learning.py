@@ -1,5 +1,9 @@
 """Notebook 02 runs at CI size and learns a shared codebook that both views agree on."""
+import pytest
+
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_02_codebook_learning():

@@ -1,7 +1,11 @@
 """Notebook 03 runs at CI size: hand derivations match codis_lib, the queue is FIFO, the teacher lags."""
 import math
 
+import pytest
+
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_03_teacher_student_distillation():

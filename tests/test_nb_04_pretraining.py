@@ -1,5 +1,9 @@
 """Notebook 04 pretrains tiny CODIS at CI size: every loss term falls, and the checkpoint reloads exactly."""
+import pytest
+
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_04_pretraining():

@@ -1,5 +1,9 @@
 """Notebook 05 evaluates a short-pretrained tiny CODIS at CI size with ALBEF's protocol."""
+import pytest
+
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_05_retrieval_evaluation():

@@ -1,5 +1,9 @@
 """Notebook 06 assigns codes by hand and with CODIS.assign_codes, and draws usage, UMAP and the code gallery."""
+import pytest
+
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_06_codebook_visualization():

@@ -1,7 +1,10 @@
 """Notebook 07 at CI size: the torchrun path with 2 CPU processes, then the ALBEF checks."""
+import pytest
 import torch
 
 from tests.nbharness import run_notebook
+
+pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_07_full_pretraining():

@@ -6,6 +6,8 @@ import pytest
 
 from tests.nbharness import NOTEBOOK_DIR, REPO_ROOT
 
+pytestmark = pytest.mark.slow  # part of the notebook tier, with the tests that execute them
+
 NOTEBOOKS = sorted(p for p in NOTEBOOK_DIR.glob("*.ipynb") if re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", p.name))
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.ot import ot_cost, sinkhorn, sinkhorn_log, sinkhorn_with_info
+from tests.helpers import swav_reference
 
 
 def cosine_scores(batch: int, codes: int, dim: int = 16, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -28,20 +29,6 @@ def pot_plan(scores: torch.Tensor, eps: float, log: bool = False) -> np.ndarray:
     else:
         plan = pot.sinkhorn(a, b, cost, eps, numItermax=100_000, stopThr=1e-14)
     return plan * batch
-
-
-def swav_reference(scores: torch.Tensor, eps: float, n_iters: int, dtype=torch.float64) -> torch.Tensor:
-    """SwAV's loop, step by step: the whole matrix rescaled in place, then rows rescaled to sum to 1."""
-    plan = torch.exp(scores.to(dtype) / eps).t()  # (K, B) as SwAV orients it
-    codes, batch = plan.shape
-    plan /= plan.sum()
-    for _ in range(n_iters):
-        plan /= plan.sum(dim=1, keepdim=True)
-        plan /= codes
-        plan /= plan.sum(dim=0, keepdim=True)
-        plan /= batch
-    plan *= batch
-    return plan.t()
 
 
 @pytest.mark.parametrize("batch,codes", [(8, 4), (64, 16), (33, 7), (50, 200)])

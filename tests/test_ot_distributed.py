@@ -1,18 +1,15 @@
 """Sinkhorn over a global batch split across two gloo processes equals the single-process plan."""
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from codis_lib.ot import sinkhorn
+from tests.helpers import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.slow  # spawns two gloo processes
 
 
 def _worker(rank: int, world_size: int, port: int, scores: torch.Tensor, out_dir: str) -> None:
@@ -36,7 +33,7 @@ def test_two_process_plan_equals_single_process_plan_on_the_concatenated_batch(t
     feat = torch.nn.functional.normalize(torch.randn(24, 8, generator=gen, dtype=torch.float64), dim=1)
     codes = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=1)
     scores = feat @ codes.t()  # (24, 6)
-    mp.start_processes(_worker, args=(2, _free_port(), scores, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key, kwargs in (("plain", {}), ("log", {"log_domain": True}), ("converged", {"n_iters": None, "tol": 1e-10})):

@@ -8,7 +8,6 @@ sample, so it does not depend on the split either).
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,16 +15,10 @@ import pytest
 import torch
 
 from codis_lib.checkpoint import load_checkpoint
-from tests.test_train_resume import tiny_run_overrides
+from tests.helpers import free_port, tiny_run_overrides
 
 STEPS = 3
 TOLERANCE = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(command, cwd):
@@ -49,7 +42,7 @@ def test_two_processes_at_batch_b_match_one_process_at_batch_2b(tmp_path):
     cli = ["-m", "codis_lib.train.cli", "pretrain"]
     _run([sys.executable, *cli, *[a for v in single for a in ("--set", v)]], repo)
     launched = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                     "127.0.0.1", "--master_port", str(_free_port()), *cli,
+                     "127.0.0.1", "--master_port", str(free_port()), *cli,
                      *[a for v in pair for a in ("--set", v)]], repo)
     assert "2 process(es) x batch 8" in launched.stdout  # really two ranks, 8 each
 

@@ -6,9 +6,10 @@ from codis_lib.checkpoint import CheckpointMismatchError, load_checkpoint
 from codis_lib.run_config import load_run_config
 from codis_lib.train.engine import load_pretrained_weights, train
 from codis_lib.train.pretrained import pretrain_or_load
-from tests.test_train_resume import tiny_run_overrides
+from tests.helpers import tiny_run_overrides
 
 
+@pytest.mark.slow  # a pretraining run, then fine-tuning from it
 def test_pretrain_or_load_trains_once_then_loads_and_finetuning_starts_from_it(tmp_path):
     checkpoint = tmp_path / "pretrain" / "checkpoint_final.pt"
     overrides = [o for o in tiny_run_overrides(tmp_path / "ignored", 1) if not o.startswith("train.output_dir")]

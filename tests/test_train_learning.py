@@ -3,7 +3,7 @@ import pytest
 
 from codis_lib.run_config import load_run_config
 from codis_lib.train.engine import train
-from tests.test_train_resume import tiny_run_overrides
+from tests.helpers import tiny_run_overrides
 
 STEPS = 80
 WINDOW = 8  # compare the mean of the first and of the last WINDOW steps (single steps are noisy)

@@ -8,19 +8,7 @@ from codis_lib.checkpoint import list_checkpoints, load_checkpoint
 from codis_lib.run_config import load_run_config
 from codis_lib.train.cli import pretrain_main
 from codis_lib.train.engine import NonFiniteLossError, train
-from tests.fixtures_data.corpus import small_emoji_corpus
-
-
-def tiny_run_overrides(output_dir, steps, **extra):
-    """Return --set values for a seconds-long CODIS run on the small emoji corpus (32 px, batch 8)."""
-    root, _ = small_emoji_corpus()
-    values = {"data.root": str(root), "model.vision.image_size": 32, "model.queue_size": 32, "train.batch_size": 8,
-              "train.max_steps": steps, "train.log_every": 1, "train.eval.at_end": "false",
-              "train.tensorboard": "false", "train.progress": "false", "train.output_dir": str(output_dir),
-              # One thread: tiny matrices gain nothing from two, and OpenMP threads spinning on a busy
-              # 2-core machine (pytest + notebook kernels) can make a step 10x slower.
-              "train.num_threads": 1, **extra}
-    return [f"{key}={value}" for key, value in values.items()]
+from tests.helpers import tiny_run_overrides
 
 
 def _cli(overrides, *flags):
@@ -28,6 +16,7 @@ def _cli(overrides, *flags):
     return pretrain_main(argv + list(flags))
 
 
+@pytest.mark.slow  # two CLI training runs of 6 steps
 def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys):
     # Dropout and augmentation on: the random generator states must really be restored.
     dropout = ["model.text.hidden_dropout=0.1", "model.text.attention_dropout=0.1"]
@@ -83,6 +72,7 @@ def _poison_loss_term(monkeypatch, term, at_step, resumed_from):
     return forwards
 
 
+@pytest.mark.slow  # CLI training runs, then a resume that must stop
 def test_a_nan_loss_term_stops_training_naming_the_term_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     overrides = tiny_run_overrides(out, 6, **{"train.ckpt_every": 2})

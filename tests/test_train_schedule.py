@@ -1,4 +1,4 @@
-"""Learning-rate schedule, alpha ramp and AdamW parameter groups follow ALBEF / METHOD.md."""
+"""Learning-rate schedule, alpha ramp and AdamW parameter groups follow ALBEF / docs/METHOD.md."""
 import math
 
 import pytest

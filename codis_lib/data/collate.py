@@ -1,4 +1,4 @@
-"""Batching: stack images, tokenise captions with ALBEF's convention, and build the batch dict of COMMON.md.
+"""Batching: stack images, tokenise captions with ALBEF's convention, and build the batch dict of docs/BATCH.md.
 
 Batch keys: ``image`` (B, 3, H, W) float, ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) int64,
 ``image_ids`` (B,) int64, ``index`` (B,) int64 (position in the dataset), ``captions`` list[str].
@@ -28,7 +28,7 @@ def tokenize_captions(tokenizer, captions: Sequence[str], max_length: int = RETR
 
 
 class ImageTextCollator:
-    """Collate training items {image, caption, image_id, index} into the batch dict of COMMON.md."""
+    """Collate training items {image, caption, image_id, index} into the batch dict of docs/BATCH.md."""
 
     def __init__(self, tokenizer, max_length: int = RETRIEVAL_MAX_LENGTH):
         if tokenizer.pad_token_id != 0:

@@ -7,7 +7,7 @@
 - :class:`RetrievalEvalDataset`: one item per image; ``texts``, ``txt2img``, ``img2txt`` as ALBEF.
 
 Each training item is a dict ``{"image": (3, S, S) float, "caption": str, "image_id": int, "index": int}``;
-:class:`codis_lib.data.collate.ImageTextCollator` turns a list of them into the batch of COMMON.md.
+:class:`codis_lib.data.collate.ImageTextCollator` turns a list of them into the batch of docs/BATCH.md.
 The datasets define ``__getitems__``, which PyTorch's DataLoader calls with the indices of a whole
 batch: the transforms then run once per batch (``TrainTransform.batch``) instead of once per image.
 The training datasets' ``load_items(indices, generators)`` does the same with one generator per

@@ -1,4 +1,4 @@
-"""Image transforms of METHOD.md on uint8 tensors, with the horizontal flip kept consistent with the caption.
+"""Image transforms of docs/METHOD.md on uint8 tensors, with the horizontal flip kept consistent with the caption.
 
 Training (ALBEF's ``pretrain_transform`` / ``train_transform``, salesforce/ALBEF ``dataset/__init__.py``):
 RandomResizedCrop (scale 0.2-1 in pretraining, 0.5-1 in retrieval fine-tuning, bicubic),
@@ -222,7 +222,7 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Training transform of METHOD.md: crop, caption-aware flip, RandomAugment, normalise; returns (float (3, S, S), caption).
+    """Training transform of docs/METHOD.md: crop, caption-aware flip, RandomAugment, normalise; returns (float (3, S, S), caption).
 
     ``augment=False`` gives the evaluation transform (resize + normalise, no randomness).
     ``crop_scale`` is (0.2, 1.0) for pretraining and (0.5, 1.0) for retrieval fine-tuning, as ALBEF.

@@ -1,4 +1,4 @@
-"""The CODIS model (METHOD.md): ALBEF's encoders, momentum teacher and queues, plus the codebook.
+"""The CODIS model (docs/METHOD.md): ALBEF's encoders, momentum teacher and queues, plus the codebook.
 
 One `forward` computes every active loss term of
 

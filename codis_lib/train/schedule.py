@@ -2,13 +2,13 @@
 
 ALBEF (configs/Pretrain.yaml) warms the learning rate up linearly from `warmup_lr` = 1e-5 to `lr` =
 1e-4 over the first 2000 iterations, then follows a cosine from `lr` down to `min_lr` = 1e-5 over
-the remaining epochs, as METHOD.md states it. ALBEF steps its timm cosine once per epoch and calls it
+the remaining epochs, as docs/METHOD.md states it. ALBEF steps its timm cosine once per epoch and calls it
 with `epoch + warmup_epochs`, which (read literally) starts the cosine 20 "epochs" into its 30-epoch
-cycle; we follow METHOD.md's plain curve instead and evaluate it per optimizer step, which is smoother
+cycle; we follow docs/METHOD.md's plain curve instead and evaluate it per optimizer step, which is smoother
 and makes tiny runs (a few hundred steps) meaningful. For such runs the warm-up is clamped so it
 never exceeds a fraction of the run (see `effective_warmup_steps`).
 
-The distillation weight alpha (METHOD.md) ramps linearly from 0 to its final value over the first
+The distillation weight alpha (docs/METHOD.md) ramps linearly from 0 to its final value over the first
 epoch, as ALBEF's `alpha * min(1, i / len(data_loader))`: the teacher is random at the start, so its
 soft targets are not trusted until the student has learned something.
 """
