@@ -1,6 +1,6 @@
 """The retrieval numbers of the CODIS poster (CVPR 2022), transcribed for side-by-side tables.
 
-Source: the poster's two tables (shared/paper), "Performance comparison of zero-shot / finetuned
+Source: the poster's two tables (the CODIS poster, Duan, Chen et al., CVPR 2022), "Performance comparison of zero-shot / finetuned
 image-text retrieval on MSCOCO (5K) and Flickr30K (1K)". Only the two rows this project reproduces
 are kept: ALBEF trained on 4M images and CODIS ("Ours"). Recall in percent, ALBEF's metric names.
 In ALBEF's paper the zero-shot Flickr30K column is evaluated with the model fine-tuned on COCO, and
