@@ -20,7 +20,8 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
 
 Every name is imported on first use (PEP 562), so `import codis_lib` stays light (no torch).
 Figures are in `codis_lib.viz`. The package is layered, each part importing only the ones before it:
-config, run_config, distributed and checkpoint; data; ot; codebook; model; evaluation; train.
+config, run_config and distributed; data; ot; codebook; losses; model; checkpoint; evaluation; viz;
+train (tests/test_layout.py holds it to that).
 """
 from __future__ import annotations
 
