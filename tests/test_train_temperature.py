@@ -1,4 +1,4 @@
-"""The contrastive temperature's two options: fixed (model.learn_temp=false) or on its own lr (train.optimizer.temp_lr)."""
+"""The contrastive temperature's options: fixed (model.learn_temp=false), or its own lr (train.optimizer.temp_lr)."""
 import pytest
 import torch
 
