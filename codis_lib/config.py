@@ -151,6 +151,7 @@ class ModelConfig:
     temp: float = 0.07  # initial contrastive temperature tau (learnable)
     temp_min: float = 0.001  # tau is clamped to [temp_min, temp_max] at every forward
     temp_max: float = 0.5
+    learn_temp: bool = True  # False: tau stays at its initial value (requires_grad off, not in the optimizer)
     momentum: float = 0.995  # EMA momentum m of the teacher
     alpha: float = 0.4  # distillation weight reached after the ramp (the trainer passes alpha to forward)
     codebook_size: int = 4096  # K (the paper leaves it open; our choice)

@@ -54,6 +54,7 @@ class OptimizerConfig:
     max_warmup_fraction: float = 0.1  # ... but at most this fraction of the run (tiny runs)
     min_lr: float = 1e-5  # end of the cosine
     clip_grad_norm: float | None = None  # max global gradient norm; None = no clipping (ALBEF clips nothing)
+    temp_lr: float | None = None  # None: the temperature trains at lr; a number: its own group, this peak lr
 
 
 @dataclass
@@ -259,6 +260,9 @@ def _validate_values(config: RunConfig) -> None:
          f"must be in [0, 1], got {o.max_warmup_fraction}")
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "train.optimizer.clip_grad_norm",
          f"must be > 0 or null, got {o.clip_grad_norm}")
+    need(o.temp_lr is None or o.temp_lr > 0, "train.optimizer.temp_lr", f"must be > 0 or null, got {o.temp_lr}")
+    need(o.temp_lr is None or config.model.learn_temp, "train.optimizer.temp_lr",
+         f"is {o.temp_lr} but model.learn_temp is false: a fixed temperature has no learning rate")
     if d.dataset == "albef_json":
         need(bool(d.train_files), "data.train_files", "albef_json needs at least one JSON file")
         need(d.tokenizer is not None, "data.tokenizer", "albef_json needs a tokenizer directory or name")

@@ -101,6 +101,7 @@ class CODIS(nn.Module):
         self.text_proj = nn.Linear(text.hidden_size, dim)
         self.itm_head = nn.Linear(text.hidden_size, 2)
         self.temp = nn.Parameter(torch.ones([]) * config.temp)
+        self.temp.requires_grad_(config.learn_temp)  # still a parameter, so the state-dict keys do not change
 
         # Momentum teacher: an EMA copy of every student part that produces features or MLM logits.
         self.visual_encoder_m = copy.deepcopy(self.visual_encoder)

@@ -15,6 +15,7 @@ soft targets are not trusted until the student has learned something.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
@@ -101,23 +102,40 @@ def is_no_decay_parameter(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Return AdamW parameter groups [decayed, not decayed] over the trainable parameters of `model`.
+def adamw_param_groups(model: torch.nn.Module, weight_decay: float,
+                       lr_scales: Mapping[str, float] | None = None) -> list[dict]:
+    """Return AdamW parameter groups [decayed, not decayed, then one per `lr_scales` entry] over `model`.
 
     Frozen parameters (the momentum teacher, updated by EMA) are left out of the optimizer.
+    lr_scales: {parameter name: factor}; each named parameter gets a group of its own, without weight
+    decay, whose learning rate is the schedule's times the factor (`WarmupCosineSchedule` reads `lr_scale`).
     """
+    lr_scales = dict(lr_scales or {})
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(set(lr_scales) - trainable)
+    if missing:
+        raise ValueError(f"lr_scales names {', '.join(missing)}, not trainable parameters of the model")
     decay, no_decay = [], []
+    own = {name: [] for name in lr_scales}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if is_no_decay_parameter(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if name in own:
+            own[name].append(param)
+        else:
+            (no_decay if is_no_decay_parameter(name, param) else decay).append(param)
+    return ([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            + [{"params": params, "weight_decay": 0.0, "lr_scale": lr_scales[name]} for name, params in own.items()])
 
 
 def build_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
-    """Return AdamW over `model` with ALBEF's parameter groups (no decay on biases and 1-d params)."""
-    groups = adamw_param_groups(model, weight_decay)
+                eps: float = 1e-8, fused: bool | None = None, temp_lr: float | None = None) -> torch.optim.AdamW:
+    """Return AdamW over `model` with ALBEF's parameter groups (no decay on biases and 1-d params).
+
+    temp_lr: None trains the temperature `temp` at the model's learning rate; a number gives it a group
+    of its own whose peak learning rate is temp_lr (the same warm-up + cosine, scaled by temp_lr / lr).
+    """
+    lr_scales = {} if temp_lr is None else {"temp": temp_lr / lr}
+    groups = adamw_param_groups(model, weight_decay, lr_scales)
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)

@@ -220,7 +220,8 @@ def build_training_run(config: RunConfig, ctx: RunContext) -> TrainingRun:
     total_steps = steps_per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps,
                                                                                  steps_per_epoch * tc.epochs)
     opt = tc.optimizer
-    optimizer = build_adamw(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps)
+    optimizer = build_adamw(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
+                            temp_lr=opt.temp_lr)
     schedule = WarmupCosineSchedule(optimizer, total_steps=total_steps, lr=opt.lr, warmup_lr=opt.warmup_lr,
                                     warmup_steps=opt.warmup_steps, min_lr=opt.min_lr,
                                     max_warmup_fraction=opt.max_warmup_fraction)
