@@ -152,6 +152,10 @@ class ModelConfig:
     temp_min: float = 0.001  # tau is clamped to [temp_min, temp_max] at every forward
     temp_max: float = 0.5
     learn_temp: bool = True  # False: tau stays at its initial value (requires_grad off, not in the optimizer)
+    # Columns that i2t / t2i score the student against for the global batch: "teacher" (ALBEF and CODIS: the
+    # momentum features, no gradient through them) or "student" (the student's own features with gradient, as
+    # CLIP; the teacher still gives the soft targets and the queue). See docs/METHOD.md, "Alignment columns".
+    align_columns: str = "teacher"
     momentum: float = 0.995  # EMA momentum m of the teacher
     alpha: float = 0.4  # distillation weight reached after the ramp (the trainer passes alpha to forward)
     codebook_size: int = 4096  # K (the paper leaves it open; our choice)
@@ -279,6 +283,8 @@ class ModelConfig:
             errors.append(f"text.*_token_id: special token ids must be distinct, got {special}")
         need(0 < self.temp_min < self.temp_max, "temp_min",
              f"need 0 < temp_min < temp_max, got temp_min={self.temp_min}, temp_max={self.temp_max}")
+        need(self.align_columns in ("teacher", "student"), "align_columns",
+             f"must be 'teacher' or 'student', got {self.align_columns!r}")
         need(self.temp_min <= self.temp <= self.temp_max, "temp",
              f"{self.temp} is outside [temp_min, temp_max] = [{self.temp_min}, {self.temp_max}]")
         need(0.0 <= self.momentum <= 1.0, "momentum", f"must be in [0, 1], got {self.momentum}")

@@ -73,14 +73,21 @@ def positive_targets(batch: int, global_batch: int, offset: int, *, image_ids: t
 
 
 def distilled_contrast(student_rows: torch.Tensor, teacher_rows: torch.Tensor, columns: torch.Tensor,
-                       positives: torch.Tensor, alpha: float,
-                       temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       positives: torch.Tensor, alpha: float, temp: torch.Tensor,
+                       student_columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (H, sim): soft-target cross-entropy of student rows against teacher columns, and sim (B, C).
 
     sim = z_s [z_u^m ; queue_u] / tau; targets = alpha softmax(z_s^m [z_u^m ; queue_u] / tau)
     + (1 - alpha) positives (the paper's L_align). columns: (d, C) unit teacher features.
+    student_columns (d, Bg), with gradient: when given, the student rows are scored against these in
+    place of the first Bg (global-batch) teacher columns, as CLIP scores them; the targets still come
+    from the teacher against its own columns (`ModelConfig.align_columns = "student"`).
     """
-    sim = student_rows @ columns / temp  # (B, C)
+    if student_columns is not None:
+        columns_scored = torch.cat([student_columns, columns[:, student_columns.shape[1]:]], dim=1)
+    else:
+        columns_scored = columns
+    sim = student_rows @ columns_scored / temp  # (B, C)
     with torch.no_grad():
         sim_teacher = teacher_rows @ columns / temp
         targets = alpha * F.softmax(sim_teacher, dim=1) + (1 - alpha) * positives
@@ -124,21 +131,26 @@ def clip_alignment(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torc
 def distilled_alignment(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_teacher: torch.Tensor,
                         text_feat_teacher: torch.Tensor, image_columns: torch.Tensor, text_columns: torch.Tensor,
                         positives: torch.Tensor, alpha: float, temp: torch.Tensor, *,
-                        unimodal: bool) -> AlignmentLosses:
+                        unimodal: bool, student_columns: bool = False) -> AlignmentLosses:
     """Return L_align with momentum distillation: i2t and t2i, plus i2i and t2t when `unimodal`.
 
     image_feat, text_feat: student features (B, d); *_teacher: the teacher's features of the same rows;
     image_columns, text_columns: (d, Bg + Q) teacher features of the global batch and the queue;
-    positives: (B, Bg + Q) from `positive_targets`.
+    positives: (B, Bg + Q) from `positive_targets`. student_columns: i2t and t2i score the global batch's
+    student features (gathered with gradient) instead of the teacher's; the queue and the targets stay
+    the teacher's, and i2i / t2t keep teacher columns (a student column would be the row itself).
     """
     terms, sims = {}, {}
-    pairs = [("i2t", image_feat, image_feat_teacher, text_columns),
-             ("t2i", text_feat, text_feat_teacher, image_columns)]
+    image_all = all_gather_with_grad(image_feat).t() if student_columns else None  # (d, Bg)
+    text_all = all_gather_with_grad(text_feat).t() if student_columns else None
+    pairs = [("i2t", image_feat, image_feat_teacher, text_columns, text_all),
+             ("t2i", text_feat, text_feat_teacher, image_columns, image_all)]
     if unimodal:
-        pairs += [("i2i", image_feat, image_feat_teacher, image_columns),
-                  ("t2t", text_feat, text_feat_teacher, text_columns)]
-    for name, student_rows, teacher_rows, columns in pairs:
-        terms[name], sims[name] = distilled_contrast(student_rows, teacher_rows, columns, positives, alpha, temp)
+        pairs += [("i2i", image_feat, image_feat_teacher, image_columns, None),
+                  ("t2t", text_feat, text_feat_teacher, text_columns, None)]
+    for name, student_rows, teacher_rows, columns, own_columns in pairs:
+        terms[name], sims[name] = distilled_contrast(student_rows, teacher_rows, columns, positives, alpha, temp,
+                                                     student_columns=own_columns)
     itc = (terms["i2t"] + terms["t2i"]) / 2
     return AlignmentLosses(itc=itc, unimodal=(terms["i2i"] + terms["t2t"]) / 2 if unimodal else None, terms=terms,
                            sims=sims)

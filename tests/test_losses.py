@@ -125,3 +125,33 @@ def test_diagnostics_are_typed_and_details_come_only_when_asked_for():
     assert clip_diagnostics.itm_accuracy is None and clip_diagnostics.align_i2i is None
     assert set(clip_diagnostics.scalars()) == {"temperature", "align_itc", "align_i2t", "align_t2i"}
     assert set(LOGGED_DIAGNOSTICS) <= set(Diagnostics.names())
+
+
+def test_student_columns_score_the_batch_with_gradient_and_keep_the_teacher_targets():
+    batch, queue, dim = 4, 3, 8
+    image, text = _unit(batch, dim, seed=1).requires_grad_(), _unit(batch, dim, seed=2).requires_grad_()
+    image_m, text_m = _unit(batch, dim, seed=3), _unit(batch, dim, seed=4)
+    image_columns = torch.cat([image_m.t(), _unit(queue, dim, seed=5).t()], dim=1)  # (d, B + Q)
+    text_columns = torch.cat([text_m.t(), _unit(queue, dim, seed=6).t()], dim=1)
+    positives = positive_targets(batch, batch, 0, queue_ids=torch.full((queue,), -100))
+    temp = torch.tensor(0.1)
+    args = (image, text, image_m, text_m, image_columns, text_columns, positives, 0.4, temp)
+    teacher = distilled_alignment(*args, unimodal=True)
+    student = distilled_alignment(*args, unimodal=True, student_columns=True)
+    # i2t scores the student's own texts in the batch and the teacher's queue; the targets are unchanged.
+    expected_sim = image @ torch.cat([text.t(), text_columns[:, batch:]], dim=1) / temp
+    assert torch.allclose(student.sims["i2t"], expected_sim)
+    targets = 0.4 * F.softmax(image_m @ text_columns / temp, dim=1) + 0.6 * positives
+    assert torch.allclose(student.terms["i2t"], soft_cross_entropy(expected_sim, targets))
+    # i2i keeps the teacher columns, so it is the same loss either way.
+    assert torch.equal(student.terms["i2i"], teacher.terms["i2i"])
+    # The gradient now reaches the text features through the i2t columns (it cannot with teacher columns).
+    (grad_text,) = torch.autograd.grad(student.terms["i2t"], text)
+    assert grad_text.abs().sum() > 0
+    with pytest.raises(RuntimeError):  # teacher columns: i2t does not depend on the student's texts
+        torch.autograd.grad(teacher.terms["i2t"], text)
+
+
+def test_align_columns_is_validated():
+    with pytest.raises(ValueError, match="align_columns"):
+        ModelConfig.from_dict({"preset": "tiny", "align_columns": "both"}).validate()

@@ -289,7 +289,8 @@ class CODIS(nn.Module):
                 text_columns = torch.cat([text_feat_m_all.t(), self.text_queue.clone().detach()], dim=1)
                 terms.add_alignment(distilled_alignment(image_feat, text_feat, image_feat_m, text_feat_m, image_columns,
                                                         text_columns, positives, alpha, self.temp,
-                                                        unimodal=active["align_unimodal"]))
+                                                        unimodal=active["align_unimodal"],
+                                                        student_columns=config.align_columns == "student"))
             if active["code"] or active["ot"]:
                 self._codebook_terms(terms, image_feat, text_feat, image_feat_m, text_feat_m)
 
