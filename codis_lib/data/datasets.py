@@ -12,7 +12,9 @@ For the momentum teacher's own views (``ModelConfig.teacher_view`` / ``teacher_t
 training datasets built with ``teacher_image=True`` add ``"image_teacher"`` (a second, independent draw
 of the same transform) and with ``teacher_caption=True`` ``"caption_teacher"`` (another caption of the
 record, the same one when it has only one). Both are drawn after the student's inputs, so those
-stay the same whatever the teacher sees.
+stay the same whatever the teacher sees. The teacher image's flip (``flip_policy="skip"``) respects
+the sides named by both captions it is paired with; the student's image still looks at its own caption
+only. ``"swap"`` is refused with a teacher view, since the two views could disagree on left and right.
 The datasets define ``__getitems__``, which PyTorch's DataLoader calls with the indices of a whole
 batch: the transforms then run once per batch (``TrainTransform.batch``) instead of once per image.
 The training datasets' ``load_items(indices, generators)`` does the same with one generator per
