@@ -275,10 +275,12 @@ def test_teacher_image_view_of_a_plain_callable_transform_is_a_second_draw(corpu
     assert torch.equal(SeededItems(dataset, seed=1)[1]["image_teacher"], items[1]["image_teacher"])
 
 
-def test_teacher_views_refuse_caption_swapping_flips(corpus):
+def test_teacher_views_refuse_swapping_flips_no_augmentation_and_ragged_batches(corpus):
     out, _, _ = corpus
     with pytest.raises(ValueError, match="flip_policy='swap' with a teacher view"):
         PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, flip_policy="swap", teacher_image=True)
+    with pytest.raises(ValueError, match=r"teacher_image=True with augment=False \(data.augment\)"):
+        PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, teacher_image=True)
     with pytest.raises(KeyError, match="caption_teacher"):
         items = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, cache=True,
                                 teacher_caption=True).__getitems__([0, 1])

@@ -216,6 +216,9 @@ class _ImageTextDataset(Dataset):
         if (teacher_image or teacher_caption) and getattr(self.transform, "flip_policy", None) == "swap":
             raise ValueError("flip_policy='swap' with a teacher view: the student's and the teacher's inputs could "
                              "disagree on left and right; use flip_policy 'skip' or 'ignore'")
+        if teacher_image and getattr(self.transform, "augment", True) is False:
+            raise ValueError("teacher_image=True with augment=False (data.augment): the teacher's image would be "
+                             "the student's; teacher_view 'own' needs augmentation on")
 
     def __len__(self) -> int:
         return len(self.records)
