@@ -23,6 +23,9 @@ Mode and loss switches: the mode fixes which parts exist in the computation.
 - codis: albef + the unimodal teacher-student pair (i2i, t2t) + L_code + L_ot.
 Each switch in `losses` is `None` (use the mode's default), `true` or `false`; switching on a term
 its mode cannot compute (e.g. `itm` in clip) is an error, switching one off is an ablation.
+Teacher views (albef, codis): `teacher_view` "same" (ALBEF) | "own" (a second augmentation, TCL's `image_aug`);
+`teacher_text_view` "same" (ALBEF) | "dropout" (the same caption, the views differing by dropout as in TCL;
+needs text dropout > 0) | "other_caption" (another caption of the record). Clip mode has no teacher.
 """
 from __future__ import annotations
 
@@ -165,6 +168,8 @@ class ModelConfig:
     sinkhorn_log_domain: bool = False
     mlm_probability: float = 0.15
     gradient_checkpointing: bool = False  # recompute encoder activations in backward (saves memory)
+    teacher_view: Literal["same", "own"] = "same"  # the teacher's image: the student's view or its own (docstring)
+    teacher_text_view: Literal["same", "dropout", "other_caption"] = "same"  # the teacher's caption (docstring)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -306,6 +311,11 @@ class ModelConfig:
         if active["align_unimodal"] and not active["align"]:
             errors.append("losses.align_unimodal: the unimodal pair (i2i, t2t) is part of L_align; it needs "
                           "losses.align on")
+        for key in ("teacher_view", "teacher_text_view"):  # the Literal values, also for configs built directly
+            valid = typing.get_args(typing.get_type_hints(ModelConfig)[key])
+            need(getattr(self, key) in valid, key, f"must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
+        need(self.teacher_text_view != "dropout" or max(t.hidden_dropout, t.attention_dropout) > 0, "teacher_text_view",
+             "'dropout' needs text dropout, but text.hidden_dropout and text.attention_dropout are 0")
         if errors:
             raise ConfigError(f"invalid model config ({source}):\n  " + "\n  ".join(errors))
         return self

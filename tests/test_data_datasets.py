@@ -199,3 +199,90 @@ def test_training_loader_batches_equal_item_by_item_loading(corpus, workers):
             assert torch.equal(item["image"], single["image"]) and item["caption"] == single["caption"]
         seeded.set_epoch(2)
         assert not torch.equal(seeded.__getitems__(order[:1])[0]["image"], one_at_a_time[0]["image"])
+
+
+def _distinct_captions(dataset, index):
+    captions = dataset.records[index].captions
+    return len(captions) > 1 and len(set(captions)) == len(captions)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_teacher_views_are_second_draws_of_the_same_seeded_stream(corpus, workers):
+    """The teacher's image and caption depend on (seed, epoch, index) alone and leave the student's inputs alone."""
+    out, _, tokenizer = corpus
+    collate = ImageTextCollator(tokenizer, max_length=25)
+    plain = SeededItems(PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, cache=True), seed=5)
+    dataset = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, cache=True, teacher_image=True,
+                              teacher_caption=True)
+    seeded = SeededItems(dataset, seed=5)
+    sampler = GlobalBatchSampler(seeded, batch_size=6, seed=5)
+    for stream in (plain, seeded):
+        stream.set_epoch(1)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    one_at_a_time = [seeded[index] for index in order]
+    loader = DataLoader(seeded, batch_size=6, sampler=sampler, drop_last=True, collate_fn=collate, num_workers=workers)
+    for number, batch in enumerate(loader):
+        expected = collate(one_at_a_time[number * 6:(number + 1) * 6])
+        assert set(batch) == set(expected) >= {"image_teacher", "teacher_input_ids", "teacher_attention_mask"}
+        for key in ("image", "image_teacher", "input_ids", "teacher_input_ids", "teacher_attention_mask"):
+            assert torch.equal(batch[key], expected[key]), key
+        assert batch["teacher_captions"] == expected["teacher_captions"]
+    regrouped = seeded.__getitems__(order[9:2:-1])  # another batch composition, order and size
+    students = plain.__getitems__(order[:12])  # the same samples without teacher views
+    for item in regrouped:
+        single = one_at_a_time[order.index(item["index"])]
+        assert torch.equal(item["image_teacher"], single["image_teacher"])
+        assert item["caption_teacher"] == single["caption_teacher"]
+    for item, student in zip(one_at_a_time, students):
+        assert torch.equal(item["image"], student["image"]) and item["caption"] == student["caption"]
+        assert not torch.equal(item["image_teacher"], item["image"])  # an independent augmentation
+        assert item["caption_teacher"] in dataset.records[item["index"]].captions
+        if _distinct_captions(dataset, item["index"]):
+            assert item["caption_teacher"] != item["caption"]
+
+
+def test_other_caption_is_uniform_over_the_others_and_the_same_when_alone(corpus):
+    out, _, tokenizer = corpus
+    dataset = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, cache=True,
+                              teacher_caption=True)
+    index = next(i for i in range(len(dataset)) if len(dataset.records[i].captions) >= 3
+                 and _distinct_captions(dataset, i))
+    captions = dataset.records[index].captions
+    generator = torch.Generator().manual_seed(0)
+    for first in range(len(captions)):
+        drawn = {dataset._draw_other_caption(index, first, generator) for _ in range(80)}
+        assert drawn == set(range(len(captions))) - {first}
+    assert dataset._draw_other_caption(index, 0, None) != 0
+    retrieval = RetrievalTrainDataset(out / "train.json", image_size=SMALL_CORPUS_SIZE, augment=False,
+                                      teacher_caption=True)  # one caption per record: the teacher reads it too
+    items = retrieval.__getitems__([0, 3])
+    assert [item["caption_teacher"] for item in items] == [item["caption"] for item in items]
+    batch = ImageTextCollator(tokenizer)(items)
+    assert torch.equal(batch["teacher_input_ids"], batch["input_ids"]) and "image_teacher" not in batch
+
+
+def test_teacher_image_view_of_a_plain_callable_transform_is_a_second_draw(corpus):
+    out, _, _ = corpus
+
+    def noisy(image, caption):  # draws from torch's global generator
+        return image.float() + torch.rand(()), caption
+
+    dataset = PretrainDataset(out / "pretrain.json", transform=noisy, cache=True, teacher_image=True)
+    items = SeededItems(dataset, seed=1).__getitems__([0, 1])
+    for item in items:
+        assert not torch.equal(item["image"], item["image_teacher"])
+    assert torch.equal(SeededItems(dataset, seed=1)[1]["image_teacher"], items[1]["image_teacher"])
+
+
+def test_teacher_views_refuse_swapping_flips_no_augmentation_and_ragged_batches(corpus):
+    out, _, _ = corpus
+    with pytest.raises(ValueError, match="flip_policy='swap' with a teacher view"):
+        PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, flip_policy="swap", teacher_image=True)
+    with pytest.raises(ValueError, match=r"teacher_image=True with augment=False \(data.augment\)"):
+        PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, teacher_image=True)
+    with pytest.raises(KeyError, match="caption_teacher"):
+        items = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, cache=True,
+                                teacher_caption=True).__getitems__([0, 1])
+        del items[1]["caption_teacher"]
+        ImageTextCollator(load_tokenizer(out / "tokenizer"))(items)

@@ -291,3 +291,98 @@ def test_bad_batches_are_named():
         model(image, input_ids, attention_mask, alpha=1.5)
     with pytest.raises(ValueError, match="attention_mask shape"):
         model(image, input_ids, attention_mask[:, :3], alpha=0.4)
+
+
+def _second_view(config: ModelConfig, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Return another image view (mirrored + noise) and other captions of another length, like the teacher's views."""
+    gen = torch.Generator().manual_seed(3)
+    image_teacher = image.flip(-1) + 0.5 * torch.randn(image.shape, generator=gen)
+    teacher_ids = torch.randint(10, config.text.vocab_size, (input_ids.shape[0], input_ids.shape[1] + 3), generator=gen)
+    teacher_ids[:, 0] = config.text.cls_token_id
+    teacher_mask = torch.ones_like(teacher_ids)
+    teacher_mask[1, 6:] = 0
+    teacher_ids[teacher_mask == 0] = config.text.pad_token_id
+    return image_teacher, teacher_ids, teacher_mask
+
+
+def _state(model: CODIS, output) -> dict:
+    return {"loss": output.loss, **output.losses, "image_queue": model.image_queue, "text_queue": model.text_queue,
+            **{name: param for name, param in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("mode", ["clip", "albef", "codis"])
+def test_teacher_views_off_is_the_teacher_reading_the_students_inputs(mode):
+    """Without teacher inputs the forward is today's, bit for bit: the same as handing the student's inputs over."""
+    image, input_ids, attention_mask = _batch(TINY)
+    seeds = torch.arange(4)
+    results = []
+    for views, keywords in ((("same", "same"), {}),
+                            (("own", "other_caption"), {}),  # the switch alone changes nothing in the model
+                            (("same", "same"), {"image_teacher": image, "teacher_input_ids": input_ids,
+                                                "teacher_attention_mask": attention_mask})):
+        model = _model(mode, teacher_view=views[0], teacher_text_view=views[1]).train()
+        output = model(image, input_ids, attention_mask, alpha=0.4, sample_seeds=seeds, **keywords)
+        output.loss.backward()
+        results.append((_state(model, output), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (reference, reference_grads), others = results[0], results[1:]
+    for state, grads in others:
+        assert state.keys() == reference.keys() and grads.keys() == reference_grads.keys()
+        assert all(torch.equal(state[key], reference[key]) for key in reference)
+        assert all(torch.equal(grads[key], reference_grads[key]) for key in reference_grads)
+
+
+def test_the_teacher_encodes_its_own_views_everywhere_it_reads_them():
+    model = _model(queue_size=8).eval()
+    _perturb(model.text_encoder, scale=0.3, seed=6)  # captions that the initial encoder maps to one point drift apart
+    model.copy_student_to_teacher()  # teacher = student: with one view, the i2i and t2t positives are 1 / temp
+    image, input_ids, attention_mask = _batch(model.config)
+    image_teacher, teacher_ids, teacher_mask = _second_view(model.config, image, input_ids, attention_mask)
+    seeds = torch.arange(4) + 20
+    views = {"image_teacher": image_teacher, "teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask}
+    with torch.no_grad():
+        same = model(image, input_ids, attention_mask, alpha=0.4, sample_seeds=seeds, return_details=True)
+        own = model(image, input_ids, attention_mask, alpha=0.4, sample_seeds=seeds, return_details=True, **views)
+        # The intra-modal positives (the diagonal of i2i, t2t) are no longer won by the same input twice.
+        for name in ("sim_i2i", "sim_t2t"):
+            positive_same = getattr(same.details, name)[:, :4].diagonal().mean()
+            positive_own = getattr(own.details, name)[:, :4].diagonal().mean()
+            torch.testing.assert_close(positive_same, 1 / model.temp.detach(), msg=name)
+            assert positive_own < positive_same - 1.0, name
+        # MLM distillation: the teacher reads the student's masked caption against its own image.
+        text = model.config.text
+        masked, labels = mask_tokens(input_ids, vocab_size=text.vocab_size, mask_token_id=text.mask_token_id,
+                                     pad_token_id=text.pad_token_id, cls_token_id=text.cls_token_id,
+                                     mlm_probability=model.config.mlm_probability, sample_seeds=seeds,
+                                     draw_length=text.max_position_embeddings)
+        image_embeds = model.encode_image(image)[0]
+        teacher_embeds = model.encode_image_teacher(image_teacher)[0]
+        expected = model.mlm_loss(masked, attention_mask, labels, image_embeds, teacher_embeds, 0.4)
+        assert torch.equal(own.losses["mlm"], expected.loss) and not torch.equal(own.losses["mlm"], same.losses["mlm"])
+    # In training the queues receive the teacher features of its own views.
+    model.train()
+    model(image, input_ids, attention_mask, alpha=0.4, sample_seeds=seeds, **views)
+    with torch.no_grad():
+        _, image_feat_m = model.encode_image_teacher(image_teacher)
+        _, text_feat_m = model.encode_text_teacher(teacher_ids, teacher_mask)
+    torch.testing.assert_close(model.image_queue[:, :4].t(), image_feat_m)
+    torch.testing.assert_close(model.text_queue[:, :4].t(), text_feat_m)
+
+
+def test_clip_mode_ignores_teacher_views_and_bad_ones_are_named():
+    clip = _model("clip").eval()
+    image, input_ids, attention_mask = _batch(clip.config)
+    with torch.no_grad():
+        plain = clip(image, input_ids, attention_mask, alpha=0.4)
+        ignored = clip(image, input_ids, attention_mask, alpha=0.4, image_teacher=image[:1])  # not even checked
+    assert torch.equal(plain.loss, ignored.loss)
+    model = _model().eval()
+    image_teacher, teacher_ids, teacher_mask = _second_view(model.config, image, input_ids, attention_mask)
+    with pytest.raises(ValueError, match="image_teacher has 2 images but the batch has 4"):
+        model(image, input_ids, attention_mask, alpha=0.4, image_teacher=image_teacher[:2])
+    with pytest.raises(ValueError, match=r"image_teacher must have shape \(B, 3, 64, 64\)"):
+        model(image, input_ids, attention_mask, alpha=0.4, image_teacher=image_teacher[:, :, :32])
+    with pytest.raises(ValueError, match="teacher_input_ids and teacher_attention_mask must be given together"):
+        model(image, input_ids, attention_mask, alpha=0.4, teacher_input_ids=teacher_ids)
+    with pytest.raises(ValueError, match=r"teacher_attention_mask shape \(4, 5\) != teacher_input_ids shape"):
+        model(image, input_ids, attention_mask, alpha=0.4, teacher_input_ids=teacher_ids,
+              teacher_attention_mask=teacher_mask[:, :5])

@@ -4,6 +4,9 @@ Batch keys: ``image`` (B, 3, H, W) float, ``input_ids`` (B, L) int64, ``attentio
 ``image_ids`` (B,) int64, ``index`` (B,) int64 (position in the dataset), ``captions`` list[str].
 Captions are padded to the longest in the batch and truncated to ``max_length`` tokens
 ([CLS] included): 30 for retrieval, 25 in pretraining, as ALBEF.
+When the items carry the teacher's own views (see ``codis_lib.data.datasets``), the batch also has
+``image_teacher`` (B, 3, H, W) and ``teacher_input_ids`` / ``teacher_attention_mask`` (B, L') with
+``teacher_captions``, tokenised by the same rules (padded to the longest teacher caption).
 """
 from __future__ import annotations
 
@@ -47,7 +50,22 @@ class ImageTextCollator:
             "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),  # (B,)
             "captions": captions,
         }
+        if "image_teacher" in items[0]:
+            batch["image_teacher"] = torch.stack([_teacher_part(item, "image_teacher") for item in items])
+        if "caption_teacher" in items[0]:
+            teacher_captions = [_teacher_part(item, "caption_teacher") for item in items]
+            encoded = tokenize_captions(self.tokenizer, teacher_captions, self.max_length)  # (B, L') each
+            batch["teacher_input_ids"] = encoded["input_ids"]
+            batch["teacher_attention_mask"] = encoded["attention_mask"]
+            batch["teacher_captions"] = teacher_captions
         return batch
+
+
+def _teacher_part(item: dict, key: str):
+    """Return item[key], or raise KeyError naming the key and the item when only some items of the batch have it."""
+    if key not in item:
+        raise KeyError(f"item {item.get('index')} has no {key!r} but the first item of its batch has one")
+    return item[key]
 
 
 def collate_eval_images(items: Sequence[dict]) -> dict:

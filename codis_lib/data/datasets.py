@@ -8,6 +8,13 @@
 
 Each training item is a dict ``{"image": (3, S, S) float, "caption": str, "image_id": int, "index": int}``;
 :class:`codis_lib.data.collate.ImageTextCollator` turns a list of them into the batch of docs/BATCH.md.
+For the momentum teacher's own views (``ModelConfig.teacher_view`` / ``teacher_text_view``) the
+training datasets built with ``teacher_image=True`` add ``"image_teacher"`` (a second, independent draw
+of the same transform) and with ``teacher_caption=True`` ``"caption_teacher"`` (another caption of the
+record, the same one when it has only one). Both are drawn after the student's inputs, so those
+stay the same whatever the teacher sees. The teacher image's flip (``flip_policy="skip"``) respects
+the sides named by both captions it is paired with; the student's image still looks at its own caption
+only. ``"swap"`` is refused with a teacher view, since the two views could disagree on left and right.
 The datasets define ``__getitems__``, which PyTorch's DataLoader calls with the indices of a whole
 batch: the transforms then run once per batch (``TrainTransform.batch``) instead of once per image.
 The training datasets' ``load_items(indices, generators)`` does the same with one generator per
@@ -118,8 +125,9 @@ class _ImageSource:
 def _call_drawing_from(transform, image, caption: str, generator: torch.Generator | None) -> tuple:
     """Return ``transform(image, caption)`` run with torch's global generator in ``generator``'s state.
 
-    A plain callable draws from the global generator; this gives it the item's own stream (the
-    caller's state is restored). ``generator=None``: the global generator as it is.
+    A plain callable draws from the global generator; this gives it the item's own stream, which
+    then moves on by what it drew (so a second call draws anew), and restores the caller's state.
+    ``generator=None``: the global generator as it is.
     """
     if generator is None:
         return transform(image, caption)
@@ -127,7 +135,9 @@ def _call_drawing_from(transform, image, caption: str, generator: torch.Generato
     caller_state = global_generator.get_state()
     global_generator.set_state(generator.get_state())
     try:
-        return transform(image, caption)
+        result = transform(image, caption)
+        generator.set_state(global_generator.get_state())
+        return result
     finally:
         global_generator.set_state(caller_state)
 
@@ -156,7 +166,7 @@ class _ImageTextDataset(Dataset):
     """The two training datasets: (image, caption) items from an ALBEF annotation reader, transformed a batch at a time.
 
     Subclasses set the reader, the transform kind ("pretrain" or "train"), the default image size,
-    which record field identifies an image, and how an item's caption is chosen.
+    which record field identifies an image, and the captions of a record (one is drawn per visit).
     """
 
     _transform_kind = ""
@@ -184,8 +194,14 @@ class _ImageTextDataset(Dataset):
         check_images: str = "verify",
         cache: bool = False,
         cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+        teacher_image: bool = False,
+        teacher_caption: bool = False,
     ):
-        """image_size: the output side (default 256 for pretraining, 384 for retrieval, as ALBEF)."""
+        """image_size: the output side (default 256 for pretraining, 384 for retrieval, as ALBEF).
+
+        teacher_image / teacher_caption: also return the teacher's own image view / another caption
+        (see the module docstring).
+        """
         result = self._read(annotation_files, image_root, max_words=max_words, on_error=on_error,
                             check_images=check_images)
         if not result.records:
@@ -196,12 +212,33 @@ class _ImageTextDataset(Dataset):
         self.transform = transform if transform is not None else build_transform(
             self._transform_kind, image_size or self._default_image_size, augment=augment, flip_policy=flip_policy)
         self.images = _ImageSource(self.records, cache, cache_max_bytes)
+        self.teacher_image, self.teacher_caption = bool(teacher_image), bool(teacher_caption)
+        if (teacher_image or teacher_caption) and getattr(self.transform, "flip_policy", None) == "swap":
+            raise ValueError("flip_policy='swap' with a teacher view: the student's and the teacher's inputs could "
+                             "disagree on left and right; use flip_policy 'skip' or 'ignore'")
+        if teacher_image and getattr(self.transform, "augment", True) is False:
+            raise ValueError("teacher_image=True with augment=False (data.augment): the teacher's image would be "
+                             "the student's; teacher_view 'own' needs augmentation on")
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _caption(self, index: int, generator: torch.Generator | None) -> str:
+    def _captions(self, index: int) -> Sequence[str]:
+        """Return the captions of record ``index``."""
         raise NotImplementedError
+
+    def _draw_caption(self, index: int, generator: torch.Generator | None) -> int:
+        """Return the position of the student's caption in the record's list (a draw only when it has several)."""
+        count = len(self._captions(index))
+        return 0 if count == 1 else int(torch.randint(count, (), generator=generator))
+
+    def _draw_other_caption(self, index: int, first: int, generator: torch.Generator | None) -> int:
+        """Return the position of the teacher's caption: uniform over the record's others (``first`` if none)."""
+        count = len(self._captions(index))
+        if count <= 2:
+            return first if count == 1 else 1 - first
+        other = int(torch.randint(count - 1, (), generator=generator))
+        return other + (other >= first)
 
     def __getitem__(self, index: int) -> dict:
         return self.load_items([index])[0]
@@ -215,17 +252,31 @@ class _ImageTextDataset(Dataset):
 
         ``generators``: None draws from torch's global generator; or one generator per index, from
         which item k draws all its randomness (its caption, then the transform's crop, flip and
-        RandomAugment): then item k is the one ``self[indices[k]]`` gives with the global generator
-        in that generator's state, bit for bit, whatever else is in the batch.
+        RandomAugment; then the teacher's caption and image when asked for): then item k is the one
+        ``self[indices[k]]`` gives with the global generator in that generator's state, bit for bit,
+        whatever else is in the batch.
         """
         if generators is not None and len(generators) != len(indices):
             raise ValueError(f"{len(generators)} generators for {len(indices)} indices")
         draw_from = list(generators) if generators is not None else [None] * len(indices)
         images = [self.images.load(self.records[i].image) for i in indices]
-        captions = [self._caption(i, generator) for i, generator in zip(indices, draw_from)]
-        batch, captions = _transform_batch(self.transform, images, captions, generators)
-        return [{"image": batch[row], "caption": captions[row], "image_id": self.image_ids[i], "index": i}
-                for row, i in enumerate(indices)]
+        picks = [self._draw_caption(i, generator) for i, generator in zip(indices, draw_from)]
+        captions = [self._captions(i)[pick] for i, pick in zip(indices, picks)]
+        batch, paired = _transform_batch(self.transform, images, captions, generators)
+        items = [{"image": batch[row], "caption": paired[row], "image_id": self.image_ids[i], "index": i}
+                 for row, i in enumerate(indices)]
+        flip_captions = captions  # what the teacher's image is paired with (its flip must respect their sides)
+        if self.teacher_caption:
+            others = [self._captions(i)[self._draw_other_caption(i, pick, generator)]
+                      for i, pick, generator in zip(indices, picks, draw_from)]
+            flip_captions = [f"{mine} ; {other}" for mine, other in zip(captions, others)]
+            for item, other in zip(items, others):
+                item["caption_teacher"] = other
+        if self.teacher_image:
+            teacher_batch, _ = _transform_batch(self.transform, images, flip_captions, generators)
+            for row, item in enumerate(items):
+                item["image_teacher"] = teacher_batch[row]
+        return items
 
 
 class PretrainDataset(_ImageTextDataset):
@@ -242,11 +293,8 @@ class PretrainDataset(_ImageTextDataset):
     def _image_key(record):
         return record.image
 
-    def _caption(self, index: int, generator: torch.Generator | None) -> str:
-        captions = self.records[index].captions
-        if len(captions) == 1:
-            return captions[0]
-        return captions[int(torch.randint(len(captions), (), generator=generator))]
+    def _captions(self, index: int) -> Sequence[str]:
+        return self.records[index].captions
 
 
 class RetrievalTrainDataset(_ImageTextDataset):
@@ -263,8 +311,8 @@ class RetrievalTrainDataset(_ImageTextDataset):
     def _image_key(record):
         return record.image_id
 
-    def _caption(self, index: int, generator: torch.Generator | None) -> str:
-        return self.records[index].caption
+    def _captions(self, index: int) -> Sequence[str]:
+        return (self.records[index].caption,)
 
 
 class RetrievalEvalDataset(Dataset):

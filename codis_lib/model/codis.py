@@ -14,8 +14,9 @@ so `albef_checkpoint.load_albef_state_dict` is a checked, key-by-key mapping.
 Step order in training mode (as ALBEF's `forward`):
 1. clamp the temperature to [temp_min, temp_max]; EMA-update the teacher
    (teacher = m * teacher + (1 - m) * student); re-normalise the codebook rows;
-2. student features z_v, z_t and teacher features z_v^m, z_t^m; teacher features are gathered from
-   all processes, so every contrastive row sees the global batch plus the queue as columns;
+2. student features z_v, z_t and teacher features z_v^m, z_t^m (of the teacher's own image / caption
+   when given, see `ModelConfig.teacher_view`); teacher features are gathered from all processes, so
+   every contrastive row sees the global batch plus the queue as columns;
 3. L_align, L_code + L_ot (Sinkhorn over the global batch), L_itm (hard negatives drawn from the
    global batch), L_mlm (with distillation from the teacher's MLM distribution);
 4. refresh the queues FIFO with the gathered teacher features.
@@ -41,6 +42,7 @@ from codis_lib.losses import (AlignmentLosses, MLMLosses, clip_alignment, distil
                               global_token_count, hard_negative_similarities, image_text_matching,
                               mlm_loss_from_logits, positive_targets)
 from codis_lib.model.bert import TextFusionEncoder
+from codis_lib.model.inputs import check_inputs, check_teacher_inputs
 from codis_lib.model.masking import mask_tokens
 from codis_lib.model.output import CODISOutput, Details, Diagnostics
 from codis_lib.model.vit import build_vit
@@ -249,15 +251,22 @@ class CODIS(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, alpha: float,
                 image_ids: torch.Tensor | None = None, sample_seeds: torch.Tensor | None = None,
-                return_details: bool = False) -> CODISOutput:
+                return_details: bool = False, image_teacher: torch.Tensor | None = None,
+                teacher_input_ids: torch.Tensor | None = None,
+                teacher_attention_mask: torch.Tensor | None = None) -> CODISOutput:
         """Return a CODISOutput with the weighted total, each active term and the diagnostics.
 
         image (B, 3, H, W); input_ids, attention_mask (B, L); alpha: distillation weight in [0, 1];
         image_ids (B,): retrieval fine-tuning (positives share an id, hard negatives never do);
         sample_seeds (B,): per-sample random streams (MLM masking, ITM negative draws);
-        return_details: also keep the similarity matrices and Sinkhorn assignments in `output.details`.
+        return_details: also keep the similarity matrices and Sinkhorn assignments in `output.details`;
+        image_teacher (B, 3, H, W), teacher_input_ids / teacher_attention_mask (B, L'): the momentum
+        teacher's own views (config.teacher_view "own", teacher_text_view "other_caption"), encoded by
+        the teacher instead of the student's inputs (its image tokens also feed the MLM distillation);
+        None: the student's inputs, as ALBEF. Ignored in clip mode (no teacher).
         """
-        self._check_inputs(image, input_ids, attention_mask, alpha, image_ids, sample_seeds)
+        check_inputs(self.config, image, input_ids, attention_mask, alpha, image_ids, sample_seeds)
+        check_teacher_inputs(self.config, image.shape[0], image_teacher, teacher_input_ids, teacher_attention_mask)
         self._begin_step()
         config, active = self.config, self.active
         image_embeds, image_feat = self.encode_image(image)  # (B, N, D), (B, d)
@@ -273,9 +282,10 @@ class CODIS(nn.Module):
                                                    image_ids=image_ids))
             return terms.output()
 
-        with torch.no_grad():
-            image_embeds_m, image_feat_m = self.encode_image_teacher(image)
-            _, text_feat_m = self.encode_text_teacher(input_ids, attention_mask)
+        image_embeds_m, image_feat_m, text_feat_m = self._teacher_features(
+            image if image_teacher is None else image_teacher,  # the teacher's own views, else the student's
+            input_ids if teacher_input_ids is None else teacher_input_ids,
+            attention_mask if teacher_input_ids is None else teacher_attention_mask)
         image_feat_m_all = all_gather_no_grad(image_feat_m)  # (Bg, d) global batch, rank order
         text_feat_m_all = all_gather_no_grad(text_feat_m)
         ids_all = all_gather_no_grad(image_ids) if image_ids is not None else None
@@ -316,6 +326,14 @@ class CODIS(nn.Module):
         if self.training:
             self.dequeue_and_enqueue(image_feat_m_all, text_feat_m_all, ids_all)
         return terms.output()
+
+    @torch.no_grad()
+    def _teacher_features(self, image: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the teacher's (image_embeds_m (B, N, D), image_feat_m (B, d), text_feat_m (B, d)) of its inputs."""
+        image_embeds_m, image_feat_m = self.encode_image_teacher(image)
+        _, text_feat_m = self.encode_text_teacher(input_ids, attention_mask)
+        return image_embeds_m, image_feat_m, text_feat_m
 
     def _begin_step(self) -> None:
         """Clamp the temperature; in training mode also EMA-update the teacher and re-normalise the codebook.
@@ -373,38 +391,3 @@ class CODIS(nn.Module):
                 hidden_m = self.text_encoder_m.bert.forward_multimodal(masked_ids, attention_mask, image_embeds_m)
                 teacher_logits = self.text_encoder_m.cls(hidden_m[positions])  # (M, V)
         return mlm_loss_from_logits(logits, labels[positions], count, alpha=alpha, teacher_logits=teacher_logits)
-
-    # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, alpha: float,
-                      image_ids: torch.Tensor | None, sample_seeds: torch.Tensor | None) -> None:
-        """Raise ValueError naming the argument when a batch cannot be what the model was built for."""
-        size = self.config.vision.image_size
-        if image.dim() != 4 or image.shape[1:] != (3, size, size):
-            raise ValueError(f"image must have shape (B, 3, {size}, {size}) for vision.image_size {size}, "
-                             f"got {tuple(image.shape)}")
-        batch = image.shape[0]
-        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
-            raise ValueError(f"input_ids must have shape (B, L) with B = {batch}, got {tuple(input_ids.shape)}")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be int64, got {input_ids.dtype}")
-        text = self.config.text
-        if input_ids.shape[1] > text.max_position_embeddings:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than text.max_position_embeddings "
-                             f"{text.max_position_embeddings}")
-        if int(input_ids.max()) >= text.vocab_size or int(input_ids.min()) < 0:
-            raise ValueError(f"input_ids has ids outside [0, text.vocab_size={text.vocab_size}); build the config "
-                             f"with ModelConfig.with_tokenizer(tokenizer)")
-        if isinstance(alpha, torch.Tensor):
-            alpha = float(alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if image_ids is not None and (image_ids.shape != (batch,) or image_ids.dtype != torch.long):
-            raise ValueError(f"image_ids must be an int64 tensor of shape ({batch},), got "
-                             f"{tuple(image_ids.shape)} {image_ids.dtype}")
-        if image_ids is not None and int(image_ids.min()) < 0:
-            raise ValueError("image_ids must be >= 0 (-100 marks queue entries without an id)")
-        if sample_seeds is not None and sample_seeds.shape != (batch,):
-            raise ValueError(f"sample_seeds must have shape ({batch},), got {tuple(sample_seeds.shape)}")

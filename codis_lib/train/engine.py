@@ -56,7 +56,8 @@ from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, sa
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
 from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, describe_run, init_distributed,
-                                   model_config_differences, pad_text_to_global_length, wrap_model)
+                                   model_config_differences, pad_text_to_global_length, teacher_batch_inputs,
+                                   wrap_model)
 
 if TYPE_CHECKING:  # the model package itself is imported where a model is built
     from codis_lib.model.output import Diagnostics
@@ -210,13 +211,14 @@ def train_step(run: TrainingRun, batches: Iterator[dict], *, step: int, epoch: i
         input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(ctx.device, non_blocking=True)
         image_ids = batch["image_ids"].to(ctx.device) if tc.task == "finetune" else None
+        teacher = teacher_batch_inputs(batch, run.model_config, ctx.device)  # {} unless the teacher has own views
         seeds = sample_seeds(tc.seed, epoch, batch["index"])  # (B,) from (seed, epoch, dataset index)
         # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
         skip_sync = ctx.world_size > 1 and micro_step < accum - 1 and hasattr(run.train_model, "no_sync")
         with run.train_model.no_sync() if skip_sync else contextlib.nullcontext():
             with run.autocast:
                 output = run.train_model(image, input_ids, attention_mask, alpha=alpha, image_ids=image_ids,
-                                         sample_seeds=seeds)
+                                         sample_seeds=seeds, **teacher)
             losses, total_loss = dict(output.losses), output.loss
             values = _step_scalars(losses, total_loss, output.diagnostics, ctx.device)
             _stop_if_non_finite(values, run, step=step + 1, epoch=epoch, alpha=alpha, last_checkpoint=last_checkpoint)

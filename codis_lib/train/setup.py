@@ -7,6 +7,8 @@
 
 Data order and per-sample randomness do not depend on the number of processes (see
 `codis_lib.train.sampler`); `pad_text_to_global_length` keeps the text tensors of every rank one length.
+The model config's teacher views (`teacher_view_inputs`) decide whether the items carry the teacher's
+own image and caption, which `teacher_batch_inputs` hands to the model.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ from codis_lib.train.sampler import GlobalBatchSampler, SeededItems
 from codis_lib.train.schedule import WarmupCosineSchedule, build_adamw
 
 __all__ = ["RunContext", "init_distributed", "resolve_precision", "TrainData", "ensure_emoji_corpus",
-           "build_train_data", "pad_text_to_global_length", "TrainingRun", "build_training_run", "wrap_model",
-           "describe_run", "compile_transformer_blocks", "model_config_differences"]
+           "build_train_data", "teacher_view_inputs", "teacher_batch_inputs", "pad_text_to_global_length",
+           "TrainingRun", "build_training_run", "wrap_model", "describe_run", "compile_transformer_blocks",
+           "model_config_differences"]
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -141,9 +144,11 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     tokenizer = load_tokenizer(tokenizer_location(config), max_length=data.max_tokens)
     image_root = data.image_root or None  # None: relative image paths are relative to the JSON file
     dataset_class = PretrainDataset if train_config.task == "pretrain" else RetrievalTrainDataset
+    own_image, other_caption = teacher_view_inputs(config.model)
     # With the cache every image is decoded (so checked) once; without it, verify the files up front.
     dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
-                            cache=data.cache_images, check_images="exists" if data.cache_images else "verify")
+                            cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
+                            teacher_image=own_image, teacher_caption=other_caption)
     seeded = SeededItems(dataset, train_config.seed)
     sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,
                                  rank=ctx.rank, shuffle=True, seed=train_config.seed,
@@ -158,23 +163,54 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader)
 
 
+# The (ids, mask) pairs of a batch: the student's captions, and the teacher's when it reads other ones.
+_TEXT_KEYS = (("input_ids", "attention_mask"), ("teacher_input_ids", "teacher_attention_mask"))
+
+
+def teacher_view_inputs(model_config: ModelConfig) -> tuple[bool, bool]:
+    """Return (own image, other caption): the second inputs the training data carries for the momentum teacher.
+
+    Set by `teacher_view: own` and `teacher_text_view: other_caption`; never in clip mode (no teacher).
+    """
+    return (model_config.uses_teacher and model_config.teacher_view == "own",
+            model_config.uses_teacher and model_config.teacher_text_view == "other_caption")
+
+
+def teacher_batch_inputs(batch: dict, model_config: ModelConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Return the forward's teacher keywords (image_teacher, teacher_input_ids, ...) on `device`; {} for "same".
+
+    Raises KeyError naming the missing batch keys when the model config asks for a view the batch lacks.
+    """
+    own_image, other_caption = teacher_view_inputs(model_config)
+    keys = (["image_teacher"] if own_image else []) + (list(_TEXT_KEYS[1]) if other_caption else [])
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise KeyError(f"the model config's teacher_view / teacher_text_view needs batch key(s) {', '.join(missing)}, "
+                       f"which this batch lacks (a loader built for another config?)")
+    return {key: batch[key].to(device, non_blocking=True) for key in keys}
+
+
 def pad_text_to_global_length(batch: dict, ctx: RunContext) -> dict:
     """Return the batch with input_ids / attention_mask right-padded to the longest caption of the global batch.
 
     The collator pads each rank's batch to its own longest caption; tensors gathered across ranks
     (text states for ITM negatives) must have one length, and the single-process run pads the whole
-    global batch to its longest, so matching it keeps the computation identical.
+    global batch to its longest, so matching it keeps the computation identical. The teacher's
+    captions (teacher_input_ids / teacher_attention_mask), when the batch has them, are padded to
+    their own global longest the same way (one all-reduce for both).
     """
     if ctx.world_size == 1:
         return batch
-    length = torch.tensor([batch["input_ids"].shape[1]], device=batch["input_ids"].device)
-    cdist.all_reduce_max_(length)
-    missing = int(length) - batch["input_ids"].shape[1]
-    if missing > 0:
-        batch = dict(batch)
-        for key in ("input_ids", "attention_mask"):
-            batch[key] = torch.nn.functional.pad(batch[key], (0, missing), value=0)
-    return batch
+    pairs = [pair for pair in _TEXT_KEYS if pair[0] in batch]
+    lengths = [batch[ids].shape[1] for ids, _ in pairs]
+    longest = torch.tensor(lengths, device=batch["input_ids"].device)
+    cdist.all_reduce_max_(longest)
+    padded = dict(batch)
+    for (ids, mask), length, target in zip(pairs, lengths, longest.tolist()):
+        if target > length:
+            for key in (ids, mask):
+                padded[key] = torch.nn.functional.pad(batch[key], (0, target - length), value=0)
+    return padded
 
 
 # ------------------------------------------------------------------------------------------ model, optimizer

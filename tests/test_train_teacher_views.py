@@ -1,0 +1,35 @@
+"""The training loop hands the teacher's own views to the model exactly when the model config asks for them."""
+import pytest
+import torch
+
+from codis_lib.config import ModelConfig
+from codis_lib.train.setup import teacher_batch_inputs, teacher_view_inputs
+
+TINY = ModelConfig.preset("tiny")
+
+
+def _batch(**extra):
+    ids = torch.ones(2, 5, dtype=torch.long)
+    return {"image": torch.zeros(2, 3, 8, 8), "input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+
+
+def test_views_follow_the_model_config_and_clip_has_none():
+    assert teacher_view_inputs(TINY) == (False, False)
+    both = TINY.with_overrides(teacher_view="own", teacher_text_view="other_caption")
+    assert teacher_view_inputs(both) == (True, True)
+    assert teacher_view_inputs(TINY.with_overrides(teacher_text_view="other_caption")) == (False, True)
+    assert teacher_view_inputs(both.with_overrides(mode="clip")) == (False, False)  # no teacher to feed
+    dropout = TINY.with_overrides({"teacher_text_view": "dropout", "text.hidden_dropout": 0.1})
+    assert teacher_view_inputs(dropout) == (False, False)  # the same caption: nothing more to load
+
+
+def test_batch_inputs_are_the_views_asked_for_and_missing_ones_are_named():
+    views = {"image_teacher": torch.ones(2, 3, 8, 8), "teacher_input_ids": torch.ones(2, 7, dtype=torch.long),
+             "teacher_attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    assert teacher_batch_inputs(_batch(**views), TINY, torch.device("cpu")) == {}  # "same": today's forward
+    own = teacher_batch_inputs(_batch(**views), TINY.with_overrides(teacher_view="own"), torch.device("cpu"))
+    assert list(own) == ["image_teacher"] and torch.equal(own["image_teacher"], views["image_teacher"])
+    both = TINY.with_overrides(teacher_view="own", teacher_text_view="other_caption")
+    assert set(teacher_batch_inputs(_batch(**views), both, torch.device("cpu"))) == set(views)
+    with pytest.raises(KeyError, match="teacher_input_ids, teacher_attention_mask"):
+        teacher_batch_inputs(_batch(image_teacher=views["image_teacher"]), both, torch.device("cpu"))
