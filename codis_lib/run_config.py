@@ -349,7 +349,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Return a deep copy of `data` with dotted-key overrides set (missing intermediate sections are created).
 
-    Keys are not checked here; the validation that follows rejects unknown ones by name.
+    Keys are not checked here; the validation that follows rejects unknown ones by name. A renamed key's
+    old name (RENAMED_KEYS) sets the new key and drops the old one from `data`.
     """
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))
