@@ -168,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="let the tokenizer download from the hub when it is not cached")
     data = parser.add_argument_group("data")
     data.add_argument("--annotation", default=None,
-                      help="ALBEF retrieval test JSON ({image, caption: [...]}); default: the checkpoint run's split")
+                      help="ALBEF retrieval test JSON ({image, caption: [...]}); default: the checkpoint run's "
+                           "splits (--split)")
     data.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to "
                                                           "(default: the JSON's folder)")
     data.add_argument("--split", dest="splits", action="append", default=None, metavar="NAME",

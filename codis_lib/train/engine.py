@@ -81,7 +81,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run produced: where, how far, the logged records (rank 0) and the evaluation, if any."""
+    """What a run produced: where, how far, the logged records (rank 0) and the evaluation per split, if any."""
 
     output_dir: Path
     steps: int  # optimizer steps done (in total, across resumes)
