@@ -3,8 +3,9 @@
 Each run is the real trainer (`python -m codis_lib.train.cli pretrain`, config pretrain_emoji: tiny
 model, emoji corpus) with only `model.mode`, `train.seed` and the step budget changed, so every mode
 gets the same number of optimizer steps, the same batch size, learning-rate schedule and data order.
-The trainer evaluates zero-shot retrieval on the test split (emoji concepts never seen in training)
-at the end with ALBEF's protocol. Reported per mode, as mean +- sample standard deviation over seeds:
+The trainer evaluates zero-shot retrieval on one split at the end with ALBEF's protocol: `--split test`
+(the default: emoji concepts never seen in training) or `--split new_drawings` (new drawings of training
+concepts). Reported per mode, as mean +- sample standard deviation over seeds:
 - contrastive ranking (ITC), comparable across all three modes;
 - ITM re-ranking of the top k, for albef and codis only (clip mode does not train an ITM head).
 Runs go `--parallel` at a time, one CPU thread each; a finished run (its eval JSON exists) is reused
@@ -13,6 +14,7 @@ unless --fresh is given, so an interrupted ablation continues where it stopped.
     python benchmarks/ablation.py                                   # 3 modes x 3 seeds x 300 steps, 2 at a time
     python benchmarks/ablation.py --seeds 0 1 2 3 4 --steps 600     # more seeds, longer runs
     python benchmarks/ablation.py --modes albef codis --steps 100 --seeds 0   # a quick look
+    python benchmarks/ablation.py --split new_drawings --out-dir /tmp/codis_ablation_nd   # the familiar concepts
 
 About 25 minutes on 2 CPU cores with the defaults (codis steps cost ~1 s, clip steps ~0.3 s).
 """
@@ -28,6 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from codis_lib.data.emoji_corpus import EVAL_SPLITS, emoji_split_file
+from codis_lib.evaluation.report import EMOJI_SPLIT_DESCRIPTIONS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 HEADERS = ("TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10", "mean")
@@ -42,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-k", type=int, default=16, help="ITM re-ranking depth of the zero-shot evaluation")
     parser.add_argument("--data-root", default=str(REPO_ROOT / "data" / "emoji"))
+    parser.add_argument("--split", default="test", choices=EVAL_SPLITS,
+                        help="evaluation split of the emoji corpus (each run writes eval_<split>.json)")
     parser.add_argument("--config", default="pretrain_emoji")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (repeatable)")
@@ -55,14 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_one(mode: str, seed: int, args) -> dict:
     """Train (or reuse) one run and return its record: mode, seed, metrics, seconds."""
     run_dir = Path(args.out_dir) / f"{mode}_seed{seed}"
-    eval_file = run_dir / "eval_test.json"
+    eval_file = run_dir / f"eval_{args.split}.json"
     reused = not args.fresh and eval_file.is_file()
     if not reused:
         overrides = {"model.mode": mode, "train.seed": seed, "train.max_steps": args.steps,
                      "train.batch_size": args.batch_size, "data.root": args.data_root,
                      "train.output_dir": str(run_dir), "train.overwrite": "true", "train.num_threads": 1,
                      "train.progress": "false", "train.tensorboard": "false", "train.log_every": 25,
-                     "train.eval.at_end": "true", "train.eval.split": "test", "train.eval.k_test": args.eval_k}
+                     "train.eval.at_end": "true", "train.eval.splits": f"[{args.split}]",
+                     "train.eval.k_test": args.eval_k}
         command = [sys.executable, "-m", "codis_lib.train.cli", "pretrain", "--config", args.config]
         for key, value in overrides.items():
             command += ["--set", f"{key}={value}"]
@@ -113,8 +121,10 @@ def markdown_table(summary: dict, title: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (Path(args.data_root) / "test.json").is_file():
-        print(f"ablation: no emoji corpus in {args.data_root}; build it first: codis-build-emoji", file=sys.stderr)
+    try:
+        emoji_split_file(args.data_root, args.split)
+    except FileNotFoundError as error:
+        print(f"ablation: {error}", file=sys.stderr)
         return 2
     jobs = [(mode, seed) for seed in args.seeds for mode in args.modes]
     print(f"ablation: {len(jobs)} runs ({', '.join(args.modes)} x seeds {args.seeds}), {args.steps} steps of "
@@ -126,8 +136,9 @@ def main(argv=None) -> int:
     itc, itm = summarise(runs, "itc", args.modes), summarise(runs, "itm", args.modes)
     first = runs[0]
     k = max(r["k"] for r in runs)  # clip runs are not re-ranked (k = 0)
-    context = (f"zero-shot retrieval on the emoji test split ({first['num_images']} images, {first['num_texts']} "
-               f"captions, concepts unseen in training) after {args.steps} steps of batch {args.batch_size}; "
+    context = (f"zero-shot retrieval on the emoji {args.split} split ({first['num_images']} images, "
+               f"{first['num_texts']} captions, {EMOJI_SPLIT_DESCRIPTIONS[args.split]}) after {args.steps} steps "
+               f"of batch {args.batch_size}; "
                f"recall in %, mean ± std over seeds {args.seeds}")
     print()
     print(markdown_table(itc, "Contrastive ranking (ITC), all modes"))
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
     out = Path(args.json) if args.json else Path(args.out_dir) / "ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"context": context, "steps": args.steps, "batch_size": args.batch_size,
-                               "seeds": args.seeds, "modes": args.modes, "eval_k": args.eval_k,
+                               "seeds": args.seeds, "modes": args.modes, "eval_k": args.eval_k, "split": args.split,
                                "summary_itc": itc, "summary_itm": itm, "train_seconds": seconds,
                                "wall_s": wall, "runs": runs}, indent=2))
     print(f"results: {out}")

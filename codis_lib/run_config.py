@@ -36,7 +36,8 @@ from codis_lib.config import CONFIG_DIR, ConfigError, ModelConfig, build_datacla
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
-           "resolve_config_path", "run_config_names"]
+           "resolve_config_path", "run_config_names", "EMOJI_EVAL_SPLITS", "ALBEF_JSON_EVAL_FILES",
+           "eval_split_names", "eval_split_errors"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -79,13 +80,23 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
 
 
+# The evaluation splits a run may name in train.eval.splits. Emoji: the files of the corpus
+# (codis_lib.data.emoji_split_file; tests/test_train_config.py checks the two lists agree).
+# ALBEF JSON: the data key holding each split's file.
+EMOJI_EVAL_SPLITS = ("val", "test", "new_drawings")
+ALBEF_JSON_EVAL_FILES = {"val": "val_file", "test": "test_file"}
+
+
 @dataclass
 class EvalConfig:
-    """Zero-shot (or fine-tuned) retrieval evaluation after training (ALBEF protocol)."""
+    """Zero-shot (or fine-tuned) retrieval evaluation after training (ALBEF protocol), on one or more splits."""
 
-    at_end: bool = True  # evaluate on `split` when training finishes
+    at_end: bool = True  # evaluate every split in `splits` when training finishes
     every_epochs: int = 0  # also evaluate every N epochs (0 = never during training)
-    split: Literal["val", "test"] = "test"
+    # Evaluated in this order, each written to eval_<split>.json. Emoji: val, test (concepts never seen in
+    # training), new_drawings (new drawings of training concepts); albef_json: val, test (data.val_file,
+    # data.test_file). Older configs and checkpoints say `split: test`, read as [test].
+    splits: list[str] = field(default_factory=lambda: ["test"])
     k_test: int = 128  # candidates re-ranked with ITM per query (ALBEF: 256 COCO, 128 Flickr30K)
     batch_size: int = 64  # images / captions per feature batch
     pair_batch_size: int = 256  # (image, caption) pairs per ITM re-ranking batch
@@ -198,6 +209,29 @@ def load_run_config(name_or_path: str | os.PathLike = "pretrain_emoji",
 RETIRED_KEYS: dict[str, tuple[str, ...]] = {"train": ("debug_nan_at_step", "debug_nan_term")}
 
 
+# Options renamed since earlier versions, old dotted key -> new one; the old name still loads (checkpoints
+# and configs written before the rename store it), silently, with its value read in the new form.
+RENAMED_KEYS: dict[str, str] = {"train.eval.split": "train.eval.splits"}
+
+
+def _with_eval_splits(train: Any, source: str) -> Any:
+    """Return the train section with `eval.split: NAME` (the older one-split key) read as `eval.splits: [NAME]`.
+
+    A bare name given to `eval.splits` is a one-name list too (`--set train.eval.splits=test`).
+    """
+    if not isinstance(train, Mapping) or not isinstance(train.get("eval"), Mapping):
+        return train
+    settings = dict(train["eval"])
+    if "split" in settings:
+        if "splits" in settings:
+            raise ConfigError(f"{source}: train.eval.split and train.eval.splits are both set; keep "
+                              f"train.eval.splits (split is its older one-name form)")
+        settings["splits"] = settings.pop("split")
+    if isinstance(settings.get("splits"), str):
+        settings["splits"] = [settings["splits"]]
+    return {**train, "eval": settings}
+
+
 def without_retired_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of a stored run config without the RETIRED_KEYS, so older checkpoints still load strictly."""
     result = dict(data)
@@ -221,7 +255,7 @@ def run_config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Run
         raise ConfigError(f"{source}: missing section 'model' (e.g. `model: {{preset: tiny}}`)")
     model = config_from_dict(data["model"] or {}, source=f"{source} [model]")
     data_config = build_dataclass(DataConfig, data.get("data") or {}, source, "data.")
-    train_config = build_dataclass(TrainConfig, data.get("train") or {}, source, "train.")
+    train_config = build_dataclass(TrainConfig, _with_eval_splits(data.get("train") or {}, source), source, "train.")
     config = RunConfig(model=model, data=data_config, train=train_config, source=source)
     _validate_values(config)
     return config
@@ -266,8 +300,36 @@ def _validate_values(config: RunConfig) -> None:
     if d.dataset == "albef_json":
         need(bool(d.train_files), "data.train_files", "albef_json needs at least one JSON file")
         need(d.tokenizer is not None, "data.tokenizer", "albef_json needs a tokenizer directory or name")
+    errors += eval_split_errors(d, e.splits, "train.eval.splits", evaluated=e.at_end or e.every_epochs > 0)
     if errors:
         raise ConfigError(f"invalid run config ({config.source}):\n  " + "\n  ".join(errors))
+
+
+def eval_split_names(data: DataConfig) -> tuple[str, ...]:
+    """Return the evaluation splits `data` has: the emoji corpus's files, or ALBEF JSON's val and test."""
+    return EMOJI_EVAL_SPLITS if data.dataset == "emoji" else tuple(ALBEF_JSON_EVAL_FILES)
+
+
+def eval_split_errors(data: DataConfig, splits: Sequence[str], key: str, *, evaluated: bool = True) -> list[str]:
+    """Return one "key: problem" line per unusable name in `splits` (unknown, repeated, or its file not set).
+
+    `key` names the setting in the messages (train.eval.splits, --split); an ALBEF JSON split's file
+    (data.val_file / data.test_file) is required only when `evaluated`.
+    """
+    valid = eval_split_names(data)
+    if not splits:
+        return [f"{key}: name at least one split ({', '.join(valid)}); train.eval.at_end: false turns "
+                f"the evaluation off"]
+    errors = []
+    for index, name in enumerate(splits):
+        if name not in valid:
+            errors.append(f"{key}: {name!r} is not an evaluation split of {data.dataset} data; valid: "
+                          f"{', '.join(valid)}")
+        elif name in splits[:index]:
+            errors.append(f"{key}: {name!r} is listed twice")
+        elif evaluated and data.dataset == "albef_json" and getattr(data, ALBEF_JSON_EVAL_FILES[name]) is None:
+            errors.append(f"{key}: {name!r} needs data.{ALBEF_JSON_EVAL_FILES[name]} (its retrieval JSON)")
+    return errors
 
 
 # ---------------------------------------------------------------------- overrides
@@ -291,12 +353,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Return a deep copy of `data` with dotted-key overrides set (missing intermediate sections are created).
 
-    Keys are not checked here; the validation that follows rejects unknown ones by name.
+    Keys are not checked here; the validation that follows rejects unknown ones by name. A renamed key's
+    old name (RENAMED_KEYS) sets the new key and drops the old one from `data`.
     """
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))
     result = copy.deepcopy(dict(data))
     for dotted, value in overrides.items():
+        dotted = RENAMED_KEYS.get(dotted, dotted)  # an old name sets the new key (and replaces the old one)
         parts = dotted.split(".")
         node = result
         for depth, part in enumerate(parts[:-1]):
@@ -307,6 +371,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str] | Mapping[
                 raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
             node = child
         node[parts[-1]] = copy.deepcopy(value)
+        for old_key in (key for key, renamed in RENAMED_KEYS.items() if renamed == dotted):
+            node.pop(old_key.rpartition(".")[2], None)
     return result
 
 

@@ -16,6 +16,9 @@ def test_notebook_04_pretraining():
     # L_code starts near 2 ln K (two uniform predictions) and must have learnt something.
     assert metrics["code_last"] < metrics["code_first"] - 0.3
     assert 1.0 < metrics["perplexity_last"] <= metrics["codebook_size"]
+    # the end of training evaluates both splits of pretrain_emoji, new drawings of training concepts first
+    assert metrics["eval_splits"] == ["new_drawings", "test"]
     assert 0.0 <= metrics["zero_shot_r_mean"] <= 100.0 and metrics["eval_images"] > 0
+    assert 0.0 <= metrics["new_drawings_r_mean"] <= 100.0 and metrics["new_drawings_images"] > 0
     assert 0.0 <= metrics["seen_r_mean"] <= 100.0
     assert metrics["checkpoint_reloaded_identical"] is True

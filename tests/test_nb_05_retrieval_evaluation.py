@@ -9,6 +9,21 @@ pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 def test_notebook_05_retrieval_evaluation():
     metrics = run_notebook("05_retrieval_evaluation")
     assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
+    assert metrics["checkpoint"].endswith("pretrain_ci/checkpoint_final.pt")
+    # both splits, new drawings of training concepts first; the worked example and the figures use it
+    assert metrics["splits"] == ["new_drawings", "test"] and metrics["split"] == "new_drawings"
+    assert list(metrics["by_split"]) == ["new_drawings", "test"]
+    assert metrics["by_split"]["new_drawings"]["num_images"] == metrics["num_images"]
+    assert metrics["by_split"]["new_drawings"]["itm"] == metrics["itm"]
+    for name, result in metrics["by_split"].items():
+        assert result["k"] == 8 and result["num_images"] > 8, name
+        for ranking in ("itc", "itm"):
+            m = result[ranking]
+            assert 0.0 <= m["txt_r1"] <= m["txt_r5"] <= m["txt_r10"] <= 100.0, (name, ranking)
+            assert 0.0 <= m["img_r1"] <= m["img_r5"] <= m["img_r10"] <= 100.0, (name, ranking)
+            # IR recall is a share of the split's captions: a multiple of 100 / num_texts
+            steps = m["img_r10"] * result["num_texts"] / 100
+            assert abs(steps - round(steps)) < 1e-6, (name, ranking)
     # by-hand (argsort) and library recalls agree except for exact float32 ties, which the notebook counts
     assert metrics["hand_vs_library_max_abs"] <= metrics["hand_vs_library_tie_bound"] + 1e-9
     assert metrics["rank_ties"] <= 0.05 * (metrics["num_images"] + metrics["num_texts"])

@@ -6,17 +6,47 @@ from tests.nbharness import run_notebook
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
+def _random_occupancy_bounds(n: int, K: int) -> tuple[float, float]:
+    """Return exact bounds on the expected perplexity of n uniform throws into K bins.
+
+    Above: a histogram's perplexity never exceeds its occupied bins, whose expected number is
+    K (1 - (1 - 1/K)^n). Below: perplexity >= 1 / sum f_k^2, and by Jensen E[1 / X] >= 1 / E[X]
+    with E[sum f_k^2] = (1 - 1/K) / n + 1/K.
+    """
+    return 1.0 / ((1 - 1 / K) / n + 1 / K), K * (1 - (1 - 1 / K) ** n)
+
+
 def test_notebook_06_codebook_visualization():
     metrics = run_notebook("06_codebook_visualization")
-    assert metrics["trained_now"] is True
+    assert metrics["trained_now"] is True and metrics["checkpoint"].endswith("pretrain_ci/checkpoint_final.pt")
     assert metrics["hand_vs_library_max_abs"] < 1e-5
     K = metrics["num_codes"]
-    for key in ("image_perplexity", "text_perplexity", "ot_image_perplexity"):
+    # the code statistics cover both splits; the drawn one is new drawings of training concepts
+    assert metrics["splits"] == ["new_drawings", "test"] and metrics["split"] == "new_drawings"
+    assert list(metrics["by_split"]) == ["new_drawings", "test"]
+    assert metrics["by_split"]["new_drawings"]["num_images"] == metrics["num_images"] > 0
+    # the hard-code perplexity by hand is codebook_usage's on one-hot assignments
+    assert metrics["hard_perplexity_vs_library_rel"] < 1e-5
+    for name, row in metrics["by_split"].items():
+        for modality, n in (("image", row["num_images"]), ("text", row["num_texts"])):
+            assert n > 0, (name, modality)
+            hard, active = row[f"{modality}_hard_perplexity"], row[f"{modality}_active_codes"]
+            assert 1.0 - 1e-9 <= hard <= active + 1e-9 and active <= min(K, n), (name, modality)
+            # the Monte Carlo baseline lies within the exact bounds, up to 4 standard errors of its mean
+            low, high = _random_occupancy_bounds(n, K)
+            slack = 4 * row[f"{modality}_random_perplexity_sd"] / metrics["random_draws"] ** 0.5
+            assert low - slack <= row[f"{modality}_random_perplexity"] <= high + slack, (name, modality, low, high)
+        assert 0.0 <= row["same_code_chance"] <= 1.0 and 0.0 <= row["same_code_rate"] <= 1.0, name
+    main = metrics["by_split"]["new_drawings"]
+    assert metrics["image_hard_perplexity"] == main["image_hard_perplexity"]
+    assert metrics["same_code_rate"] == main["same_code_rate"] and metrics["same_code_chance"] == main["same_code_chance"]
+    assert 1.0 <= metrics["ot_image_hard_perplexity"] <= min(K, metrics["num_images"]) + 1e-6
+    # the mean soft assignment's perplexity, kept for reference
+    for key in ("image_soft_perplexity", "text_soft_perplexity", "ot_image_soft_perplexity"):
         assert 1.0 <= metrics[key] <= K + 1e-6, key
     # Sinkhorn's equal-partition constraint spreads the split over more codes than the softmax arg-max does
-    assert metrics["ot_image_perplexity"] >= metrics["image_perplexity"] - 1e-6
+    assert metrics["ot_image_soft_perplexity"] >= metrics["image_soft_perplexity"] - 1e-6
     assert 1 <= metrics["image_active_codes"] <= min(K, metrics["num_images"])
-    assert 0.0 <= metrics["same_code_chance"] <= 1.0 and 0.0 <= metrics["same_code_rate"] <= 1.0
     assert 0.0 < metrics["soft_overlap_mismatched"] < 1.0 and 0.0 < metrics["soft_overlap_matched"] < 1.0
     assert 1 <= len(metrics["codes_shown"]) <= 4 and len(set(metrics["codes_shown"])) == len(metrics["codes_shown"])
     assert metrics["figures"] == ["06_code_gallery.png", "06_code_usage.png", "06_umap.png"]

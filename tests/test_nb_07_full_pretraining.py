@@ -16,7 +16,8 @@ def test_notebook_07_full_pretraining():
     if not torch.cuda.is_available():
         assert "8 CUDA GPUs" in missing
     assert "data.train_files" in missing or "data.image_root" in missing
-    # the 2-process evaluation at the end of training equals a single-process one
+    # the 2-process evaluation at the end of training equals a single-process one, on every split it wrote
+    assert metrics["eval_splits"] == ["new_drawings", "test"]
     assert metrics["distributed_vs_single_max_abs"] < 1e-9
     assert set(metrics["loss_last"]) == {"align", "code", "ot", "itm", "mlm"}
     # ALBEF: the loader reproduces ALBEF's own ITM logits, and a round trip through its format changes nothing

@@ -94,3 +94,57 @@ def test_command_line_prints_the_resolved_config_and_rejects_bad_keys_with_statu
     assert "train.nope" in capsys.readouterr().err
     assert pretrain_main(["--config", "no_such_config"]) == 2
     assert "unknown config 'no_such_config'" in capsys.readouterr().err
+
+
+def test_eval_splits_are_named_and_checked_per_dataset():
+    from codis_lib.data.emoji_concepts import EVAL_SPLITS
+    from codis_lib.run_config import EMOJI_EVAL_SPLITS
+
+    assert EMOJI_EVAL_SPLITS == EVAL_SPLITS  # the names emoji_split_file accepts, kept here below the data layer
+    assert load_run_config("pretrain_emoji", world_size=1).train.eval.splits == ["new_drawings", "test"]
+    assert load_run_config("finetune_emoji", world_size=1).train.eval.splits == ["new_drawings", "test"]
+    for name in ("pretrain_4m", "finetune_coco", "finetune_flickr"):
+        assert load_run_config(name, world_size=8).train.eval.splits == ["test"], name
+    emoji = {"model": {"preset": "tiny"}}
+    assert run_config_from_dict(emoji).train.eval.splits == ["test"]  # the dataclass default, as before
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits: 'train' is not an evaluation split of emoji data; "
+                                          r"valid: val, test, new_drawings"):
+        run_config_from_dict({**emoji, "train": {"eval": {"splits": ["test", "train"]}}})
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits: 'test' is listed twice"):
+        run_config_from_dict({**emoji, "train": {"eval": {"splits": ["test", "test"]}}})
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits: name at least one split"):
+        run_config_from_dict({**emoji, "train": {"eval": {"splits": []}}})
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits\[0\] must be a string"):
+        run_config_from_dict({**emoji, "train": {"eval": {"splits": [3]}}})
+    # ALBEF JSON data: val and test, each needing its file when the run evaluates
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits: 'new_drawings' is not an evaluation split of "
+                                          r"albef_json data; valid: val, test"):
+        load_run_config("pretrain_4m", overrides=["train.eval.splits=[new_drawings]"], world_size=8)
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits: 'val' needs data\.val_file"):
+        load_run_config("pretrain_4m", overrides=["train.eval.splits=[test, val]"], world_size=8)
+    quiet = load_run_config("pretrain_4m", overrides=["train.eval.splits=[val]", "train.eval.at_end=false"],
+                            world_size=8)
+    assert quiet.train.eval.splits == ["val"]  # never evaluated, so no file is needed
+    assert load_run_config("finetune_coco", overrides=["train.eval.splits=[val, test]"],
+                           world_size=8).train.eval.splits == ["val", "test"]
+
+
+def test_the_older_one_split_key_reads_as_a_one_element_list(recwarn):
+    stored = load_run_config("pretrain_emoji", world_size=1).to_dict()
+    del stored["train"]["eval"]["splits"]
+    stored["train"]["eval"]["split"] = "val"  # what checkpoints written before train.eval.splits hold
+    again = run_config_from_dict(stored)
+    assert again.train.eval.splits == ["val"] and "split" not in again.to_dict()["train"]["eval"]
+    assert run_config_from_dict(again.to_dict()).to_dict() == again.to_dict()
+    # an override under the old name replaces the file's list, one under the new name replaces an old key
+    assert load_run_config("pretrain_emoji", overrides=["train.eval.split=test"],
+                           world_size=1).train.eval.splits == ["test"]
+    assert run_config_from_dict(apply_overrides(stored, ["train.eval.splits=[new_drawings, val]"])).train.eval.splits \
+        == ["new_drawings", "val"]
+    assert load_run_config("pretrain_emoji", overrides=["train.eval.splits=test"],
+                           world_size=1).train.eval.splits == ["test"]  # a bare name is a one-name list
+    with pytest.raises(ConfigError, match=r"train\.eval\.split and train\.eval\.splits are both set"):
+        run_config_from_dict({"model": {"preset": "tiny"}, "train": {"eval": {"split": "val", "splits": ["val"]}}})
+    with pytest.raises(ConfigError, match=r"train\.eval\.splits: 'nope' is not an evaluation split"):
+        run_config_from_dict({"model": {"preset": "tiny"}, "train": {"eval": {"split": "nope"}}})
+    assert not recwarn.list  # read silently: every older checkpoint stores the key

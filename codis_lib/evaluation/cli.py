@@ -1,13 +1,19 @@
 """`codis-eval`: zero-shot or fine-tuned image-text retrieval of a checkpoint, printed in the poster's layout.
 
-    codis-eval runs/pretrain_emoji/checkpoint_final.pt                       # our checkpoint, its run's test split
+    codis-eval runs/pretrain_emoji/checkpoint_final.pt                       # our checkpoint, its run's eval splits
+    codis-eval CKPT --split new_drawings --json eval.json                   # one split of its run's data
     codis-eval CKPT --annotation data/emoji/val.json --k 64 --json eval.json
     codis-eval --albef-checkpoint ALBEF_4M.pth --annotation data/flickr30k_test.json \\
         --image-root /data/flickr30k --albef-config configs/Retrieval_flickr.yaml --paper flickr
     torchrun --nproc_per_node 8 -m codis_lib.evaluation.cli CKPT ...        # queries split over 8 processes
 
-Python: `run_evaluation(...)` returns the result dict (the metrics of `RetrievalEvaluation.to_dict()`
-plus what was evaluated), `format_evaluation_table(result)` (from `codis_lib.evaluation.report`) the table.
+Without --annotation, a checkpoint of ours is evaluated on splits of its own run's data: `--split NAME`
+(repeatable; emoji: new_drawings, test, val; ALBEF JSON: val, test), by default every split of the
+run's `train.eval.splits`; the JSON output is then {split: result}. With --annotation it is one result.
+
+Python: `run_evaluation(...)` returns one result dict (the metrics of `RetrievalEvaluation.to_dict()`
+plus what was evaluated), `run_split_evaluations(...)` {split: result dict}, and
+`format_evaluation_table(result)` (from `codis_lib.evaluation.report`) the table.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset
+from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset, split_description
 
-__all__ = ["run_evaluation", "format_evaluation_table", "load_dataset", "eval_main"]
+__all__ = ["run_evaluation", "run_split_evaluations", "format_evaluation_table", "load_dataset", "eval_main"]
 
 
 def _device(choice: str) -> torch.device:
@@ -57,21 +64,10 @@ def load_dataset(annotation, image_root, image_size: int, *, run_config=None, sp
     return retrieval_split_dataset(run_config, split)
 
 
-def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpoint=None, albef_config=None,
-                   bert_config=None, tokenizer: str = "bert-base-uncased", annotation=None, image_root=None,
-                   split: str = "test", image_size: int | None = None, k: int = 128, rerank: bool | None = None,
-                   score_mode: str = "itm", image_batch_size: int = 64, text_batch_size: int = 256,
-                   pair_batch_size: int = 1024, device: str = "auto", num_workers: int = 0,
-                   allow_download: bool = False) -> dict:
-    """Return the evaluation result dict of one checkpoint (ours, or ALBEF's with `albef_checkpoint`).
-
-    Keys: "metrics" {"itc", "itm"}, "headline", "k", "num_images", "num_texts", "seconds",
-    "pairs_requested"/"pairs_scored" (re-ranking), "model" (what was evaluated), "dataset", "world_size",
-    "rank" (of this process; every rank returns the same metrics).
-    """
-    from codis_lib.distributed import get_rank, get_world_size
+def _load_model(checkpoint, albef_checkpoint, *, albef_config, bert_config, tokenizer, image_size, device,
+                allow_download):
+    """Return (LoadedModel, torch device) of one checkpoint, ours or ALBEF's (in a process group under torchrun)."""
     from codis_lib.evaluation.albef_models import load_albef_model, load_our_model
-    from codis_lib.evaluation.retrieval import evaluate_retrieval
 
     if (checkpoint is None) == (albef_checkpoint is None):
         raise ValueError("give exactly one of a checkpoint of ours or --albef-checkpoint")
@@ -86,15 +82,71 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
     model_image_size = loaded.model.config.vision.image_size
     if image_size is not None and albef_checkpoint is None and image_size != model_image_size:
         raise ValueError(f"--image-size {image_size}: the checkpoint's model takes {model_image_size} px images")
-    dataset = load_dataset(annotation, image_root, model_image_size, run_config=loaded.run_config, split=split)
-    evaluation = evaluate_retrieval(loaded.model, dataset, loaded.tokenizer, k=k, rerank=rerank,
-                                    image_batch_size=image_batch_size, text_batch_size=text_batch_size,
-                                    pair_batch_size=pair_batch_size, score_mode=score_mode, device=torch_device,
-                                    num_workers=num_workers)
+    return loaded, torch_device
+
+
+def _evaluate(loaded, dataset, described: str, *, device: torch.device, score_mode: str, **protocol) -> dict:
+    """Return the result dict of `loaded`'s model on `dataset`: the metrics plus what was evaluated, where."""
+    from codis_lib.distributed import get_rank, get_world_size
+    from codis_lib.evaluation.retrieval import evaluate_retrieval
+
+    evaluation = evaluate_retrieval(loaded.model, dataset, loaded.tokenizer, score_mode=score_mode, device=device,
+                                    **protocol)
     result = evaluation.to_dict()
     result.update(model=loaded.description, world_size=get_world_size(), rank=get_rank(), score_mode=score_mode,
-                  dataset=str(annotation) if annotation is not None else f"{split} split of the checkpoint's run")
+                  dataset=described)
     return result
+
+
+def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpoint=None, albef_config=None,
+                   bert_config=None, tokenizer: str = "bert-base-uncased", annotation=None, image_root=None,
+                   split: str = "test", image_size: int | None = None, k: int = 128, rerank: bool | None = None,
+                   score_mode: str = "itm", image_batch_size: int = 64, text_batch_size: int = 256,
+                   pair_batch_size: int = 1024, device: str = "auto", num_workers: int = 0,
+                   allow_download: bool = False) -> dict:
+    """Return the evaluation result dict of one checkpoint (ours, or ALBEF's with `albef_checkpoint`).
+
+    The dataset is `annotation`, or else `split` of the checkpoint's own run. Keys: "metrics" {"itc",
+    "itm"}, "headline", "k", "num_images", "num_texts", "seconds", "pairs_requested"/"pairs_scored"
+    (re-ranking), "model" (what was evaluated), "dataset", "world_size", "rank" (of this process; every
+    rank returns the same metrics).
+    """
+    loaded, torch_device = _load_model(checkpoint, albef_checkpoint, albef_config=albef_config,
+                                       bert_config=bert_config, tokenizer=tokenizer, image_size=image_size,
+                                       device=device, allow_download=allow_download)
+    dataset = load_dataset(annotation, image_root, loaded.model.config.vision.image_size,
+                           run_config=loaded.run_config, split=split)
+    described = str(annotation) if annotation is not None else f"{split} split of the checkpoint's run"
+    return _evaluate(loaded, dataset, described, device=torch_device, score_mode=score_mode, k=k, rerank=rerank,
+                     image_batch_size=image_batch_size, text_batch_size=text_batch_size,
+                     pair_batch_size=pair_batch_size, num_workers=num_workers)
+
+
+def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str] | None = None, k: int = 128,
+                          rerank: bool | None = None, score_mode: str = "itm", image_batch_size: int = 64,
+                          text_batch_size: int = 256, pair_batch_size: int = 1024, device: str = "auto",
+                          num_workers: int = 0, image_size: int | None = None) -> dict[str, dict]:
+    """Return {split: result dict (as `run_evaluation`'s)} of one of our checkpoints on splits of its run's data.
+
+    `splits` defaults to the run's train.eval.splits; the model is loaded once. A name the run's data
+    has no split of raises ValueError naming --split; an emoji corpus without the split's file raises
+    FileNotFoundError saying how to rebuild it. `image_size`, if given, must be the model's.
+    """
+    from codis_lib.run_config import eval_split_errors
+
+    loaded, torch_device = _load_model(checkpoint, None, albef_config=None, bert_config=None, tokenizer="",
+                                       image_size=image_size, device=device, allow_download=False)
+    run_config = loaded.run_config
+    splits = list(run_config.train.eval.splits if splits is None else splits)
+    problems = eval_split_errors(run_config.data, splits, "--split")
+    if problems:
+        raise ValueError(f"{checkpoint}: {problems[0]}")
+    return {split: _evaluate(loaded, retrieval_split_dataset(run_config, split),
+                             f"the {split} split of the checkpoint's run ({split_description(run_config, split)})",
+                             device=torch_device, score_mode=score_mode, k=k, rerank=rerank,
+                             image_batch_size=image_batch_size, text_batch_size=text_batch_size,
+                             pair_batch_size=pair_batch_size, num_workers=num_workers)
+            for split in splits}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,10 +168,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="let the tokenizer download from the hub when it is not cached")
     data = parser.add_argument_group("data")
     data.add_argument("--annotation", default=None,
-                      help="ALBEF retrieval test JSON ({image, caption: [...]}); default: the checkpoint run's split")
+                      help="ALBEF retrieval test JSON ({image, caption: [...]}); default: the checkpoint run's "
+                           "splits (--split)")
     data.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to "
                                                           "(default: the JSON's folder)")
-    data.add_argument("--split", default="test", choices=("val", "test"), help="split of the run's data")
+    data.add_argument("--split", dest="splits", action="append", default=None, metavar="NAME",
+                      help="split of the checkpoint run's data (repeatable; emoji: new_drawings, test, val; ALBEF "
+                           "JSON: val, test); default: every split of the run's train.eval.splits")
     data.add_argument("--image-size", type=int, default=None,
                       help="ALBEF checkpoints: evaluation resolution (384 in ALBEF's retrieval configs)")
     protocol = parser.add_argument_group("protocol")
@@ -144,6 +199,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _evaluations(args: argparse.Namespace) -> tuple[dict[str, dict] | None, dict | None]:
+    """Return ({split: result}, None) for our checkpoint on its run's splits, else (None, the one result)."""
+    protocol = dict(k=args.k, rerank={"auto": None, "yes": True, "no": False}[args.rerank], score_mode=args.score_mode,
+                    image_batch_size=args.image_batch_size, text_batch_size=args.text_batch_size,
+                    pair_batch_size=args.pair_batch_size, device=args.device, num_workers=args.num_workers)
+    if args.splits is not None and (args.annotation is not None or args.albef_checkpoint is not None):
+        raise ValueError("--split evaluates splits of our checkpoint's own run; with --annotation (or an ALBEF "
+                         "checkpoint) the annotation file is the dataset: give one or the other")
+    if args.annotation is None and args.albef_checkpoint is None and args.checkpoint is not None:
+        return run_split_evaluations(args.checkpoint, splits=args.splits, image_size=args.image_size, **protocol), None
+    return None, run_evaluation(
+        args.checkpoint, albef_checkpoint=args.albef_checkpoint, albef_config=args.albef_config,
+        bert_config=args.bert_config, tokenizer=args.tokenizer, annotation=args.annotation,
+        image_root=args.image_root, image_size=args.image_size, allow_download=args.allow_download == "yes", **protocol)
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `codis-eval`; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -151,14 +222,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     created_group = False
     try:
         created_group = _init_distributed(_device(args.device))  # under torchrun: one group for the whole run
-        result = run_evaluation(
-            args.checkpoint, albef_checkpoint=args.albef_checkpoint, albef_config=args.albef_config,
-            bert_config=args.bert_config, tokenizer=args.tokenizer, annotation=args.annotation,
-            image_root=args.image_root, split=args.split, image_size=args.image_size, k=args.k,
-            rerank={"auto": None, "yes": True, "no": False}[args.rerank], score_mode=args.score_mode,
-            image_batch_size=args.image_batch_size, text_batch_size=args.text_batch_size,
-            pair_batch_size=args.pair_batch_size, device=args.device, num_workers=args.num_workers,
-            allow_download=args.allow_download == "yes")
+        by_split, single = _evaluations(args)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"codis-eval: {error}", file=sys.stderr)
         return 2
@@ -167,14 +231,16 @@ def eval_main(argv: list[str] | None = None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if result["rank"] == 0:
-        title = f"{args.setting.capitalize()} retrieval: {result['model']}\non {result['dataset']}"
-        print(format_evaluation_table(result, title=title, paper=None if args.paper == "none" else args.paper,
-                                      setting=args.setting))
-        print(f"({time.perf_counter() - started:.1f} s, {result['world_size']} process(es))")
+    results = list(by_split.values()) if by_split is not None else [single]
+    if results[0]["rank"] == 0:
+        for result in results:  # one table per split, in order
+            title = f"{args.setting.capitalize()} retrieval: {result['model']}\non {result['dataset']}"
+            print(format_evaluation_table(result, title=title, paper=None if args.paper == "none" else args.paper,
+                                          setting=args.setting))
+        print(f"({time.perf_counter() - started:.1f} s, {results[0]['world_size']} process(es))")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            Path(args.json).write_text(json.dumps(by_split if by_split is not None else single, indent=2))
     return 0
 
 

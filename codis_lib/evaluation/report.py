@@ -1,11 +1,15 @@
-"""Retrieval of a run's model on a held-out split, as a JSON-ready report and as the poster's table.
+"""Retrieval of a run's model on its held-out splits, as JSON-ready reports and as the poster's table.
 
-    >>> dataset = retrieval_split_dataset(run_config, "test")       # the run's own val/test records
-    >>> report = retrieval_report(model, tokenizer, dataset, k=16)  # ALBEF's protocol, a plain dict
-    >>> print(format_retrieval_table(report, title="zero-shot retrieval"))
+    >>> dataset = retrieval_split_dataset(run_config, "new_drawings")   # one of the run's evaluation splits
+    >>> report = retrieval_report(model, tokenizer, dataset, k=16)      # ALBEF's protocol, a plain dict
+    >>> print(format_retrieval_table(report, title=split_title(run_config, "new_drawings")))
 
-The trainer calls these at the end of a run (and every `train.eval.every_epochs`); `codis-eval`
-(`codis_lib.evaluation.cli`) prints the same table for any checkpoint, optionally under the paper's rows.
+The emoji corpus has three evaluation splits (codis_lib.data.emoji_split_file): `new_drawings` (new
+drawings of training concepts, like the paper's COCO test images after pretraining on COCO train),
+`test` and `val` (concepts never seen in training); ALBEF JSON data has `val` and `test`
+(data.val_file, data.test_file). The trainer evaluates every split of `train.eval.splits` at the end
+of a run (and every `train.eval.every_epochs`); `codis-eval` (`codis_lib.evaluation.cli`) prints the
+same tables for any checkpoint, optionally under the paper's rows.
 """
 from __future__ import annotations
 
@@ -15,29 +19,59 @@ import torch
 
 from codis_lib.config import ConfigError
 from codis_lib.evaluation.paper import format_poster_table, paper_rows
-from codis_lib.run_config import RunConfig
+from codis_lib.run_config import ALBEF_JSON_EVAL_FILES, RunConfig, eval_split_errors
 
-__all__ = ["RANKING_NAMES", "retrieval_split_dataset", "retrieval_report", "format_evaluation_table",
+__all__ = ["RANKING_NAMES", "EMOJI_SPLIT_DESCRIPTIONS", "retrieval_split_file", "retrieval_split_dataset",
+           "split_description", "split_title", "retrieval_report", "format_evaluation_table",
            "format_retrieval_table"]
 
 RANKING_NAMES = {"itm": "ITM re-ranked", "itc": "contrastive only"}
+EMOJI_SPLIT_DESCRIPTIONS = {"new_drawings": "new drawings of training concepts",
+                            "test": "concepts never seen in training",
+                            "val": "concepts never seen in training"}
+
+
+def retrieval_split_file(config: RunConfig, split: str) -> Path:
+    """Return the retrieval JSON of `split` for this run's data: `emoji_split_file` or data.val_file / data.test_file.
+
+    Raises ConfigError for a name the data has no split of, and (emoji) FileNotFoundError saying how to
+    rebuild when the corpus folder lacks the split's file.
+    """
+    from codis_lib.data.emoji_corpus import emoji_split_file
+
+    problems = eval_split_errors(config.data, [split], "split")
+    if problems:
+        raise ConfigError(problems[0])
+    if config.data.dataset == "emoji":
+        return emoji_split_file(config.data.root, split)
+    return Path(getattr(config.data, ALBEF_JSON_EVAL_FILES[split]))
 
 
 def retrieval_split_dataset(config: RunConfig, split: str):
-    """Return the RetrievalEvalDataset of `split` ("val" | "test") for this run's data."""
+    """Return the RetrievalEvalDataset of `split` for this run's data (`retrieval_split_file` says which file)."""
     from codis_lib.data.datasets import RetrievalEvalDataset
 
     data = config.data
-    if data.dataset == "emoji":
-        path = Path(data.root) / f"{split}.json"
-        image_root = None
-    else:
-        path = data.val_file if split == "val" else data.test_file
-        if path is None:
-            raise ConfigError(f"data.{split}_file: needed to evaluate on the {split} split")
-        image_root = data.image_root or None
-    return RetrievalEvalDataset(path, image_root, image_size=config.model.vision.image_size,
-                                cache=data.cache_images, check_images="exists")
+    image_root = None if data.dataset == "emoji" else (data.image_root or None)
+    return RetrievalEvalDataset(retrieval_split_file(config, split), image_root,
+                                image_size=config.model.vision.image_size, cache=data.cache_images,
+                                check_images="exists")
+
+
+def split_description(config: RunConfig, split: str) -> str:
+    """Return what `split` holds, in words: for emoji data what it tests, for ALBEF JSON data its file name."""
+    if config.data.dataset == "emoji":
+        return EMOJI_SPLIT_DESCRIPTIONS.get(split, split)
+    file = getattr(config.data, ALBEF_JSON_EVAL_FILES.get(split, ""), None)
+    return Path(file).name if file else f"no data.{split}_file"
+
+
+def split_title(config: RunConfig, split: str) -> str:
+    """Return a table title naming the split and what it is, for a pretraining (zero-shot) or fine-tuning run."""
+    where = f"the {split} split ({split_description(config, split)})"
+    if config.train.task == "pretrain":
+        return f"Zero-shot retrieval on {where}"
+    return f"Retrieval on {where} after fine-tuning"
 
 
 @torch.no_grad()

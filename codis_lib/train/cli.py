@@ -1,6 +1,6 @@
 """Command lines `codis-pretrain` and `codis-finetune` (also `python -m codis_lib.train.cli pretrain|finetune`).
 
-    codis-pretrain                       # tiny CODIS on the emoji corpus (built if missing), then the retrieval table
+    codis-pretrain                       # tiny CODIS on the emoji corpus (built if missing), then retrieval tables
     codis-pretrain --set train.epochs=2 --set train.batch_size=32
     codis-pretrain --resume              # continue from the latest checkpoint in train.output_dir
     torchrun --nproc_per_node 8 -m codis_lib.train.cli pretrain --config pretrain_4m
@@ -61,7 +61,7 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
         print(config.to_yaml())
         return 0
 
-    from codis_lib.evaluation.report import format_retrieval_table
+    from codis_lib.evaluation.report import format_retrieval_table, split_title
     from codis_lib.train.engine import NonFiniteLossError, train
 
     resume = False if args.resume is None else (True if args.resume == "latest" else args.resume)
@@ -82,11 +82,8 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
               f"training, {wall / 60:.1f} min in all")
         print(f"  checkpoint: {result.checkpoint}")
         print(f"  logs:       {result.output_dir / 'metrics.jsonl'} (TensorBoard: {result.output_dir / 'tensorboard'})")
-        if result.evaluation is not None:
-            split = config.train.eval.split
-            title = (f"\nZero-shot retrieval on the {split} split" if config.train.task == "pretrain"
-                     else f"\nRetrieval on the {split} split after fine-tuning")
-            print(format_retrieval_table(result.evaluation, title=title))
+        for split, evaluation in (result.evaluations or {}).items():  # one table per split, in config order
+            print(format_retrieval_table(evaluation, title="\n" + split_title(config, split)))
     return 0
 
 

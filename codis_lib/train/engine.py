@@ -25,7 +25,9 @@ What happens, in order (`train` -> `_train`):
    temperature, throughput and codebook usage to metrics.jsonl and TensorBoard, and writes atomic
    checkpoints (`run_dir`).
 5. The end. A final checkpoint (`checkpoint_final.pt`) and, if configured, zero-shot / fine-tuned
-   retrieval evaluation on the held-out split (ALBEF's protocol, `codis_lib.evaluation.report`).
+   retrieval evaluation on every split of `train.eval.splits` (ALBEF's protocol,
+   `codis_lib.evaluation.report`), each written to eval_<split>.json. The splits' files are looked up
+   before the first step, so a corpus that lacks one stops the run before training, not after it.
 
 Retrieval fine-tuning (`train.task: finetune`) is the same loop on the retrieval training records,
 with `image_ids` passed to the model (positives share an image id, hard negatives never do) and the
@@ -48,11 +50,12 @@ import torch.distributed as dist
 from codis_lib import distributed as cdist
 from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoint, load_checkpoint,
                                   restore_training_state)
-from codis_lib.evaluation.report import retrieval_report, retrieval_split_dataset
+from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, retrieval_split_file,
+                                         split_description)
 from codis_lib.run_config import RunConfig
 from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
-from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, save_checkpoint, write_final_evaluation,
-                                     write_run_files)
+from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, save_checkpoint,
+                                     write_final_evaluations, write_run_files)
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
 from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, describe_run, init_distributed,
@@ -79,7 +82,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run produced: where, how far, the logged records (rank 0) and the evaluation, if any."""
+    """What a run produced: where, how far, the logged records (rank 0) and the evaluation per split, if any."""
 
     output_dir: Path
     steps: int  # optimizer steps done (in total, across resumes)
@@ -87,10 +90,16 @@ class TrainResult:
     finished: bool  # reached total_steps (False when stopped early with stop_at_step)
     checkpoint: Path | None  # the last checkpoint written (checkpoint_final.pt when finished)
     records: list[dict] = field(default_factory=list)  # training log records of this invocation (rank 0)
-    evaluation: dict | None = None  # retrieval metrics (`RetrievalEvaluation.to_dict()`) when evaluated
+    # {split: retrieval report (`RetrievalEvaluation.to_dict()`)} in train.eval.splits order, when evaluated
+    evaluations: dict[str, dict] | None = None
     wall_s: float = 0.0
     train_s: float = 0.0
     model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
+
+    @property
+    def evaluation(self) -> dict | None:
+        """Return the report of the first evaluated split (the only one of a one-split run), or None."""
+        return next(iter(self.evaluations.values()), None) if self.evaluations else None
 
 
 @dataclass
@@ -264,6 +273,10 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     started = time.perf_counter()
     tc = config.train
     run = build_training_run(config, ctx)  # data, model (seeded), AdamW, schedule, grad scaler
+    evaluate_at_end = tc.eval.at_end if evaluate is None else evaluate
+    if evaluate_at_end or tc.eval.every_epochs:
+        for split in tc.eval.splits:  # fail now, not after training, when the corpus lacks a split's file
+            retrieval_split_file(config, split)
     state = _start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
     wrap_model(run)  # DDP, torch.compile, autocast
     logger = MetricsLogger(run.output_dir, enabled=ctx.is_main, tensorboard=tc.tensorboard)
@@ -282,16 +295,15 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
 
     # ---- the end: final checkpoint and evaluation
     finished = state.step >= run.total_steps
-    evaluation = None
+    evaluations = None
     if finished:
         state.last_checkpoint = link_final_checkpoint(ctx, run.output_dir, state.last_checkpoint)
-        if tc.eval.at_end if evaluate is None else evaluate:
-            evaluation = _report_eval_split(run)
+        if evaluate_at_end:
+            evaluations = {split: _report_eval_split(run, split) for split in tc.eval.splits}
             if ctx.is_main:
-                write_final_evaluation(run.output_dir, evaluation, step=state.step, split=tc.eval.split,
-                                       tensorboard=tc.tensorboard)
+                write_final_evaluations(run.output_dir, evaluations, step=state.step, tensorboard=tc.tensorboard)
     return TrainResult(output_dir=run.output_dir, steps=state.step, total_steps=run.total_steps, finished=finished,
-                       checkpoint=state.last_checkpoint, records=state.records, evaluation=evaluation,
+                       checkpoint=state.last_checkpoint, records=state.records, evaluations=evaluations,
                        wall_s=time.perf_counter() - started, train_s=train_s, model=run.model)
 
 
@@ -324,8 +336,10 @@ def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, s
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
     every = tc.eval.every_epochs
     if every and state.epoch % every == 0 and state.step < run.total_steps:
-        result = _report_eval_split(run)
-        logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **result["headline"]}, state.step)
+        for split in tc.eval.splits:
+            result = _report_eval_split(run, split)
+            logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, "split": split, **result["headline"]},
+                       state.step)
 
 
 def _log_step(run: TrainingRun, state: LoopState, logger: MetricsLogger, values: dict[str, float], *, alpha: float,
@@ -365,12 +379,13 @@ def _checkpoint_if_due(run: TrainingRun, state: LoopState, stop_at_step: int | N
                                             keep_last=tc.keep_last)
 
 
-def _report_eval_split(run: TrainingRun) -> dict:
-    """Return the retrieval report of the model on train.eval.split (all ranks take part)."""
+def _report_eval_split(run: TrainingRun, split: str) -> dict:
+    """Return the retrieval report of the model on one split of train.eval.splits (all ranks take part)."""
     settings = run.config.train.eval
-    dataset = retrieval_split_dataset(run.config, settings.split)
+    dataset = retrieval_split_dataset(run.config, split)
     if run.ctx.is_main:
-        print(f"[codis] evaluating retrieval on the {settings.split} split: {len(dataset)} images, "
-              f"{len(dataset.texts)} captions, ITM re-ranking of the top {settings.k_test} ...", flush=True)
+        print(f"[codis] evaluating retrieval on the {split} split ({split_description(run.config, split)}): "
+              f"{len(dataset)} images, {len(dataset.texts)} captions, ITM re-ranking of the top {settings.k_test} ...",
+              flush=True)
     return retrieval_report(run.model, run.data.tokenizer, dataset, k=settings.k_test, batch_size=settings.batch_size,
                             pair_batch_size=settings.pair_batch_size, device=run.ctx.device)

@@ -4,7 +4,7 @@ The JSON-lines file is the source of truth: plain text, appendable across resume
 without TensorBoard (`read_jsonl`). Each training record has `step`, `epoch`, `lr`, `alpha`,
 `loss` (weighted total), `loss/<term>` for every active term, `temperature`, `pairs_per_s` and the
 codebook diagnostics (`codebook_perplexity`, `dead_codes`) when the model reports them. Evaluation
-records carry `"kind": "eval"`. Only rank 0 writes.
+records carry `"kind": "eval"` and the `split` evaluated (TensorBoard: eval/<split>/<metric>). Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ class MetricsLogger:
             handle.write(json.dumps(record) + "\n")
         if self._tb is not None:
             prefix = "eval/" if record.get("kind") == "eval" else "train/"
+            if record.get("split"):  # one evaluation record per split at the same step: eval/<split>/...
+                prefix += f"{record['split']}/"
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self._tb.add_scalar(prefix + key, value, step)

@@ -6,7 +6,8 @@
       checkpoint_00000076.pt   numbered checkpoints, the last `train.keep_last` kept
       checkpoint_final.pt      a hard link to (or copy of) the last one, once the run is finished
       metrics.jsonl            training and evaluation records (codis_lib.train.metrics)
-      eval_test.json           the retrieval evaluation at the end
+      eval_new_drawings.json   the retrieval evaluation at the end, one file per split of train.eval.splits
+      eval_test.json
       tensorboard/
 
 Only rank 0 writes; every function that touches the folder waits for the other ranks where they must agree.
@@ -27,7 +28,7 @@ from codis_lib.train.metrics import MetricsLogger
 from codis_lib.train.setup import RunContext
 
 __all__ = ["RUN_FILES", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
-           "write_final_evaluation"]
+           "write_final_evaluations"]
 
 RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml")
 
@@ -85,9 +86,15 @@ def link_final_checkpoint(ctx: RunContext, output_dir: Path, last_checkpoint: Pa
     return final
 
 
-def write_final_evaluation(output_dir: Path, evaluation: dict, *, step: int, split: str, tensorboard: bool) -> None:
-    """Append the end-of-run evaluation to metrics.jsonl (and TensorBoard) and write eval_<split>.json (rank 0)."""
+def write_final_evaluations(output_dir: Path, evaluations: dict[str, dict], *, step: int, tensorboard: bool) -> None:
+    """Append the end-of-run evaluation of each split to metrics.jsonl (and TensorBoard) and write eval_<split>.json.
+
+    `evaluations` is {split: retrieval report}, in the order of train.eval.splits; rank 0 calls this.
+    """
     logger = MetricsLogger(output_dir, enabled=True, tensorboard=tensorboard)
-    logger.log({"kind": "eval", "step": step, "split": split, **evaluation["headline"]}, step)
-    logger.close()
-    (output_dir / f"eval_{split}.json").write_text(json.dumps(evaluation, indent=2))
+    try:
+        for split, evaluation in evaluations.items():
+            logger.log({"kind": "eval", "step": step, "split": split, **evaluation["headline"]}, step)
+            (output_dir / f"eval_{split}.json").write_text(json.dumps(evaluation, indent=2))
+    finally:
+        logger.close()
