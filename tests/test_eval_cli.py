@@ -25,13 +25,7 @@ def assert_same_metrics(left: dict, right: dict) -> None:
             assert left[ranking] == pytest.approx(right[ranking]), ranking
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: these tiny fusion calls only lose from a second OpenMP thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny fusion calls lose from a 2nd thread
 
 
 @pytest.fixture(scope="module")

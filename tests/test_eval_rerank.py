@@ -31,14 +31,7 @@ def _tiny_model(tokenizer, mode: str = "codis", seed: int = 0):
     return build_model(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's many small fusion calls on one thread: a second OpenMP thread only adds
-    synchronisation at these sizes, and costs a lot when the two cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny fusion calls lose from a 2nd thread
 
 
 @pytest.fixture(scope="module")

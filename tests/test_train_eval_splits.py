@@ -18,13 +18,7 @@ from tests.helpers import tiny_run_overrides
 SPLITS = ["new_drawings", "test"]  # pretrain_emoji's train.eval.splits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: these tiny evaluations only lose from a second OpenMP thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny fusion calls lose from a 2nd thread
 
 
 @pytest.fixture(scope="module")
