@@ -112,3 +112,15 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_run_unless_told_to_overwrite
     from codis_lib.train.metrics import read_jsonl
 
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # the old log is gone
+
+
+def test_a_resume_counts_a_key_an_older_checkpoint_lacks_as_its_default():
+    from codis_lib.config import ModelConfig
+    from codis_lib.train.setup import model_config_differences
+
+    current = ModelConfig().to_dict()
+    older = {key: value for key, value in current.items() if key not in ("align_columns", "teacher_view")}
+    assert model_config_differences(older, current) == []  # written before those options existed
+    changed = {**current, "align_columns": "student"}
+    assert model_config_differences(older, changed) == ["align_columns: checkpoint 'teacher', now 'student'"]
+    assert model_config_differences(current, {**current, "temp": 0.05}) == ["temp: checkpoint 0.07, now 0.05"]

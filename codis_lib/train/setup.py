@@ -317,14 +317,22 @@ def compile_transformer_blocks(model: torch.nn.Module) -> int:
     return count
 
 
-def model_config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Return the dotted keys whose values differ between two nested config dicts (a resume must match)."""
+def model_config_differences(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Return the dotted keys whose values differ between two nested config dicts (a resume must match).
+
+    A key the saved config lacks (a checkpoint written before that option existed) counts as its default
+    value, `ModelConfig()`'s at the top level: the older code behaved as the default does.
+    """
+    if defaults is None and not prefix:
+        defaults = ModelConfig().to_dict()
+    defaults = defaults or {}
     keys = sorted(set(saved) | set(current))
     differences = []
     for key in keys:
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += model_config_differences(a, b, f"{prefix}{key}.")
+            nested = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            differences += model_config_differences(a, b, f"{prefix}{key}.", nested)
         elif a != b:
             differences.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
     return differences
