@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from codis_lib.ot import ot_cost, sinkhorn
 
-__all__ = ["Codebook", "CodebookLosses", "code_logits", "transport_assignments", "loss_code", "loss_ot",
+__all__ = ["Codebook", "CodebookLosses", "soft_cross_entropy", "code_logits", "transport_assignments", "loss_code", "loss_ot",
            "codebook_usage", "codebook_losses"]
 
 
@@ -81,9 +81,12 @@ def transport_assignments(teacher_feat: torch.Tensor, codebook_weight: torch.Ten
     return sinkhorn(scores, eps=eps, n_iters=n_iters, log_domain=log_domain, distributed=distributed)
 
 
-def _soft_cross_entropy(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Return mean over rows of -sum_k target[i,k] log softmax(logits)[i,k]."""
-    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return mean over rows of -sum_j targets[i, j] log softmax(logits)[i, j] (scalar).
+
+    The one soft-target cross-entropy of the package: L_code here, L_align in codis_lib.losses.
+    """
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
 def loss_code(image_feat: torch.Tensor, text_feat: torch.Tensor, image_plan: torch.Tensor,
@@ -103,8 +106,8 @@ def loss_code(image_feat: torch.Tensor, text_feat: torch.Tensor, image_plan: tor
         raise ValueError(f"image_feat {tuple(image_feat.shape)} and text_feat {tuple(text_feat.shape)} must match")
     text_logits = code_logits(text_feat, codebook_weight, temperature)  # (B, K)
     image_logits = code_logits(image_feat, codebook_weight, temperature)  # (B, K)
-    loss_t2p = _soft_cross_entropy(image_plan.detach(), text_logits)
-    loss_i2p = _soft_cross_entropy(text_plan.detach(), image_logits)
+    loss_t2p = soft_cross_entropy(text_logits, image_plan.detach())
+    loss_i2p = soft_cross_entropy(image_logits, text_plan.detach())
     return loss_t2p + loss_i2p, loss_t2p, loss_i2p
 
 

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from codis_lib.codebook import soft_cross_entropy  # the one soft-target cross-entropy
 from codis_lib.distributed import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_, get_world_size,
                                    is_distributed)
 
@@ -42,11 +43,6 @@ def float32_region(device: torch.device) -> torch.autocast:
     Contrastive logits are divided by tau ~ 0.07 and Sinkhorn by eps = 0.05, too sharp for bf16/fp16.
     """
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Return mean over rows of -sum_j targets[i, j] log softmax(logits)[i, j] (scalar)."""
-    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
 # ---------------------------------------------------------------------------------------- alignment

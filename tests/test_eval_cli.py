@@ -8,7 +8,8 @@ from codis_lib.config import ModelConfig
 from codis_lib.data.datasets import RetrievalEvalDataset
 from codis_lib.data.tokenizer import load_tokenizer
 from codis_lib.evaluation.albef_models import albef_state_dict, export_albef_checkpoint, load_albef_model
-from codis_lib.evaluation.cli import eval_main, format_evaluation_table, run_evaluation
+from codis_lib.evaluation.cli import eval_main, run_evaluation
+from codis_lib.evaluation.report import format_evaluation_table
 from codis_lib.evaluation.paper import PAPER_RESULTS, format_poster_markdown, paper_rows
 from codis_lib.evaluation.retrieval import evaluate_retrieval
 from codis_lib.model import build_model

@@ -29,7 +29,7 @@ import torch
 
 from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset, split_description
 
-__all__ = ["run_evaluation", "run_split_evaluations", "format_evaluation_table", "load_dataset", "eval_main"]
+__all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "eval_main"]
 
 
 def _device(choice: str) -> torch.device:
