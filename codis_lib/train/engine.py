@@ -96,11 +96,6 @@ class TrainResult:
     train_s: float = 0.0
     model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
 
-    @property
-    def evaluation(self) -> dict | None:
-        """Return the report of the first evaluated split (the only one of a one-split run), or None."""
-        return next(iter(self.evaluations.values()), None) if self.evaluations else None
-
 
 @dataclass
 class LoopState:
