@@ -76,6 +76,9 @@ class DataConfig:
     tokenizer: str | None = None  # tokenizer directory or hub name; None = <root>/tokenizer (emoji)
     max_tokens: int = 25  # ALBEF: 25 in pretraining, 30 in retrieval fine-tuning
     augment: bool = True  # RandomResizedCrop + flip + RandAugment (ALBEF); off = resize only
+    crop_scale: list[float] | None = None  # RandomResizedCrop area range; None = ALBEF's (0.2-1 pretrain, 0.5-1 fine-tune)
+    randaugment_ops: int = 2  # RandAugment ops per image (ALBEF: 2); 0 = off
+    randaugment_magnitude: float = 7  # RandAugment magnitude (ALBEF: 7)
     cache_images: bool = True  # keep decoded images in memory (the emoji corpus fits easily)
     num_workers: int = 0  # DataLoader worker processes per rank
 
@@ -295,6 +298,11 @@ def _validate_values(config: RunConfig) -> None:
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "train.optimizer.clip_grad_norm",
          f"must be > 0 or null, got {o.clip_grad_norm}")
     need(o.temp_lr is None or o.temp_lr > 0, "train.optimizer.temp_lr", f"must be > 0 or null, got {o.temp_lr}")
+    need(d.crop_scale is None or (len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1),
+         "data.crop_scale", f"must be [low, high] with 0 < low <= high <= 1, or null, got {d.crop_scale}")
+    need(d.randaugment_ops >= 0, "data.randaugment_ops", f"must be >= 0, got {d.randaugment_ops}")
+    need(0 <= d.randaugment_magnitude <= 10, "data.randaugment_magnitude",
+         f"must be in [0, 10], got {d.randaugment_magnitude}")
     need(o.temp_lr is None or config.model.learn_temp, "train.optimizer.temp_lr",
          f"is {o.temp_lr} but model.learn_temp is false: a fixed temperature has no learning rate")
     if d.dataset == "albef_json":

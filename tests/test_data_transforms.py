@@ -149,6 +149,20 @@ def test_train_transform_output_and_reproducibility():
         build_transform("test", 32)
 
 
+def test_build_transform_takes_the_data_sections_augmentation_keys():
+    light = build_transform("pretrain", 32, crop_scale=(0.8, 1.0), randaugment_ops=0)
+    assert light.crop_scale == (0.8, 1.0) and light.randaugment is None
+    strong = build_transform("pretrain", 32, randaugment_ops=3, randaugment_magnitude=5)
+    assert strong.crop_scale == (0.2, 1.0) and strong.randaugment is not None
+    assert (strong.randaugment.num_ops, strong.randaugment.magnitude) == (3, 5.0)
+    # with RandAugment off, a full-area square crop of a caption that forbids flipping is the plain resize
+    image = _photo_like(32)
+    plain = TrainTransform(32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaugment=False, flip_policy="skip")
+    for seed in range(4):
+        assert torch.equal(plain(image, "left hand", generator=torch.Generator().manual_seed(seed))[0],
+                           EvalTransform(32)(image))
+
+
 # ---------------------------------------------------------------------------------------------
 # RandomAugment ops against PIL (ALBEF's numpy versions reproduce PIL's)
 

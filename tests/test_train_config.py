@@ -67,6 +67,20 @@ def test_overrides_are_parsed_as_yaml_and_validated():
         apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
 
 
+def test_augmentation_keys_are_validated_and_reach_the_dataset():
+    from codis_lib.train.setup import augmentation_options
+
+    run = load_run_config("pretrain_emoji", overrides=["data.crop_scale=[0.5, 1.0]", "data.randaugment_ops=0"],
+                          world_size=1)
+    assert augmentation_options(run.data) == {"crop_scale": (0.5, 1.0), "randaugment_ops": 0,
+                                              "randaugment_magnitude": 7}
+    for bad, key in (("data.crop_scale=[0.6, 0.5]", "data.crop_scale"), ("data.crop_scale=[0.5]", "data.crop_scale"),
+                     ("data.randaugment_ops=-1", "data.randaugment_ops"),
+                     ("data.randaugment_magnitude=11", "data.randaugment_magnitude")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_run_config("pretrain_emoji", overrides=[bad], world_size=1)
+
+
 def test_a_checkpoint_config_with_retired_keys_still_loads_but_a_new_config_may_not_use_them():
     stored = load_run_config("pretrain_emoji", world_size=1).to_dict()
     stored["train"].update(debug_nan_at_step=None, debug_nan_term="align")  # what older checkpoints hold

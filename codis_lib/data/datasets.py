@@ -189,6 +189,7 @@ class _ImageTextDataset(Dataset):
         transform=None,
         augment: bool = True,
         flip_policy: str = "skip",
+        augmentation: dict | None = None,
         max_words: int = 30,
         on_error: str = "raise",
         check_images: str = "verify",
@@ -199,6 +200,7 @@ class _ImageTextDataset(Dataset):
     ):
         """image_size: the output side (default 256 for pretraining, 384 for retrieval, as ALBEF).
 
+        augmentation: build_transform's crop_scale / randaugment_ops / randaugment_magnitude (data config keys).
         teacher_image / teacher_caption: also return the teacher's own image view / another caption
         (see the module docstring).
         """
@@ -210,7 +212,8 @@ class _ImageTextDataset(Dataset):
         self.skipped = result.skipped
         self.image_ids, self.image_id_of = _contiguous_ids(self._image_key(r) for r in self.records)
         self.transform = transform if transform is not None else build_transform(
-            self._transform_kind, image_size or self._default_image_size, augment=augment, flip_policy=flip_policy)
+            self._transform_kind, image_size or self._default_image_size, augment=augment, flip_policy=flip_policy,
+            **(augmentation or {}))
         self.images = _ImageSource(self.records, cache, cache_max_bytes)
         self.teacher_image, self.teacher_caption = bool(teacher_image), bool(teacher_caption)
         if (teacher_image or teacher_caption) and getattr(self.transform, "flip_policy", None) == "swap":

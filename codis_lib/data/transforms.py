@@ -284,12 +284,18 @@ class TrainTransform:
         return self.normalize(out), paired_captions
 
 
-def build_transform(kind: str, image_size: int, *, augment: bool = True, flip_policy: str = "skip"):
-    """Return the transform for ``kind``: "pretrain" (crop 0.2-1), "train" (retrieval, crop 0.5-1) or "eval"."""
-    if kind == "pretrain":
-        return TrainTransform(image_size, augment=augment, crop_scale=(0.2, 1.0), flip_policy=flip_policy)
-    if kind == "train":
-        return TrainTransform(image_size, augment=augment, crop_scale=(0.5, 1.0), flip_policy=flip_policy)
+def build_transform(kind: str, image_size: int, *, augment: bool = True, flip_policy: str = "skip",
+                    crop_scale: tuple[float, float] | None = None, randaugment_ops: int = 2,
+                    randaugment_magnitude: float = 7):
+    """Return the transform for ``kind``: "pretrain" (crop 0.2-1), "train" (retrieval, crop 0.5-1) or "eval".
+
+    crop_scale overrides the kind's RandomResizedCrop area range; randaugment_ops 0 turns RandAugment off.
+    """
+    if kind in ("pretrain", "train"):
+        scale = tuple(crop_scale) if crop_scale is not None else ((0.2, 1.0) if kind == "pretrain" else (0.5, 1.0))
+        return TrainTransform(image_size, augment=augment, crop_scale=scale, flip_policy=flip_policy,
+                              randaugment=randaugment_ops > 0, randaugment_ops=max(randaugment_ops, 1),
+                              randaugment_magnitude=randaugment_magnitude)
     if kind == "eval":
         return EvalTransform(image_size)
     raise ValueError(f"transform kind {kind!r}: expected 'pretrain', 'train' or 'eval'")

@@ -147,6 +147,7 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     own_image, other_caption = teacher_view_inputs(config.model)
     # With the cache every image is decoded (so checked) once; without it, verify the files up front.
     dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
+                            augmentation=augmentation_options(data),
                             cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
                             teacher_image=own_image, teacher_caption=other_caption)
     seeded = SeededItems(dataset, train_config.seed)
@@ -165,6 +166,12 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
 
 # The (ids, mask) pairs of a batch: the student's captions, and the teacher's when it reads other ones.
 _TEXT_KEYS = (("input_ids", "attention_mask"), ("teacher_input_ids", "teacher_attention_mask"))
+
+
+def augmentation_options(data) -> dict[str, Any]:
+    """Return the data section's augmentation keys as the dataset's ``augmentation`` argument."""
+    return {"crop_scale": tuple(data.crop_scale) if data.crop_scale is not None else None,
+            "randaugment_ops": data.randaugment_ops, "randaugment_magnitude": data.randaugment_magnitude}
 
 
 def teacher_view_inputs(model_config: ModelConfig) -> tuple[bool, bool]:
