@@ -79,7 +79,7 @@ def test_the_trainer_keeps_a_fixed_temperature_and_schedules_temp_lr(tmp_path):
     assert len(temperatures) == 3 and temperatures == [pytest.approx(0.07, abs=1e-9)] * 3
     assert float(load_checkpoint(fixed.checkpoint)["model"]["temp"]) == float(torch.tensor(0.07))
 
-    own = train(_tiny_run(tmp_path / "own", 3, **{"train.optimizer.temp_lr": 5e-2}))
+    own = train(_tiny_run(tmp_path / "own", 3, **{"model.learn_temp": True, "train.optimizer.temp_lr": 5e-2}))
     stored = load_checkpoint(own.checkpoint)
     groups = stored["optimizer"]["param_groups"]
     assert len(groups) == 3 and len(groups[2]["params"]) == 1 and groups[2]["weight_decay"] == 0.0
@@ -102,5 +102,7 @@ def test_bad_values_of_the_two_options_are_one_line_errors_naming_the_key():
     with pytest.raises(ConfigError, match=r"train\.optimizer\.temp_lr: is 0\.0001 but model\.learn_temp is false"):
         run_config_from_dict({"model": {"preset": "tiny", "learn_temp": False},
                               "train": {"optimizer": {"temp_lr": 1e-4}}})
+    # the tiny preset learns it (ALBEF); the laptop recipe holds it fixed (see pretrain_emoji.yaml)
+    assert run_config_from_dict({"model": {"preset": "tiny"}}).model.learn_temp is True
     default = load_run_config("pretrain_emoji", world_size=1)
-    assert default.model.learn_temp is True and default.train.optimizer.temp_lr is None
+    assert default.model.learn_temp is False and default.train.optimizer.temp_lr is None
