@@ -21,9 +21,11 @@ What happens, in order (`train` -> `_train`):
    the model's own randomness (MLM masking, ITM hard negatives); every loss term is averaged over ranks
    and checked for NaN/inf *before* backward (a non-finite term stops the run naming the term and
    step; no checkpoint is written after it); backward (DDP all-reduces gradients on the last
-   micro-batch only); clipping; optimizer and schedule step. Rank 0 logs per-term losses, lr, alpha,
+   micro-batch only); the gradients checked for NaN/inf (`guards`: a non-finite one stops the run naming
+   the step and the parameters, before the update; with the fp16 scaler the loss scale is checked);
+   clipping; optimizer and schedule step. Rank 0 logs per-term losses, lr, alpha,
    temperature, throughput and codebook usage to metrics.jsonl and TensorBoard, and writes atomic
-   checkpoints (`run_dir`).
+   checkpoints (`run_dir`), each only after the whole state was checked finite.
 5. The end. A final checkpoint (`checkpoint_final.pt`) and, if configured, zero-shot / fine-tuned
    retrieval evaluation on every split of `train.eval.splits` (ALBEF's protocol,
    `codis_lib.evaluation.report`), each written to eval_<split>.json. The splits' files are looked up
@@ -53,6 +55,7 @@ from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoin
 from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, retrieval_split_file,
                                          split_description)
 from codis_lib.run_config import RunConfig
+from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_loss_scale
 from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
 from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, save_checkpoint,
                                      write_final_evaluations, write_run_files)
@@ -70,14 +73,6 @@ __all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError", "load_pre
 # Fields of CODISOutput.diagnostics (codis_lib.model.output.Diagnostics) averaged over ranks and logged
 # next to the losses.
 LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "dead_codes", "itm_accuracy", "mlm_accuracy")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because a loss term was NaN or infinite; `.term`, `.step`, `.checkpoint` say where."""
-
-    def __init__(self, message: str, *, term: str, step: int, epoch: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.term, self.step, self.epoch, self.checkpoint = term, step, epoch, checkpoint
 
 
 @dataclass
@@ -229,13 +224,18 @@ def train_step(run: TrainingRun, batches: Iterator[dict], *, step: int, epoch: i
             run.scaler.scale(total_loss / accum).backward()
         for name, value in values.items():
             step_values[name] = step_values.get(name, 0.0) + value / accum
+    lr = run.schedule.current_lr()
+    if not run.scaler.is_enabled():  # with the fp16 scaler an overflow skips the update; its scale is checked below
+        check_gradients(run.model, step=step + 1, epoch=epoch, lr=lr, checkpoint=last_checkpoint)
     if tc.optimizer.clip_grad_norm is not None:
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.optimizer.clip_grad_norm)
         step_values["grad_norm"] = float(grad_norm)
-    step_values["lr"] = run.schedule.current_lr()
+    step_values["lr"] = lr
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.scaler.is_enabled():
+        check_loss_scale(run.scaler.get_scale(), step=step + 1, epoch=epoch, lr=lr, checkpoint=last_checkpoint)
     run.optimizer.zero_grad(set_to_none=True)
     run.schedule.step()
     return step_values

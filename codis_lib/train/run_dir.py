@@ -21,9 +21,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from codis_lib import distributed as cdist
-from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, capture_rng_state, checkpoint_path, link_or_copy,
-                                  make_checkpoint, prune_checkpoints, save_atomic)
+from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, capture_rng_state, checkpoint_path, find_latest_checkpoint,
+                                  link_or_copy, make_checkpoint, prune_checkpoints, save_atomic)
 from codis_lib.run_config import RunConfig
+from codis_lib.train.guards import check_state
 from codis_lib.train.metrics import MetricsLogger
 from codis_lib.train.setup import RunContext
 
@@ -59,14 +60,20 @@ def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:
 
 def save_checkpoint(ctx: RunContext, output_dir: Path, *, model, optimizer, schedule, scaler, step: int, epoch: int,
                     step_in_epoch: int, saved_config: dict, keep_last: int) -> Path:
-    """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path."""
+    """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path.
+
+    Every rank first checks the model and optimizer state (identical on all ranks): a NaN/inf anywhere
+    raises NonFiniteStateError and nothing is written.
+    """
+    path = checkpoint_path(output_dir, step)
+    check_state(model, optimizer, step=step, epoch=epoch, what=f"{path.name} was not written",
+                checkpoint=find_latest_checkpoint(output_dir))
     rng = capture_rng_state()
     if cdist.is_distributed() and ctx.world_size > 1:
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, rng)
     else:
         gathered = [rng]
-    path = checkpoint_path(output_dir, step)
     if ctx.is_main:
         save_atomic(make_checkpoint(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, step=step,
                                     epoch=epoch, step_in_epoch=step_in_epoch, config=saved_config,

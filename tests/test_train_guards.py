@@ -1,0 +1,107 @@
+"""The training commands' guards: no update or checkpoint from non-finite state, resume checks, one error path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codis_lib.checkpoint import list_checkpoints, load_checkpoint
+from codis_lib.train.cli import pretrain_main
+from tests.helpers import tiny_run_overrides
+
+
+def _cli(overrides, *flags):
+    argv = [item for value in overrides for item in ("--set", value)]
+    return pretrain_main(argv + list(flags))
+
+
+def _non_finite(checkpoint: dict) -> list[str]:
+    return [k for k, v in checkpoint["model"].items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+
+
+# ------------------------------------------------------------------------------------------ case 1
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update_and_is_never_saved(tmp_path, capsys):
+    """issue case 1: lr=1e5 gives finite losses but NaN gradients; the run stops (exit 1) before applying them."""
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(out, 8, **{"train.optimizer.lr": "1e5", "train.optimizer.warmup_steps": 30,
+                                              "train.ckpt_every": 1})
+    assert _cli(overrides) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "non-finite gradient at step 2" in error
+    assert "visual_encoder." in error and "before the update" in error
+    from codis_lib.train.metrics import read_jsonl
+
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_jsonl(out / "metrics.jsonl"))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_00000001.pt"]  # the good one, named in the error
+    assert str(out / "checkpoint_00000001.pt") in error
+    assert _non_finite(load_checkpoint(out / "checkpoint_00000001.pt")) == []
+
+
+def test_a_poisoned_gradient_is_named_with_its_parameter_and_step(tmp_path, monkeypatch):
+    """issue case 1: the guard names the step and the parameter whose gradient is NaN (loss finite)."""
+    from codis_lib.model.codis import CODIS
+    from codis_lib.run_config import load_run_config
+    from codis_lib.train.engine import train
+    from codis_lib.train.guards import NonFiniteGradientError
+
+    original, forwards = CODIS.forward, []
+
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        forwards.append(1)
+        if len(forwards) == 2:
+            self.vision_proj.weight.register_hook(lambda grad: grad * float("nan"))
+        return output
+
+    monkeypatch.setattr(CODIS, "forward", forward)
+    config = load_run_config("pretrain_emoji", overrides=tiny_run_overrides(tmp_path / "run", 3))
+    with pytest.raises(NonFiniteGradientError) as info:
+        train(config)
+    assert info.value.step == 2 and info.value.names == ["vision_proj.weight"]
+    assert "non-finite gradient at step 2" in str(info.value) and list_checkpoints(tmp_path / "run") == []
+
+
+def test_no_checkpoint_is_written_from_a_non_finite_state(tmp_path):
+    """issue case 1: save_checkpoint checks parameters, buffers and optimizer state first and writes nothing."""
+    from codis_lib.train.guards import NonFiniteStateError
+    from codis_lib.train.run_dir import save_checkpoint
+    from codis_lib.train.setup import RunContext
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    ctx = RunContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_process_group=False)
+    kwargs = dict(model=model, optimizer=optimizer, schedule=None, scaler=None, epoch=0, step_in_epoch=1,
+                  saved_config={}, keep_last=0)
+    good = save_checkpoint(ctx, tmp_path, step=1, **kwargs)
+    model[1].running_var[0] = float("inf")  # a buffer, not a parameter
+    optimizer.state[model[0].weight]["exp_avg_sq"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteStateError) as info:
+        save_checkpoint(ctx, tmp_path, step=2, **kwargs)
+    assert info.value.names == ["1.running_var", "optimizer[0.weight].exp_avg_sq"]
+    assert "checkpoint_00000002.pt was not written" in str(info.value) and str(good) in str(info.value)
+    assert list_checkpoints(tmp_path) == [good]
+
+
+def test_the_fp16_loss_scale_guard_stops_when_the_scale_falls_below_one():
+    """issue case 1: with a grad scaler, overflowing steps are skipped; a scale below 1 stops the run."""
+    from codis_lib.train.guards import NonFiniteGradientError, check_loss_scale
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = model.weight.detach().clone()
+    scales = []
+    with pytest.raises(NonFiniteGradientError) as info:
+        for step in range(1, 6):
+            scaler.scale(model(torch.ones(1, 2)).sum() * float("inf")).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            scales.append(scaler.get_scale())
+            check_loss_scale(scaler.get_scale(), step=step, epoch=0, lr=0.1, checkpoint=None)
+    assert scales == [2.0, 1.0, 0.5] and info.value.step == 3 and "loss scale 0.5" in str(info.value)
+    assert torch.equal(model.weight, before)  # no overflowing update was applied
+    for scale in (float("inf"), float("nan")):
+        with pytest.raises(NonFiniteGradientError):
+            check_loss_scale(scale, step=1, epoch=0, lr=0.1, checkpoint=None)
