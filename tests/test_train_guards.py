@@ -105,3 +105,63 @@ def test_the_fp16_loss_scale_guard_stops_when_the_scale_falls_below_one():
     for scale in (float("inf"), float("nan")):
         with pytest.raises(NonFiniteGradientError):
             check_loss_scale(scale, step=1, epoch=0, lr=0.1, checkpoint=None)
+
+
+# ------------------------------------------------------------------------------------------ case 2
+def _copied_corpus(tmp_path):
+    """Return a copy of the small emoji corpus (symlinked images) whose files a test may change."""
+    import shutil
+
+    from tests.fixtures_data.corpus import small_emoji_corpus
+
+    root, _ = small_emoji_corpus()
+    copy = tmp_path / "corpus"
+    shutil.copytree(root, copy, symlinks=True)
+    return copy
+
+
+def test_resume_refuses_a_changed_batch_seed_lr_or_dataset_and_keeps_config_yaml(tmp_path, capsys):
+    """issue case 2: the checkpoint records what the data order depends on; --resume refuses a change in one line."""
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(out, 4)
+    assert _cli(overrides, "--stop-at-step", "1") == 0
+    config_yaml = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+
+    changed = overrides + ["train.batch_size=4", "train.seed=7", "train.optimizer.lr=3e-4"]
+    assert _cli(changed, "--resume") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    for change in ("global batch (train.batch_size x processes) 8 -> 4", "train.seed 42 -> 7",
+                   "schedule lr 0.001 -> 0.0003", f"train.init_from={out / 'checkpoint_00000001.pt'}"):
+        assert change in error
+    assert (out / "config.yaml").read_bytes() == config_yaml  # the refused resume wrote nothing
+
+    corpus = _copied_corpus(tmp_path)  # another data root: the same corpus with one record less
+    import json
+
+    records = json.loads((corpus / "pretrain.json").read_text())
+    (corpus / "pretrain.json").write_text(json.dumps(records[:-1]))
+    assert _cli(overrides + [f"data.root={corpus}"], "--resume") == 2
+    error = capsys.readouterr().err
+    assert f"training records {len(records)} -> {len(records) - 1}" in error and "training files" in error
+
+    assert _cli(overrides + ["train.max_steps=6"], "--resume") == 2  # another schedule length
+    assert "schedule total_steps 4 -> 6" in capsys.readouterr().err
+    assert (out / "config.yaml").read_bytes() == config_yaml
+
+
+def test_an_older_checkpoint_without_the_record_resumes_with_one_warning(tmp_path, capsys):
+    """issue case 2: checkpoints written before the data-order record still resume, after one warning."""
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(out, 2)
+    assert _cli(overrides, "--stop-at-step", "1") == 0
+    path = out / "checkpoint_00000001.pt"
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["data_order"]["global_batch"] == 8 and checkpoint["data_order"]["records"] > 0
+    del checkpoint["data_order"]
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    assert _cli(overrides, "--resume") == 0
+    assert capsys.readouterr().out.count("does not record its data order") == 1
+    assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 2
