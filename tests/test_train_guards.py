@@ -165,3 +165,70 @@ def test_an_older_checkpoint_without_the_record_resumes_with_one_warning(tmp_pat
     assert _cli(overrides, "--resume") == 0
     assert capsys.readouterr().out.count("does not record its data order") == 1
     assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------ case 11
+def _one_line_error(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_unreadable_resume_files_are_named_and_the_intact_earlier_checkpoint_is_offered(tmp_path, capsys):
+    """issue case 11: a truncated or non-checkpoint --resume file is one line, exit 2, naming it and the earlier one."""
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(out, 4, **{"train.ckpt_every": 1, "train.keep_last": 0})
+    assert _cli(overrides, "--stop-at-step", "2") == 0
+    first, second = list_checkpoints(out)
+    second.write_bytes(second.read_bytes()[: second.stat().st_size // 2])  # truncated
+    capsys.readouterr()
+    assert _cli(overrides, "--resume") == 2
+    error = _one_line_error(capsys)
+    assert f"{second}: not a checkpoint archive" in error
+    assert f"the latest intact earlier checkpoint is {first} (resume from it with --resume {first})" in error
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    assert _cli(overrides, "--resume", str(text)) == 2
+    error = _one_line_error(capsys)
+    assert str(text) in error and "weights_only" not in error
+    assert _cli(overrides, "--resume", str(first)) == 0  # the offered one resumes
+
+
+def test_bad_values_and_inputs_are_one_line_with_exit_2(tmp_path, capsys):
+    """issue case 11: lr=.inf, cuda without a GPU, a batch larger than the data, non-UTF-8 JSON: one line, exit 2."""
+    out = tmp_path / "run"
+    assert _cli(tiny_run_overrides(out, 2, **{"train.optimizer.lr": ".inf"})) == 2
+    assert "train.optimizer.lr: must be a finite number, got inf" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert _cli(tiny_run_overrides(out, 2, **{"train.device": "cuda"})) == 2
+        assert "train.device: 'cuda', but no CUDA device is visible" in _one_line_error(capsys)
+    assert _cli(tiny_run_overrides(out, 2, **{"train.batch_size": 200, "model.queue_size": 200})) == 2
+    error = _one_line_error(capsys)
+    assert "train.batch_size" in error and "smaller than one optimizer step" in error and "pretrain.json" in error
+    corpus = _copied_corpus(tmp_path)
+    (corpus / "pretrain.json").write_bytes('[{"image": "caf\u00e9.png", "caption": "x"}]'.encode("latin-1"))
+    assert _cli(tiny_run_overrides(out, 2, **{"data.root": str(corpus)})) == 2
+    error = _one_line_error(capsys)
+    assert str(corpus / "pretrain.json") in error and "UTF-8" in error
+
+
+def test_unwritable_output_folders_and_a_full_disk_are_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    """issue case 11: an output folder that cannot be created, and a full disk on save: one line, exit 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert _cli(tiny_run_overrides(blocker / "run", 1)) == 2
+    assert str(blocker) in _one_line_error(capsys)
+
+    import codis_lib.checkpoint as checkpoint_module
+
+    def full_disk(obj, handle):
+        handle.write(b"partial bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    assert _cli(tiny_run_overrides(out, 1)) == 2
+    error = _one_line_error(capsys)
+    assert f"could not write checkpoint {out / 'checkpoint_00000001.pt'}: the write failed (a full disk?)" in error
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file, no lock left
