@@ -81,7 +81,8 @@ def _listing(names: list[str], count: int) -> str:
 
 
 def _where(checkpoint: Path | None) -> str:
-    return (f"the last good checkpoint is {checkpoint} (resume with --resume, or lower train.optimizer.lr)"
+    return (f"the last good checkpoint is {checkpoint} (--resume continues from it; a lower train.optimizer.lr "
+            f"is a new run from it: --set train.init_from={checkpoint} and a new --output-dir)"
             if checkpoint is not None else "no checkpoint had been written yet")
 
 
