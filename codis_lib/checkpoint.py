@@ -15,15 +15,21 @@ Files are `checkpoint_<step:08d>.pt` in the run's output directory plus `checkpo
 end. Each is written to a temporary file in the same directory, then renamed with `os.replace`, which
 is atomic on POSIX: a crash mid-write leaves the previous checkpoint intact, never a truncated one.
 
+A file that cannot be read (truncated, or not a checkpoint at all) raises CheckpointReadError naming it
+and the newest intact earlier checkpoint beside it; a failed write (a full disk, a read-only folder)
+raises CheckpointWriteError naming the file and the free space, and leaves no temporary file behind.
+
 The model's tensors are loaded by `codis_lib.model.loading.load_state_strict`, the strict load that every
 weights path shares; this module keeps the files (save, find, read) and the rest of the training state.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,14 @@ from codis_lib.model.loading import CheckpointMismatchError, load_state_strict
 FORMAT_VERSION = 1
 FINAL_CHECKPOINT_NAME = "checkpoint_final.pt"
 _NUMBERED = re.compile(r"^checkpoint_(\d{8})\.pt$")
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read: truncated, damaged, or not a checkpoint; the message names it."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, read-only folder); earlier checkpoints are intact."""
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -67,10 +81,25 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        raise CheckpointWriteError(_write_failure(path, error)) from error
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    """Return the one-line reason a checkpoint write failed, with the free space of its file system."""
+    if isinstance(error, OSError) and error.errno not in (None, errno.ENOSPC):
+        reason = error.strerror or str(error)
+    else:
+        reason = "the disk is full" if isinstance(error, OSError) else "the write failed (a full disk?)"
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"could not write checkpoint {path}: {reason} ({free}); the earlier checkpoints are intact"
 
 
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -133,10 +162,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for a bad file
+        kind = ("a damaged checkpoint archive" if zipfile.is_zipfile(path)
+                else "not a checkpoint archive (truncated, or another kind of file)")
+        raise CheckpointReadError(f"{path}: {kind}; {_earlier_intact(path)}") from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointMismatchError(f"{path} is not a CODIS training checkpoint (no 'model' entry)")
     return checkpoint
+
+
+def readable_checkpoint(path: str | os.PathLike) -> bool:
+    """Return whether `path` loads as a checkpoint dict with a 'model' entry (memory-mapped: cheap)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(checkpoint, dict) and "model" in checkpoint
+
+
+def _earlier_intact(path: Path) -> str:
+    """Return a clause naming the newest readable numbered checkpoint older than `path` in its folder."""
+    match = _NUMBERED.match(path.name)
+    older = [p for p in list_checkpoints(path.parent)
+             if p.resolve() != path.resolve() and (match is None or int(_NUMBERED.match(p.name).group(1))
+                                                   < int(match.group(1)))]
+    for candidate in reversed(older):
+        if readable_checkpoint(candidate):
+            return f"the latest intact earlier checkpoint is {candidate} (resume from it with --resume {candidate})"
+    return f"no intact earlier checkpoint in {path.parent}"
 
 
 def make_checkpoint(*, model: torch.nn.Module, optimizer, scheduler, scaler, step: int, epoch: int,

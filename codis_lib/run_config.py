@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,6 +287,9 @@ def _validate_values(config: RunConfig) -> None:
                        ("train.eval.every_epochs", e.every_epochs), ("data.num_workers", d.num_workers)):
         need(value >= 0, key, f"must be >= 0, got {value}")
     need(t.alpha_ramp_epochs >= 0, "train.alpha_ramp_epochs", f"must be >= 0, got {t.alpha_ramp_epochs}")
+    for key, value in (("lr", o.lr), ("warmup_lr", o.warmup_lr), ("min_lr", o.min_lr), ("eps", o.eps),
+                       ("weight_decay", o.weight_decay), ("clip_grad_norm", o.clip_grad_norm), ("temp_lr", o.temp_lr)):
+        need(value is None or math.isfinite(value), f"train.optimizer.{key}", f"must be a finite number, got {value}")
     need(o.lr > 0, "train.optimizer.lr", f"must be > 0, got {o.lr}")
     need(0 <= o.warmup_lr and 0 <= o.min_lr, "train.optimizer.warmup_lr",
          f"warmup_lr and min_lr must be >= 0, got {o.warmup_lr}, {o.min_lr}")

@@ -9,7 +9,10 @@
 
 Every setting lives in the YAML config (`codis_lib/configs/*.yaml`, or your own file); `--set
 dotted.key=value` changes one (the value is read as YAML: 8, 1e-4, true, null, [a, b]). Exit status:
-0 done, 1 training stopped on a non-finite loss, 2 bad configuration or input.
+0 done (or stopped with a checkpoint by --stop-at-step or SIGTERM), 1 training stopped on a non-finite
+loss, gradient or state, 2 bad configuration or input (one line on stderr naming the file, record, key
+or argument: config errors, missing or unreadable files, a run folder in use or not writable, a full
+disk). Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -21,9 +24,32 @@ import time
 
 from codis_lib.config import ConfigError
 
+# What bad input raises, all the way down: config errors and every file, record, checkpoint or folder
+# problem (ConfigError, AnnotationError, CheckpointMismatchError, CheckpointReadError and UnicodeDecodeError
+# are ValueErrors; FileNotFoundError, PermissionError, RunFolderLockedError, CheckpointWriteError OSErrors).
+INPUT_ERRORS = (ValueError, OSError)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2), like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _step_number(text: str) -> int:
+    """Return `text` as an optimizer step (>= 1) for --stop-at-step."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (an optimizer step to stop after), got {value}")
+    return value
+
 
 def _parser(prog: str, default_config: str, what: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=prog, description=what,
         epilog="Configs: codis_lib/configs/ (pretrain_emoji, pretrain_4m, finetune_emoji, finetune_coco, "
                "finetune_flickr). Multi-GPU: torchrun --nproc_per_node N -m codis_lib.train.cli "
@@ -38,7 +64,7 @@ def _parser(prog: str, default_config: str, what: str) -> argparse.ArgumentParse
     parser.add_argument("--output-dir", default=None, help="where checkpoints and logs go (train.output_dir)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in the output directory, or from CHECKPOINT")
-    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-at-step", type=_step_number, default=None, metavar="N",
                         help="save a checkpoint and exit after optimizer step N (continue later with --resume); "
                              "the learning-rate schedule still spans the whole run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -54,7 +80,7 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
         overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")
     try:
         config = load_run_config(args.config, overrides=overrides)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, OSError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -72,12 +98,14 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops on the same step; one message
             print(f"{prog}: {error}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+    except INPUT_ERRORS as error:
+        print(f"{prog}: {_one_line(error)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now; torchrun's RANK is not
         wall = time.perf_counter() - started
-        state = "finished" if result.finished else f"stopped after step {result.steps} (continue with --resume)"
+        by = f" on {result.stopped_by}" if result.stopped_by not in (None, "stop_at_step") else ""
+        state = ("finished" if result.finished
+                 else f"stopped{by} after step {result.steps}, checkpoint saved (continue with --resume)")
         print(f"\n{prog}: {state}: {result.steps}/{result.total_steps} steps in {result.train_s / 60:.1f} min of "
               f"training, {wall / 60:.1f} min in all")
         print(f"  checkpoint: {result.checkpoint}")
@@ -85,6 +113,14 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
         for split, evaluation in (result.evaluations or {}).items():  # one table per split, in config order
             print(format_retrieval_table(evaluation, title="\n" + split_title(config, split)))
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """Return the message of an input error (a config error's list of keys keeps its lines)."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text ({error.reason} at byte {error.start})"
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, ConfigError) else " ".join(text.split())
 
 
 def pretrain_main(argv: list[str] | None = None) -> int:

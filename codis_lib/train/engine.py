@@ -21,9 +21,11 @@ What happens, in order (`train` -> `_train`):
    the model's own randomness (MLM masking, ITM hard negatives); every loss term is averaged over ranks
    and checked for NaN/inf *before* backward (a non-finite term stops the run naming the term and
    step; no checkpoint is written after it); backward (DDP all-reduces gradients on the last
-   micro-batch only); clipping; optimizer and schedule step. Rank 0 logs per-term losses, lr, alpha,
+   micro-batch only); the gradients checked for NaN/inf (`guards`: a non-finite one stops the run naming
+   the step and the parameters, before the update; with the fp16 scaler the loss scale is checked);
+   clipping; optimizer and schedule step. Rank 0 logs per-term losses, lr, alpha,
    temperature, throughput and codebook usage to metrics.jsonl and TensorBoard, and writes atomic
-   checkpoints (`run_dir`).
+   checkpoints (`run_dir`), each only after the whole state was checked finite.
 5. The end. A final checkpoint (`checkpoint_final.pt`) and, if configured, zero-shot / fine-tuned
    retrieval evaluation on every split of `train.eval.splits` (ALBEF's protocol,
    `codis_lib.evaluation.report`), each written to eval_<split>.json. The splits' files are looked up
@@ -52,12 +54,16 @@ from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoin
                                   restore_training_state)
 from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, retrieval_split_file,
                                          split_description)
+from codis_lib.config import ConfigError
 from codis_lib.run_config import RunConfig
+from codis_lib.train.data_order import DATA_ORDER_KEY, check_resume_data_order, data_order_record
+from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_loss_scale
 from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
-from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, save_checkpoint,
+from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, lock_output_dir, save_checkpoint,
                                      write_final_evaluations, write_run_files)
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
+from codis_lib.train.signals import StopRequest, stop_on_signals
 from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, describe_run, init_distributed,
                                    model_config_differences, pad_text_to_global_length, teacher_batch_inputs,
                                    wrap_model)
@@ -72,14 +78,6 @@ __all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError", "load_pre
 LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "dead_codes", "itm_accuracy", "mlm_accuracy")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because a loss term was NaN or infinite; `.term`, `.step`, `.checkpoint` say where."""
-
-    def __init__(self, message: str, *, term: str, step: int, epoch: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.term, self.step, self.epoch, self.checkpoint = term, step, epoch, checkpoint
-
-
 @dataclass
 class TrainResult:
     """What a run produced: where, how far, the logged records (rank 0) and the evaluation per split, if any."""
@@ -87,7 +85,7 @@ class TrainResult:
     output_dir: Path
     steps: int  # optimizer steps done (in total, across resumes)
     total_steps: int  # steps the schedule spans
-    finished: bool  # reached total_steps (False when stopped early with stop_at_step)
+    finished: bool  # reached total_steps (False when stopped early with stop_at_step or by SIGTERM)
     checkpoint: Path | None  # the last checkpoint written (checkpoint_final.pt when finished)
     records: list[dict] = field(default_factory=list)  # training log records of this invocation (rank 0)
     # {split: retrieval report (`RetrievalEvaluation.to_dict()`)} in train.eval.splits order, when evaluated
@@ -95,6 +93,7 @@ class TrainResult:
     wall_s: float = 0.0
     train_s: float = 0.0
     model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
+    stopped_by: str | None = None  # "stop_at_step" or the signal ("SIGTERM") that stopped the run early
 
 
 @dataclass
@@ -105,7 +104,8 @@ class LoopState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     last_checkpoint: Path | None = None
-    stopped_early: bool = False  # stop_at_step reached before the end of the schedule
+    stopped_early: bool = False  # stop_at_step reached (or SIGTERM received) before the end of the schedule
+    stopped_by: str | None = None
     records: list[dict] = field(default_factory=list)  # training log records of this invocation
     interval: dict[str, float] = field(default_factory=dict)  # sums of the step scalars since the last record
     interval_steps: int = 0
@@ -135,14 +135,17 @@ def _start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> LoopS
     resume_path = None
     if resume:
         resume_path = Path(resume) if not isinstance(resume, bool) else find_latest_checkpoint(output_dir)
-        if resume_path is None and ctx.is_main:
-            print(f"[codis] --resume: no checkpoint in {output_dir}; starting from scratch", flush=True)
+        if resume_path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint_*.pt in {output_dir} to resume from; start the run "
+                                    f"without --resume")
     if resume_path is None:
         claim_output_dir(output_dir, overwrite=tc.overwrite, ctx=ctx)
         if tc.init_from:
             load_pretrained_weights(run.model, tc.init_from)
         return LoopState()
     checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
+    check_resume_data_order(checkpoint, run.data_order, resume_path,
+                            log=lambda line: print(line, flush=True) if ctx.is_main else None)
     differences = model_config_differences(checkpoint["config"]["model"], run.model_config.to_dict())
     if differences:
         raise CheckpointMismatchError(f"{resume_path} was trained with another model config:\n  "
@@ -229,13 +232,18 @@ def train_step(run: TrainingRun, batches: Iterator[dict], *, step: int, epoch: i
             run.scaler.scale(total_loss / accum).backward()
         for name, value in values.items():
             step_values[name] = step_values.get(name, 0.0) + value / accum
+    lr = run.schedule.current_lr()
+    if not run.scaler.is_enabled():  # with the fp16 scaler an overflow skips the update; its scale is checked below
+        check_gradients(run.model, step=step + 1, epoch=epoch, lr=lr, checkpoint=last_checkpoint)
     if tc.optimizer.clip_grad_norm is not None:
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.optimizer.clip_grad_norm)
         step_values["grad_norm"] = float(grad_norm)
-    step_values["lr"] = run.schedule.current_lr()
+    step_values["lr"] = lr
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.scaler.is_enabled():
+        check_loss_scale(run.scaler.get_scale(), step=step + 1, epoch=epoch, lr=lr, checkpoint=last_checkpoint)
     run.optimizer.zero_grad(set_to_none=True)
     run.schedule.step()
     return step_values
@@ -246,28 +254,39 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
           evaluate: bool | None = None) -> TrainResult:
     """Return the TrainResult of running `config` (see the module docstring for the whole sequence).
 
-    resume: False, True (the latest checkpoint in train.output_dir, starting fresh if there is none),
-    or the path of a checkpoint. stop_at_step: save a checkpoint and return after this optimizer step
-    (to split a long run over several jobs; the schedule still spans the whole run). evaluate:
-    override train.eval.at_end.
+    resume: False, True (the latest checkpoint in train.output_dir; FileNotFoundError if there is none),
+    or the path of a checkpoint. stop_at_step (>= 1): save a checkpoint and return after this optimizer
+    step (to split a long run over several jobs; the schedule still spans the whole run); SIGTERM does
+    the same at the next step boundary. evaluate: override train.eval.at_end. The run folder is locked
+    for the whole call (`codis_lib.train.lock`): a second run into a live folder is refused.
     """
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ConfigError(f"--stop-at-step: must be >= 1 (an optimizer step to stop after), got {stop_at_step}")
     ctx = init_distributed(config.train.device)
     threads_before = torch.get_num_threads()
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
+    lock = None
     try:
-        return _train(config, ctx, resume=resume, stop_at_step=stop_at_step, evaluate=evaluate)
+        lock = lock_output_dir(ctx, Path(config.train.output_dir))  # before anything reads or deletes run files
+        with stop_on_signals() as stop_request:
+            return _train(config, ctx, resume=resume, stop_at_step=stop_at_step, evaluate=evaluate,
+                          stop_request=stop_request)
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads_before)  # a notebook or test session goes on with its own setting
         if ctx.owns_process_group:
             dist.destroy_process_group()
 
 
-def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate) -> TrainResult:
+def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate,
+           stop_request: StopRequest) -> TrainResult:
     """Return the TrainResult of the run: set up, start position, the epochs, the final checkpoint and evaluation."""
     started = time.perf_counter()
     tc = config.train
     run = build_training_run(config, ctx)  # data, model (seeded), AdamW, schedule, grad scaler
+    run.data_order = data_order_record(run)  # checkpointed; a resume must match it
     evaluate_at_end = tc.eval.at_end if evaluate is None else evaluate
     if evaluate_at_end or tc.eval.every_epochs:
         for split in tc.eval.splits:  # fail now, not after training, when the corpus lacks a split's file
@@ -283,7 +302,8 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     train_started = state.interval_start = time.perf_counter()
     try:
         while state.step < run.total_steps and not state.stopped_early:
-            _train_epoch(run, state, logger, stop_at_step=stop_at_step, train_started=train_started)
+            _train_epoch(run, state, logger, stop_at_step=stop_at_step, train_started=train_started,
+                         stop_request=stop_request)
     finally:
         logger.close()
     train_s = time.perf_counter() - train_started
@@ -299,12 +319,13 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
                 write_final_evaluations(run.output_dir, evaluations, step=state.step, tensorboard=tc.tensorboard)
     return TrainResult(output_dir=run.output_dir, steps=state.step, total_steps=run.total_steps, finished=finished,
                        checkpoint=state.last_checkpoint, records=state.records, evaluations=evaluations,
-                       wall_s=time.perf_counter() - started, train_s=train_s, model=run.model)
+                       wall_s=time.perf_counter() - started, train_s=train_s, model=run.model,
+                       stopped_by=state.stopped_by)
 
 
 def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, stop_at_step: int | None,
-                 train_started: float) -> None:
-    """Train from `state` to the end of its epoch, of the run or of stop_at_step; then evaluate if it is due."""
+                 train_started: float, stop_request: StopRequest) -> None:
+    """Train from `state` to the end of its epoch, of the run, of stop_at_step or of a SIGTERM; then evaluate if due."""
     from tqdm import tqdm
 
     tc = run.config.train
@@ -321,9 +342,11 @@ def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, s
         state.step_in_epoch += 1
         progress.update(1)
         _log_step(run, state, logger, values, alpha=alpha, progress=progress, train_started=train_started)
-        _checkpoint_if_due(run, state, stop_at_step)
-        if stop_at_step is not None and state.step >= stop_at_step and state.step < run.total_steps:
-            state.stopped_early = True
+        stop_here = stop_at_step is not None and state.step >= stop_at_step
+        signalled = stop_request.agreed(run.ctx.world_size, run.ctx.device)
+        _checkpoint_if_due(run, state, force=stop_here or signalled)
+        if (stop_here or signalled) and state.step < run.total_steps:
+            state.stopped_early, state.stopped_by = True, "stop_at_step" if stop_here else stop_request.signal
             break
     progress.close()
     if state.stopped_early or state.step_in_epoch < run.steps_per_epoch:
@@ -358,20 +381,20 @@ def _log_step(run: TrainingRun, state: LoopState, logger: MetricsLogger, values:
     state.interval, state.interval_steps, state.interval_start = {}, 0, time.perf_counter()
 
 
-def _checkpoint_if_due(run: TrainingRun, state: LoopState, stop_at_step: int | None) -> None:
-    """Write a checkpoint after this step when train.ckpt_every, the end of an epoch, the run or stop_at_step asks."""
+def _checkpoint_if_due(run: TrainingRun, state: LoopState, *, force: bool) -> None:
+    """Write a checkpoint after this step when train.ckpt_every, the end of an epoch or the run asks, or `force`."""
     tc = run.config.train
     end_of_epoch = state.step_in_epoch == run.steps_per_epoch
     want_checkpoint = ((tc.ckpt_every and state.step % tc.ckpt_every == 0)
                        or (end_of_epoch and tc.ckpt_every == 0) or state.step == run.total_steps
-                       or (stop_at_step is not None and state.step >= stop_at_step))
+                       or force)
     if not want_checkpoint:
         return
     epoch, step_in_epoch = (state.epoch + 1, 0) if end_of_epoch else (state.epoch, state.step_in_epoch)  # resume here
     state.last_checkpoint = save_checkpoint(run.ctx, run.output_dir, model=run.model, optimizer=run.optimizer,
                                             schedule=run.schedule, scaler=run.scaler, step=state.step, epoch=epoch,
                                             step_in_epoch=step_in_epoch, saved_config=run.saved_config,
-                                            keep_last=tc.keep_last)
+                                            keep_last=tc.keep_last, extra={DATA_ORDER_KEY: run.data_order})
 
 
 def _report_eval_split(run: TrainingRun, split: str) -> dict:

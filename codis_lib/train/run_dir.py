@@ -1,6 +1,7 @@
 """The run folder (`train.output_dir`): claimed by a fresh run, filled with checkpoints, closed with a final link.
 
     runs/pretrain_emoji/
+      .run.lock                held by the run's rank 0 while it runs (`codis_lib.train.lock`)
       config.yaml              the resolved run config
       tokenizer/               the tokenizer the run trained with (the folder is self-contained)
       checkpoint_00000076.pt   numbered checkpoints, the last `train.keep_last` kept
@@ -15,22 +16,62 @@ Only rank 0 writes; every function that touches the folder waits for the other r
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
 from codis_lib import distributed as cdist
-from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, capture_rng_state, checkpoint_path, link_or_copy,
-                                  make_checkpoint, prune_checkpoints, save_atomic)
+from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, capture_rng_state, checkpoint_path, find_latest_checkpoint,
+                                  link_or_copy, make_checkpoint, prune_checkpoints, save_atomic)
 from codis_lib.run_config import RunConfig
+from codis_lib.train.guards import check_state
+from codis_lib.train.lock import RunFolderLockedError, RunLock, pid_alive
 from codis_lib.train.metrics import MetricsLogger
 from codis_lib.train.setup import RunContext
 
-__all__ = ["RUN_FILES", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
+__all__ = ["RUN_FILES", "lock_output_dir", "remove_stale_temporaries", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
            "write_final_evaluations"]
 
 RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml")
+_TEMPORARY = re.compile(r"^\.checkpoint_.*\.tmp-(\d+)$")  # save_atomic's and link_or_copy's temporary files
+
+
+def lock_output_dir(ctx: RunContext, output_dir: Path) -> RunLock | None:
+    """Return the run folder's lock, taken by rank 0 (None on the other ranks); every rank raises if it is refused.
+
+    A live run in the folder raises RunFolderLockedError naming the folder and its pid; an unwritable
+    place raises the OSError of creating the folder or the lock. Then rank 0 removes the temporary
+    files that killed writes left (`remove_stale_temporaries`).
+    """
+    lock, failure = None, None
+    if ctx.is_main:
+        try:
+            lock = RunLock(output_dir).acquire(log=lambda line: print(line, flush=True))
+            remove_stale_temporaries(output_dir)
+        except OSError as error:  # RunFolderLockedError is one
+            failure = error
+    if cdist.is_distributed() and ctx.world_size > 1:
+        message = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(message, src=0)
+        if failure is None and message[0] is not None:
+            raise RunFolderLockedError(message[0], {})
+    if failure is not None:
+        raise failure
+    return lock
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Return the `.checkpoint_*.tmp-PID` files of processes that are gone, after deleting them (rank 0, locked)."""
+    removed = [path for path in output_dir.iterdir()
+               if (match := _TEMPORARY.match(path.name)) and not pid_alive(int(match.group(1)))]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        print(f"[codis] removed {len(removed)} temporary file(s) of killed checkpoint writes in {output_dir}: "
+              f"{', '.join(p.name for p in removed[:3])}{', ...' if len(removed) > 3 else ''}", flush=True)
+    return removed
 
 
 def claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> None:
@@ -58,19 +99,25 @@ def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:
 
 
 def save_checkpoint(ctx: RunContext, output_dir: Path, *, model, optimizer, schedule, scaler, step: int, epoch: int,
-                    step_in_epoch: int, saved_config: dict, keep_last: int) -> Path:
-    """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path."""
+                    step_in_epoch: int, saved_config: dict, keep_last: int, extra: dict | None = None) -> Path:
+    """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path.
+
+    `extra` entries are stored next to the state (the run's data-order record). Every rank first checks the model and optimizer state (identical on all ranks): a NaN/inf anywhere
+    raises NonFiniteStateError and nothing is written.
+    """
+    path = checkpoint_path(output_dir, step)
+    check_state(model, optimizer, step=step, epoch=epoch, what=f"{path.name} was not written",
+                checkpoint=find_latest_checkpoint(output_dir))
     rng = capture_rng_state()
     if cdist.is_distributed() and ctx.world_size > 1:
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, rng)
     else:
         gathered = [rng]
-    path = checkpoint_path(output_dir, step)
     if ctx.is_main:
         save_atomic(make_checkpoint(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, step=step,
                                     epoch=epoch, step_in_epoch=step_in_epoch, config=saved_config,
-                                    rng_states=gathered, world_size=ctx.world_size), path)
+                                    rng_states=gathered, world_size=ctx.world_size, extra=extra), path)
         prune_checkpoints(output_dir, keep_last)
     ctx.barrier()
     return path

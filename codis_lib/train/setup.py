@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ def init_distributed(device_choice: str = "auto") -> RunContext:
     NCCL is used on GPUs, gloo on CPU. A group created by the caller beforehand is reused.
     """
     if device_choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+        raise ConfigError("train.device: 'cuda', but no CUDA device is visible; use train.device=cpu or auto")
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -102,6 +102,7 @@ class TrainData:
     seeded: SeededItems
     sampler: GlobalBatchSampler
     loader: DataLoader
+    files: list[str] = field(default_factory=list)  # the training JSON files the dataset was read from
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Prepare the sampler and the item seeds for `epoch`, skipping its first `start_batch` global batches."""
@@ -146,14 +147,20 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     dataset_class = PretrainDataset if train_config.task == "pretrain" else RetrievalTrainDataset
     own_image, other_caption = teacher_view_inputs(config.model)
     # With the cache every image is decoded (so checked) once; without it, verify the files up front.
-    dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
-                            augmentation=augmentation_options(data),
-                            cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
-                            teacher_image=own_image, teacher_caption=other_caption)
+    try:
+        dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
+                                augmentation=augmentation_options(data),
+                                cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
+                                teacher_image=own_image, teacher_caption=other_caption)
+    except UnicodeDecodeError as error:  # the reader's message does not say which file
+        raise _not_utf8(files, error) from error
     seeded = SeededItems(dataset, train_config.seed)
-    sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,
-                                 rank=ctx.rank, shuffle=True, seed=train_config.seed,
-                                 batches_multiple_of=train_config.grad_accum_steps)
+    try:
+        sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,
+                                     rank=ctx.rank, shuffle=True, seed=train_config.seed,
+                                     batches_multiple_of=train_config.grad_accum_steps)
+    except ValueError as error:  # a batch larger than the dataset
+        raise ConfigError(f"train.batch_size: the training {error} ({', '.join(map(str, files))})") from error
     # The loader's own generator only seeds worker processes; giving it one keeps the global torch
     # stream (dropout) free of the draw a DataLoader iterator makes at every epoch start.
     loader_generator = torch.Generator().manual_seed(train_config.seed)
@@ -161,7 +168,20 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
                         collate_fn=ImageTextCollator(tokenizer, max_length=data.max_tokens),
                         num_workers=data.num_workers, pin_memory=ctx.device.type == "cuda",
                         generator=loader_generator, persistent_workers=False)
-    return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader)
+    return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader,
+                     files=[str(f) for f in files])
+
+
+def _not_utf8(files: list[str], error: UnicodeDecodeError) -> ValueError:
+    """Return the one-line error naming the first of `files` that is not UTF-8 text (read only on this error path)."""
+    for path in files:
+        try:
+            Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return ValueError(f"{path}: not UTF-8 text (byte {bad.start}: {bad.reason}); JSON files must be UTF-8")
+        except OSError:
+            continue
+    return ValueError(f"{', '.join(map(str, files))}: not UTF-8 text ({error.reason})")
 
 
 # The (ids, mask) pairs of a batch: the student's captions, and the teacher's when it reads other ones.
@@ -238,6 +258,7 @@ class TrainingRun:
     steps_per_epoch: int  # optimizer steps
     total_steps: int  # optimizer steps the schedule spans
     train_model: torch.nn.Module | None = None  # the model, or its DDP wrapper, once `wrap_model` ran
+    data_order: dict | None = None  # what the data order and schedule depend on (`train.data_order`), checkpointed
     autocast: Any = None  # the autocast context of every forward, once `wrap_model` ran
 
     @property
