@@ -14,6 +14,8 @@ The same readers serve COCO / Flickr30K / the 4M pretraining lists and the emoji
 not a JSON list, a record without ``image`` or ``caption``, an empty caption, or a missing or
 unreadable image raises :class:`AnnotationError` naming the file and the record index; with
 ``on_error="skip"`` the bad records are dropped and counted (in the log and in ``.skipped``).
+A record whose image lies outside the image root is named in a warning (or refused with
+``outside_root="raise"``).
 """
 from __future__ import annotations
 
