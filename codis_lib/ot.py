@@ -77,6 +77,27 @@ def _raise_not_finite(scores: torch.Tensor) -> None:
                      "(-inf is allowed: it forbids that pair)")
 
 
+def _raise_if_all_minus_inf(scores: torch.Tensor) -> None:
+    """Raise the one error both solvers give when a sample (row) or code (column) has every score -inf.
+
+    Such a sample can send its mass nowhere (or such a code can receive none), so no plan meets the
+    marginals: the plain solver's scaling vectors overflow and the log-domain one's potentials become
+    +inf, and without this check the log-domain plan would be NaN. Called only once a solver's
+    scaling vectors came out non-finite (one pass over the matrix, on the failure path only). The
+    check looks at this process's scores: in a distributed run a code that is all -inf on this rank
+    only is not named (it is not the cause there); returns None when nothing is all -inf.
+    """
+    forbidden = torch.isneginf(scores)
+    for axis, line, meaning in ((1, "row", "that sample can be sent to no code"),
+                                (0, "column", "that code can receive no sample")):
+        hopeless = forbidden.all(dim=axis).nonzero()
+        if len(hopeless):
+            raise FloatingPointError(
+                f"Sinkhorn: scores has {len(hopeless)} {line}(s) whose every score is -inf (first: {line} "
+                f"{int(hopeless[0])}): {meaning}, so no plan meets the equal-partition marginals; give every "
+                f"sample and every code at least one finite score")
+
+
 def _code_maxima(scores: torch.Tensor, distributed: bool) -> torch.Tensor:
     """Return each code's maximum score over the (global) batch, (K,); 0 for a code whose scores are all -inf.
 
@@ -158,6 +179,7 @@ def _sinkhorn_plain(scores: torch.Tensor, eps: float, n_iters: int | None, tol: 
         row_mass = kernel @ code_scale  # (B,)
         sample_scale = 1.0 / (global_batch * row_mass)
     if not (bool(torch.isfinite(code_scale).all()) and bool(torch.isfinite(sample_scale).all())):
+        _raise_if_all_minus_inf(scores)
         raise FloatingPointError(
             f"Sinkhorn overflowed/underflowed in the exp domain at eps={eps}: exp(scores / eps) leaves "
             "some code or sample with zero mass. Use log_domain=True (sinkhorn_log) for small eps "
@@ -203,6 +225,9 @@ def _sinkhorn_log(scores: torch.Tensor, eps: float, n_iters: int | None, tol: fl
                 break
         log_code = -math.log(codes) - log_code_mass
         log_sample = -math.log(global_batch) - torch.logsumexp(log_kernel + log_code[None, :], dim=1)
+    if not (bool(torch.isfinite(log_code).all()) and bool(torch.isfinite(log_sample).all())):
+        _raise_if_all_minus_inf(scores)  # the only way finite or -inf scores make a potential non-finite
+        raise FloatingPointError(f"log-domain Sinkhorn produced non-finite potentials at eps={eps}")
     plan = torch.softmax(log_kernel + log_code[None, :], dim=1)  # rows sum to 1
     if tol is not None and math.isnan(error):
         error = _code_marginal_error(plan, global_batch, distributed)

@@ -81,6 +81,10 @@ class DataConfig:
     randaugment_ops: int = 2  # RandAugment ops per image (ALBEF: 2); 0 = off
     randaugment_magnitude: float = 7  # RandAugment magnitude (ALBEF: 7)
     cache_images: bool = True  # keep decoded images in memory (the emoji corpus fits easily)
+    # A bad training record (missing or undecodable image, empty caption): "raise" stops with its file and
+    # index; "skip" drops it, counts it by reason and reports the count in the run's start line (the 4M lists
+    # always miss some images). Evaluation splits are always read strictly.
+    on_error: Literal["raise", "skip"] = "raise"
     num_workers: int = 0  # DataLoader worker processes per rank
 
 

@@ -158,3 +158,22 @@ def test_ot_cost_is_the_mass_one_weighted_cost():
 def test_bad_input_names_the_argument(scores, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         sinkhorn(scores, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["row", "column"])
+def test_all_minus_inf_row_or_column_raises_the_same_error_in_both_domains(where):
+    """issue case 8: an all -inf row or column gives both solvers the same one-line error, never a NaN plan."""
+    scores = cosine_scores(6, 4, seed=3)
+    if where == "row":
+        scores[2] = -math.inf
+    else:
+        scores[:, 1] = -math.inf
+    messages = []
+    for log_domain in (False, True):
+        for n_iters in (1, 3):
+            with pytest.raises(FloatingPointError, match=f"1 {where}\\(s\\) whose every score is -inf") as caught:
+                sinkhorn(scores, 0.05, n_iters, log_domain=log_domain)
+            messages.append(str(caught.value))
+    assert len(set(messages)) == 1 and "\n" not in messages[0]
+    expected_index = "row 2" if where == "row" else "column 1"
+    assert expected_index in messages[0]

@@ -14,6 +14,8 @@ The same readers serve COCO / Flickr30K / the 4M pretraining lists and the emoji
 not a JSON list, a record without ``image`` or ``caption``, an empty caption, or a missing or
 unreadable image raises :class:`AnnotationError` naming the file and the record index; with
 ``on_error="skip"`` the bad records are dropped and counted (in the log and in ``.skipped``).
+A record whose image lies outside the image root is named in a warning (or refused with
+``outside_root="raise"``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ ALBEF_DELETED_CHARACTERS = frozenset(",.'!?\"()*#:;~")
 
 CHECK_IMAGES_CHOICES = ("verify", "exists", "none")
 ON_ERROR_CHOICES = ("raise", "skip")
+OUTSIDE_ROOT_CHOICES = ("warn", "raise", "allow")
 
 
 def pre_caption(caption: str, max_words: int = 30) -> str:
@@ -143,6 +146,24 @@ def resolve_image_path(image: str, image_root: str | os.PathLike | None, annotat
     return str(root / image)
 
 
+def outside_root(image: str, resolved: str, image_root: str | os.PathLike | None,
+                 annotation_file: str | os.PathLike) -> str | None:
+    """Return the image root when the record's ``image`` leads outside it (an absolute path elsewhere, or ``..``), else None.
+
+    The root is ``image_root``, or the annotation file's folder when it is None. Paths are compared
+    after ``os.path.abspath`` (not resolving symlinks: a corpus folder may be a link).
+    """
+    root = os.path.abspath(Path(annotation_file).parent if image_root is None else Path(image_root))
+    target = os.path.abspath(resolved)
+    if not os.path.isabs(image) and ".." not in Path(image).parts:
+        return None
+    try:
+        inside = os.path.commonpath([root, target]) == root
+    except ValueError:  # different drives
+        inside = False
+    return None if inside else root
+
+
 def check_image(path: str, how: str) -> str | None:
     """Return None if the image at ``path`` passes the check ``how``, else the problem in words."""
     if how == "none":
@@ -184,13 +205,16 @@ def _clean_one_caption(raw, max_words: int) -> tuple[str | None, str | None]:
 class _Reader:
     """Shared loop: validate each record, raise or skip-and-count, log the skips."""
 
-    def __init__(self, kind: str, on_error: str, check_images: str):
+    def __init__(self, kind: str, on_error: str, check_images: str, outside_root: str = "warn"):
         _check_choice("on_error", on_error, ON_ERROR_CHOICES)
         _check_choice("check_images", check_images, CHECK_IMAGES_CHOICES)
+        _check_choice("outside_root", outside_root, OUTSIDE_ROOT_CHOICES)
         self.kind = kind
         self.on_error = on_error
         self.check_images = check_images
+        self.outside_root = outside_root
         self.skipped: Counter = Counter()
+        self.outside: dict[str, list] = {}  # annotation file -> [count, first record index, its path, the root]
 
     def bad(self, path: str, index: int, reason: str, problem: str) -> None:
         if self.on_error == "raise":
@@ -199,6 +223,10 @@ class _Reader:
         logger.debug("skipping %s: record %d: %s", path, index, problem)
 
     def finish(self, records: list, files: list[str]) -> ReadResult:
+        for path, (count, index, image, root) in self.outside.items():
+            logger.warning("%s: %d record(s) name an image outside the image root %s (first: record %d: %s); "
+                           "pass image_root, or outside_root='raise' to refuse such records", path, count, root,
+                           index, image)
         if self.skipped:
             total = sum(self.skipped.values())
             logger.warning(
@@ -238,6 +266,13 @@ class _Reader:
             self.bad(path, index, "missing_image_field", "record has no 'image' string")
             return None
         resolved = resolve_image_path(image, image_root, path)
+        root = None if self.outside_root == "allow" else outside_root(image, resolved, image_root, path)
+        if root is not None:
+            if self.outside_root == "raise":
+                raise AnnotationError(path, index, f"image {image!r} is outside the image root {root} "
+                                                   f"(outside_root='raise')")
+            entry = self.outside.setdefault(path, [0, index, image, root])
+            entry[0] += 1
         problem = check_image(resolved, self.check_images)
         if problem is not None:
             reason = "missing_image" if "not found" in problem else "corrupt_image"
@@ -269,14 +304,18 @@ def read_pretrain_annotations(
     max_words: int = 30,
     on_error: str = "raise",
     check_images: str = "verify",
+    outside_root: str = "warn",
 ) -> ReadResult:
     """Return the records of ALBEF pretraining lists (``image``, ``caption`` string or list), captions cleaned.
 
     ``check_images``: "verify" parses every image file (catches truncated or non-image files;
     about 0.1 ms per small image), "exists" only checks the file is there (use it for the 4M
-    lists), "none" checks nothing here (a bad file then fails when it is decoded).
+    lists), "none" checks nothing here (a bad file then fails when it is decoded). ``outside_root``:
+    a record whose image lies outside the image root (an absolute path elsewhere, or ``..``) is
+    counted in one warning line per file naming the first such record ("warn"), refused with an
+    AnnotationError ("raise"), or accepted silently ("allow", e.g. ALBEF's absolute 4M lists).
     """
-    reader = _Reader("pretrain", on_error, check_images)
+    reader = _Reader("pretrain", on_error, check_images, outside_root)
     records: list[PretrainRecord] = []
     paths = _as_list(files)
     for path, index, record in reader.records_with_caption(paths):
@@ -298,9 +337,10 @@ def read_retrieval_train(
     max_words: int = 30,
     on_error: str = "raise",
     check_images: str = "verify",
+    outside_root: str = "warn",
 ) -> ReadResult:
     """Return the records of ALBEF retrieval training files (``image``, ``caption``, ``image_id``), captions cleaned."""
-    reader = _Reader("retrieval-train", on_error, check_images)
+    reader = _Reader("retrieval-train", on_error, check_images, outside_root)
     records: list[RetrievalTrainRecord] = []
     paths = _as_list(files)
     for path, index, record in reader.records_with_caption(paths):
@@ -326,13 +366,14 @@ def read_retrieval_eval(
     max_words: int = 30,
     on_error: str = "raise",
     check_images: str = "verify",
+    outside_root: str = "warn",
 ) -> ReadResult:
     """Return the records of an ALBEF retrieval test file (``image``, list of captions), captions cleaned.
 
     With ``on_error="skip"`` a record with any bad caption is dropped whole, so that the
     surviving images keep all the captions the benchmark gives them.
     """
-    reader = _Reader("retrieval-eval", on_error, check_images)
+    reader = _Reader("retrieval-eval", on_error, check_images, outside_root)
     records: list[RetrievalEvalRecord] = []
     path = str(file)
     for _, index, record in reader.records_with_caption([path]):

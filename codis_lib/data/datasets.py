@@ -28,6 +28,7 @@ DataLoader workers started by fork share the cached tensor without copying it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Sequence
@@ -41,86 +42,17 @@ from codis_lib.data.albef_json import (
     read_retrieval_eval,
     read_retrieval_train,
 )
-from codis_lib.data.transforms import EvalTransform, build_transform, to_uint8_tensor
+from codis_lib.data.decode import WHITE
+from codis_lib.data.image_source import (  # noqa: F401  (decode_image, DecodedImageCache re-exported: they lived here)
+    DEFAULT_CACHE_LIMIT_BYTES,
+    DecodedImageCache,
+    _ImageSource,
+    _without_undecodable,
+    decode_image,
+)
+from codis_lib.data.transforms import EvalTransform, build_transform
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CACHE_LIMIT_BYTES = 4 << 30
-
-
-def decode_image(path: str) -> torch.Tensor:
-    """Return the image file at ``path`` as a (3, H, W) uint8 RGB tensor."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        return to_uint8_tensor(img)
-
-
-class DecodedImageCache:
-    """Every distinct image decoded once to uint8; ``cache[path]`` returns its (3, H, W) tensor.
-
-    Images of one common size are stored in a single (N, 3, H, W) tensor (one allocation, shared
-    by forked workers); mixed sizes are kept as a list. ``max_bytes`` guards against caching a
-    corpus that does not fit: the error says how much it would take.
-    """
-
-    def __init__(self, paths: Sequence[str], *, max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
-                 where: dict[str, tuple[str, int]] | None = None):
-        unique = list(dict.fromkeys(paths))
-        self.row_of = {path: row for row, path in enumerate(unique)}
-        images, total = [], 0
-        for path in unique:
-            try:
-                image = decode_image(path)
-            except (OSError, ValueError, SyntaxError) as err:
-                source, index = (where or {}).get(path, (None, None))
-                if source is not None:
-                    raise AnnotationError(source, index, f"cannot decode image {path}: {err}") from err
-                raise OSError(f"cannot decode image {path}: {err}") from err
-            total += image.numel()
-            if total > max_bytes:
-                raise MemoryError(
-                    f"decoded-image cache would exceed max_bytes={max_bytes} after {len(images) + 1} of "
-                    f"{len(unique)} images ({total} bytes so far); use cache=False for this corpus, or raise the limit"
-                )
-            images.append(image)
-        shapes = {tuple(img.shape) for img in images}
-        if len(shapes) == 1:
-            self.images = torch.stack(images)  # (N, 3, H, W) uint8
-        else:
-            self.images = images
-        self.nbytes = total
-
-    def __len__(self) -> int:
-        return len(self.row_of)
-
-    def __contains__(self, path: str) -> bool:
-        return path in self.row_of
-
-    def __getitem__(self, path: str) -> torch.Tensor:
-        return self.images[self.row_of[path]]
-
-
-class _ImageSource:
-    """Loads images by path, from the cache when there is one, naming the annotation record on failure."""
-
-    def __init__(self, records, cache: bool, cache_max_bytes: int):
-        self.where = {r.image: (r.source, r.index) for r in reversed(records)}  # first record naming each image
-        self.cache = DecodedImageCache([r.image for r in records], max_bytes=cache_max_bytes,
-                                       where=self.where) if cache else None
-
-    def load(self, path: str) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache[path]
-        try:
-            return decode_image(path)
-        except (OSError, ValueError, SyntaxError) as err:
-            source, index = self.where.get(path, (None, None))
-            if source is None:
-                raise
-            raise AnnotationError(source, index, f"cannot decode image {path}: {err}") from err
-
 
 def _call_drawing_from(transform, image, caption: str, generator: torch.Generator | None) -> tuple:
     """Return ``transform(image, caption)`` run with torch's global generator in ``generator``'s state.
@@ -197,24 +129,33 @@ class _ImageTextDataset(Dataset):
         cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
         teacher_image: bool = False,
         teacher_caption: bool = False,
+        background: Sequence[int] = WHITE,
+        outside_root: str = "warn",
     ):
         """image_size: the output side (default 256 for pretraining, 384 for retrieval, as ALBEF).
 
         augmentation: build_transform's crop_scale / randaugment_ops / randaugment_magnitude (data config keys).
         teacher_image / teacher_caption: also return the teacher's own image view / another caption
-        (see the module docstring).
+        (see the module docstring). background: the (R, G, B) transparent pixels are composited on
+        (white, the emoji corpus's). outside_root: see `read_pretrain_annotations`.
+        on_error="skip" also drops a record whose image cannot be decoded: when the cache is built
+        (counted in ``skipped["corrupt_image"]``), or, without a cache, when it is first loaded: the
+        item is then made from the next loadable record (counted in ``skipped["corrupt_image_at_load"]``
+        of the process that loaded it, with a warning line), so a truncated file never stops an epoch.
         """
         result = self._read(annotation_files, image_root, max_words=max_words, on_error=on_error,
-                            check_images=check_images)
-        if not result.records:
-            raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
-        self.records = result.records
+                            check_images=check_images, outside_root=outside_root)
         self.skipped = result.skipped
+        self.on_error = on_error
+        self.images = _ImageSource(result.records, cache, cache_max_bytes, background=background, on_error=on_error)
+        self.records = _without_undecodable(result.records, self.images, self.skipped, ", ".join(result.files))
+        if not self.records:
+            raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
+        self.unloadable: set[int] = set()  # records whose image failed to decode at load (on_error="skip")
         self.image_ids, self.image_id_of = _contiguous_ids(self._image_key(r) for r in self.records)
         self.transform = transform if transform is not None else build_transform(
             self._transform_kind, image_size or self._default_image_size, augment=augment, flip_policy=flip_policy,
             **(augmentation or {}))
-        self.images = _ImageSource(self.records, cache, cache_max_bytes)
         self.teacher_image, self.teacher_caption = bool(teacher_image), bool(teacher_caption)
         if (teacher_image or teacher_caption) and getattr(self.transform, "flip_policy", None) == "swap":
             raise ValueError("flip_policy='swap' with a teacher view: the student's and the teacher's inputs could "
@@ -262,16 +203,16 @@ class _ImageTextDataset(Dataset):
         if generators is not None and len(generators) != len(indices):
             raise ValueError(f"{len(generators)} generators for {len(indices)} indices")
         draw_from = list(generators) if generators is not None else [None] * len(indices)
-        images = [self.images.load(self.records[i].image) for i in indices]
-        picks = [self._draw_caption(i, generator) for i, generator in zip(indices, draw_from)]
-        captions = [self._captions(i)[pick] for i, pick in zip(indices, picks)]
+        images, records = self._load_images(indices)  # records[k]: the record item k is made of (indices[k] or a substitute)
+        picks = [self._draw_caption(r, generator) for r, generator in zip(records, draw_from)]
+        captions = [self._captions(r)[pick] for r, pick in zip(records, picks)]
         batch, paired = _transform_batch(self.transform, images, captions, generators)
-        items = [{"image": batch[row], "caption": paired[row], "image_id": self.image_ids[i], "index": i}
-                 for row, i in enumerate(indices)]
+        items = [{"image": batch[row], "caption": paired[row], "image_id": self.image_ids[r], "index": i}
+                 for row, (i, r) in enumerate(zip(indices, records))]
         flip_captions = captions  # what the teacher's image is paired with (its flip must respect their sides)
         if self.teacher_caption:
-            others = [self._captions(i)[self._draw_other_caption(i, pick, generator)]
-                      for i, pick, generator in zip(indices, picks, draw_from)]
+            others = [self._captions(r)[self._draw_other_caption(r, pick, generator)]
+                      for r, pick, generator in zip(records, picks, draw_from)]
             flip_captions = [f"{mine} ; {other}" for mine, other in zip(captions, others)]
             for item, other in zip(items, others):
                 item["caption_teacher"] = other
@@ -280,6 +221,37 @@ class _ImageTextDataset(Dataset):
             for row, item in enumerate(items):
                 item["image_teacher"] = teacher_batch[row]
         return items
+
+
+    def _load_images(self, indices: Sequence[int]) -> tuple[list[torch.Tensor], list[int]]:
+        """Return the decoded images of ``indices`` and the record each one comes from.
+
+        With on_error="raise" record k is indices[k] and a decoding failure raises AnnotationError. With
+        "skip" a record whose image fails is remembered, counted and replaced by the next record (in
+        file order, wrapping) whose image loads.
+        """
+        if self.on_error != "skip":
+            return [self.images.load(self.records[i].image) for i in indices], list(indices)
+        images, used = [], []
+        for i in indices:
+            for step in range(len(self.records)):
+                candidate = (i + step) % len(self.records)
+                if candidate in self.unloadable:
+                    continue
+                try:
+                    images.append(self.images.load(self.records[candidate].image))
+                except (AnnotationError, OSError, ValueError, SyntaxError) as err:
+                    self.unloadable.add(candidate)
+                    self.skipped["corrupt_image_at_load"] += 1
+                    logger.warning("skipping a record whose image cannot be decoded (%s); its items are made from "
+                                   "the next record (%d skipped at load in this process so far)", err,
+                                   self.skipped["corrupt_image_at_load"])
+                    continue
+                used.append(candidate)
+                break
+            else:
+                raise ValueError("on_error='skip': no record's image can be decoded")
+        return images, used
 
 
 class PretrainDataset(_ImageTextDataset):
@@ -318,8 +290,51 @@ class RetrievalTrainDataset(_ImageTextDataset):
         return (self.records[index].caption,)
 
 
+DUPLICATES_CHOICES = ("merge", "raise")
+
+
+def merge_duplicate_images(records: list, duplicates: str = "merge") -> tuple[list, int]:
+    """Return (records with one record per image path, how many duplicate records were merged).
+
+    A test file that lists an image twice would make each copy a wrong candidate tied with the right
+    one (R@1 falls to 0 under pessimistic ties). ``duplicates="merge"``: a later record of the same
+    image adds its captions (those the first record lacks) to the first one, and one warning line
+    gives the count; ``"raise"``: AnnotationError naming both records and the count.
+    """
+    if duplicates not in DUPLICATES_CHOICES:
+        raise ValueError(f"duplicates={duplicates!r}: expected one of {DUPLICATES_CHOICES}")
+    first: dict[str, int] = {}
+    merged: list = []
+    count, example = 0, None
+    for record in records:
+        if record.image not in first:
+            first[record.image] = len(merged)
+            merged.append(record)
+            continue
+        count += 1
+        kept = merged[first[record.image]]
+        example = example or (kept, record)
+        extra = tuple(c for c in record.captions if c not in kept.captions)
+        merged[first[record.image]] = dataclasses.replace(kept, captions=kept.captions + extra)
+    if count:
+        kept, again = example
+        where = f"record {again.index} repeats record {kept.index}'s image {again.image}"
+        if duplicates == "raise":
+            raise AnnotationError(again.source, None, f"{count} duplicate image record(s) ({where}); each image "
+                                  f"must appear once in a retrieval test file (or pass duplicates='merge')")
+        logger.warning("%s: merged %d duplicate image record(s) into the first record of their image, captions "
+                       "combined (first: %s); %d images remain", again.source, count, where, len(merged))
+    return merged, count
+
+
 class RetrievalEvalDataset(Dataset):
-    """ALBEF retrieval test file: one item {image, index} per image; texts, txt2img, img2txt for the texts."""
+    """ALBEF retrieval test file: one item {image, index} per image; texts, txt2img, img2txt for the texts.
+
+    An image listed by several records is evaluated once with all their captions (``duplicates="merge"``,
+    counted in ``merged_duplicates`` and warned about) or refused (``"raise"``): see `merge_duplicate_images`.
+    With ``on_error="skip"`` and the cache, a record whose image cannot be decoded is dropped and counted;
+    without the cache an undecodable image raises when loaded (an evaluation never swaps images).
+    """
 
     def __init__(
         self,
@@ -333,13 +348,18 @@ class RetrievalEvalDataset(Dataset):
         check_images: str = "verify",
         cache: bool = False,
         cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+        duplicates: str = "merge",
+        background: Sequence[int] = WHITE,
+        outside_root: str = "warn",
     ):
         result = read_retrieval_eval(annotation_file, image_root, max_words=max_words, on_error=on_error,
-                                     check_images=check_images)
-        if not result.records:
-            raise ValueError(f"no usable records in {annotation_file} (skipped: {dict(result.skipped)})")
-        self.records = result.records
+                                     check_images=check_images, outside_root=outside_root)
+        self.records, self.merged_duplicates = merge_duplicate_images(result.records, duplicates)
         self.skipped = result.skipped
+        self._source = _ImageSource(self.records, cache, cache_max_bytes, background=background, on_error=on_error)
+        self.records = _without_undecodable(self.records, self._source, self.skipped, str(annotation_file))
+        if not self.records:
+            raise ValueError(f"no usable records in {annotation_file} (skipped: {dict(result.skipped)})")
         self.transform = transform if transform is not None else EvalTransform(image_size)
         self.images: list[str] = [r.image for r in self.records]
         self.texts: list[str] = []
@@ -351,7 +371,6 @@ class RetrievalEvalDataset(Dataset):
                 self.img2txt[image_index].append(len(self.texts))
                 self.txt2img.append(image_index)
                 self.texts.append(caption)
-        self._source = _ImageSource(self.records, cache, cache_max_bytes)
 
     def __len__(self) -> int:
         return len(self.records)

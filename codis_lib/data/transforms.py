@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from codis_lib.data.decode import WHITE, pil_to_rgb_array
 from codis_lib.data.randaugment import (  # noqa: F401  (re-exported: RandomAugment used to live here)
     ALBEF_RANDAUG_OPS,
     GEOMETRIC_OPS,
@@ -87,16 +88,18 @@ def decide_flip(caption: str | None, policy: str, generator: torch.Generator | N
     return True, swap_sides(caption)
 
 
-def to_uint8_tensor(image) -> torch.Tensor:
-    """Return a (3, H, W) uint8 tensor from a PIL image or a uint8 tensor (grey and RGBA made RGB)."""
+def to_uint8_tensor(image, background: Sequence[int] = WHITE) -> torch.Tensor:
+    """Return a (3, H, W) uint8 tensor from a PIL image of any mode or a (3, H, W) uint8 tensor.
+
+    PIL images go through `codis_lib.data.decode.pil_to_rgb_array`: 16-bit grey scaled to 8 bits,
+    transparency composited on ``background`` (white, the emoji corpus's), every mode exactly.
+    """
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
         return image
-    import numpy as np
-
-    rgb = image.convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+    rgb = pil_to_rgb_array(image, background)  # (H, W, 3)
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
 class Normalizer:

@@ -105,13 +105,19 @@ def load_albef_model(checkpoint: str | os.PathLike, *, task_config=None, bert_co
     return LoadedModel(model=model, tokenizer=text_tokenizer, description=described)
 
 
-def load_our_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Return a model saved by our trainer (codis-pretrain / codis-finetune / notebook 04), with its tokenizer."""
+def load_our_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu",
+                   tokenizer: str | os.PathLike | None = None) -> LoadedModel:
+    """Return a model saved by our trainer (codis-pretrain / codis-finetune / notebook 04), with its tokenizer.
+
+    ``tokenizer``: None uses the run folder's copy; a folder or name is used instead of it (and named in
+    the description). Either way it is checked against the checkpoint (`check_tokenizer_matches`).
+    """
     from codis_lib.evaluation.models import load_trained_model
 
-    trained = load_trained_model(checkpoint, device=device)
+    trained = load_trained_model(checkpoint, device=device, tokenizer=tokenizer)
+    given = f", tokenizer {trained.tokenizer_source}" if tokenizer is not None else ""
     return LoadedModel(model=trained.model, tokenizer=trained.tokenizer, run_config=trained.run_config,
-                       description=f"checkpoint {checkpoint} ({trained.model_config.mode}, step {trained.step})")
+                       description=f"checkpoint {checkpoint} ({trained.model_config.mode}, step {trained.step}{given})")
 
 
 def albef_state_dict(model) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ from codis_lib.evaluation.report import format_evaluation_table, retrieval_split
 
 __all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "eval_main"]
 
+ALBEF_TOKENIZER = "bert-base-uncased"  # ALBEF checkpoints' tokenizer when --tokenizer is not given
+
 
 def _device(choice: str) -> torch.device:
     if choice == "auto":
@@ -75,10 +77,10 @@ def _load_model(checkpoint, albef_checkpoint, *, albef_config, bert_config, toke
     _init_distributed(torch_device)
     if albef_checkpoint is not None:
         loaded = load_albef_model(albef_checkpoint, task_config=albef_config, bert_config=bert_config,
-                                  tokenizer=tokenizer, image_res=image_size, device=torch_device,
+                                  tokenizer=tokenizer or ALBEF_TOKENIZER, image_res=image_size, device=torch_device,
                                   allow_download=allow_download)
-    else:
-        loaded = load_our_model(checkpoint, device=torch_device)
+    else:  # a tokenizer given for our checkpoint replaces the run folder's copy; both are checked against it
+        loaded = load_our_model(checkpoint, device=torch_device, tokenizer=tokenizer or None)
     model_image_size = loaded.model.config.vision.image_size
     if image_size is not None and albef_checkpoint is None and image_size != model_image_size:
         raise ValueError(f"--image-size {image_size}: the checkpoint's model takes {model_image_size} px images")
@@ -94,12 +96,12 @@ def _evaluate(loaded, dataset, described: str, *, device: torch.device, score_mo
                                     **protocol)
     result = evaluation.to_dict()
     result.update(model=loaded.description, world_size=get_world_size(), rank=get_rank(), score_mode=score_mode,
-                  dataset=described)
+                  dataset=described, merged_duplicates=int(getattr(dataset, "merged_duplicates", 0)))
     return result
 
 
 def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpoint=None, albef_config=None,
-                   bert_config=None, tokenizer: str = "bert-base-uncased", annotation=None, image_root=None,
+                   bert_config=None, tokenizer: str | None = None, annotation=None, image_root=None,
                    split: str = "test", image_size: int | None = None, k: int = 128, rerank: bool | None = None,
                    score_mode: str = "itm", image_batch_size: int = 64, text_batch_size: int = 256,
                    pair_batch_size: int = 1024, device: str = "auto", num_workers: int = 0,
@@ -107,9 +109,13 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
     """Return the evaluation result dict of one checkpoint (ours, or ALBEF's with `albef_checkpoint`).
 
     The dataset is `annotation`, or else `split` of the checkpoint's own run. Keys: "metrics" {"itc",
-    "itm"}, "headline", "k", "num_images", "num_texts", "seconds", "pairs_requested"/"pairs_scored"
-    (re-ranking), "model" (what was evaluated), "dataset", "world_size", "rank" (of this process; every
-    rank returns the same metrics).
+    "itm"}, "headline", "k" (the deepest re-ranking), "k_text_retrieval" / "k_image_retrieval" (k as
+    used per direction: clamped to the captions / images there are), "k_requested", "num_images",
+    "num_texts", "seconds", "pairs_requested"/"pairs_scored" (re-ranking), "model" (what was evaluated),
+    "dataset", "merged_duplicates" (image records merged), "world_size", "rank" (of this process; every
+    rank returns the same metrics). `tokenizer`: ALBEF checkpoints' (default bert-base-uncased); for
+    ours None uses the run folder's copy, a folder or name replaces it; either is checked against the
+    checkpoint's vocabulary size and special ids (ValueError on a mismatch).
     """
     loaded, torch_device = _load_model(checkpoint, albef_checkpoint, albef_config=albef_config,
                                        bert_config=bert_config, tokenizer=tokenizer, image_size=image_size,
@@ -125,7 +131,8 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
 def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str] | None = None, k: int = 128,
                           rerank: bool | None = None, score_mode: str = "itm", image_batch_size: int = 64,
                           text_batch_size: int = 256, pair_batch_size: int = 1024, device: str = "auto",
-                          num_workers: int = 0, image_size: int | None = None) -> dict[str, dict]:
+                          num_workers: int = 0, image_size: int | None = None,
+                          tokenizer: str | None = None) -> dict[str, dict]:
     """Return {split: result dict (as `run_evaluation`'s)} of one of our checkpoints on splits of its run's data.
 
     `splits` defaults to the run's train.eval.splits; the model is loaded once. A name the run's data
@@ -134,7 +141,7 @@ def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str
     """
     from codis_lib.run_config import eval_split_errors
 
-    loaded, torch_device = _load_model(checkpoint, None, albef_config=None, bert_config=None, tokenizer="",
+    loaded, torch_device = _load_model(checkpoint, None, albef_config=None, bert_config=None, tokenizer=tokenizer,
                                        image_size=image_size, device=device, allow_download=False)
     run_config = loaded.run_config
     splits = list(run_config.train.eval.splits if splits is None else splits)
@@ -162,8 +169,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="ALBEF's task YAML (e.g. configs/Retrieval_flickr.yaml) or our export's .config.json; "
                             "default: ALBEF's published retrieval values")
     albef.add_argument("--bert-config", default=None, help="ALBEF's configs/config_bert.json (default: its values)")
-    albef.add_argument("--tokenizer", default="bert-base-uncased",
-                       help="tokenizer folder, or bert-base-uncased from the local Hugging Face cache")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder or hub name. ALBEF checkpoints: default bert-base-uncased (local "
+                             "Hugging Face cache). Ours: default the run folder's copy; given, it is used instead "
+                             "(e.g. for a checkpoint copied without its run folder). Either way it must match the "
+                             "checkpoint's vocabulary size and special ids"),
     albef.add_argument("--allow-download", choices=("yes", "no"), default="no",
                        help="let the tokenizer download from the hub when it is not cached")
     data = parser.add_argument_group("data")
@@ -208,23 +218,57 @@ def _evaluations(args: argparse.Namespace) -> tuple[dict[str, dict] | None, dict
         raise ValueError("--split evaluates splits of our checkpoint's own run; with --annotation (or an ALBEF "
                          "checkpoint) the annotation file is the dataset: give one or the other")
     if args.annotation is None and args.albef_checkpoint is None and args.checkpoint is not None:
-        return run_split_evaluations(args.checkpoint, splits=args.splits, image_size=args.image_size, **protocol), None
+        return run_split_evaluations(args.checkpoint, splits=args.splits, image_size=args.image_size,
+                                     tokenizer=args.tokenizer, **protocol), None
     return None, run_evaluation(
         args.checkpoint, albef_checkpoint=args.albef_checkpoint, albef_config=args.albef_config,
         bert_config=args.bert_config, tokenizer=args.tokenizer, annotation=args.annotation,
         image_root=args.image_root, image_size=args.image_size, allow_download=args.allow_download == "yes", **protocol)
 
 
+def check_writable(path: str | os.PathLike, what: str = "--json") -> Path:
+    """Return ``path`` after making sure a file can be written there (its folder created); raise ValueError if not.
+
+    Checked before the evaluation runs, so that an unwritable output does not cost the whole evaluation.
+    A probe file is created and removed in the folder (permission bits alone miss read-only file systems
+    and root); an existing file is opened for appending, which leaves it unchanged.
+    """
+    import tempfile
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "a"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+                pass
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot write there ({error.strerror or error})") from error
+    return path
+
+
+def _one_line(error: BaseException) -> str:
+    """Return the first line of an error's message (tracebacks and multi-line advice left out)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def eval_main(argv: list[str] | None = None) -> int:
-    """Entry point of `codis-eval`; returns the exit status."""
+    """Entry point of `codis-eval`; returns the exit status (2 for bad input, with one line on stderr)."""
     args = _parser().parse_args(argv)
     started = time.perf_counter()
     created_group = False
     try:
+        if args.json:
+            check_writable(args.json)
         created_group = _init_distributed(_device(args.device))  # under torchrun: one group for the whole run
         by_split, single = _evaluations(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"codis-eval: {error}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"codis-eval: {_one_line(error)}", file=sys.stderr)
         return 2
     finally:
         if created_group:
@@ -239,8 +283,12 @@ def eval_main(argv: list[str] | None = None) -> int:
                                           setting=args.setting))
         print(f"({time.perf_counter() - started:.1f} s, {results[0]['world_size']} process(es))")
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(by_split if by_split is not None else single, indent=2))
+            try:
+                Path(args.json).write_text(json.dumps(by_split if by_split is not None else single, indent=2))
+            except OSError as error:  # checked at the start; the folder changed since
+                print(f"codis-eval: --json {args.json}: cannot write there ({error.strerror or error})",
+                      file=sys.stderr)
+                return 2
     return 0
 
 

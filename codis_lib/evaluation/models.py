@@ -20,7 +20,9 @@ from codis_lib.model.loading import load_state_strict
 from codis_lib.config import ModelConfig
 from codis_lib.run_config import RunConfig, run_config_from_dict, without_retired_keys
 
-__all__ = ["TrainedModel", "load_trained_model"]
+__all__ = ["TrainedModel", "load_trained_model", "check_tokenizer_matches"]
+
+SPECIAL_TOKEN_NAMES = ("pad", "unk", "cls", "sep", "mask")
 
 
 @dataclass
@@ -34,19 +36,62 @@ class TrainedModel:
     checkpoint: Path
     step: int  # optimizer steps the checkpoint was trained for
     trained_now: bool = False  # True when pretrain_or_load had to train it
+    tokenizer_source: str = ""  # the folder (or hub name) the tokenizer was loaded from
 
 
-def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu") -> TrainedModel:
+def check_tokenizer_matches(tokenizer: Any, model_config: ModelConfig, tokenizer_source: str, checkpoint: str) -> None:
+    """Return None if ``tokenizer`` is the one the checkpoint's model was trained with; raise ValueError otherwise.
+
+    Compared: the vocabulary size against the model's text embedding (``model.text.vocab_size``, the
+    rows of its word embedding) and the special token ids recorded in the checkpoint. A smaller
+    tokenizer maps captions to the wrong embeddings (recall falls silently), a larger one indexes past
+    the embedding; both are refused in one line naming both sizes and the tokenizer folder.
+    """
+    size, expected = len(tokenizer), model_config.text.vocab_size
+    if size != expected:
+        raise ValueError(f"tokenizer {tokenizer_source} has {size} tokens but checkpoint {checkpoint} embeds "
+                         f"{expected} (model.text.vocab_size): not the tokenizer the model was trained with")
+    for name in SPECIAL_TOKEN_NAMES:
+        got, want = getattr(tokenizer, f"{name}_token_id", None), getattr(model_config.text, f"{name}_token_id")
+        if got != want:
+            raise ValueError(f"tokenizer {tokenizer_source} has {name}_token_id {got} but checkpoint {checkpoint} was "
+                             f"trained with {want} (model.text.{name}_token_id): not the tokenizer the model was "
+                             f"trained with")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """Return the checkpoint dict at ``path``; a file torch cannot read raises one ValueError line naming it.
+
+    Unpickling a truncated or foreign file can fail with almost any exception (UnpicklingError with
+    advice to pass weights_only=False, KeyError, EOFError, RuntimeError from the zip reader); none of
+    them names the file. Missing files and the loader's own errors pass through as they are.
+    """
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as error:  # noqa: BLE001  (whatever unpickling a damaged file raises)
+        first = (str(error).strip().splitlines() or [""])[0]
+        if "weights_only" in first:  # torch's advice to unpickle arbitrary code does not fit a damaged file
+            first = ""
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not written by torch.save): "
+                         f"{type(error).__name__} {first}".rstrip()) from error
+
+
+def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu",
+                       tokenizer: str | os.PathLike | None = None) -> TrainedModel:
     """Return the model (eval mode), tokenizer and configs stored with a training checkpoint.
 
-    The tokenizer is the copy the trainer saved in the run folder (`<run>/tokenizer`), or else the
-    one the run's data config names.
+    The tokenizer is ``tokenizer`` when given (a folder or hub name, e.g. for a checkpoint copied
+    without its run folder), else the copy the trainer saved in the run folder (`<run>/tokenizer`),
+    else the one the run's data config names. Whichever it is, it must match the checkpoint
+    (`check_tokenizer_matches`: vocabulary size and special ids), or a ValueError says why.
     """
     from codis_lib.data.tokenizer import load_tokenizer, tokenizer_location
     from codis_lib.model import build_model
 
     path = Path(checkpoint)
-    stored = load_checkpoint(path)
+    stored = _read_checkpoint(path)
     saved = without_retired_keys(stored["config"])  # checkpoints of earlier versions hold removed options
     model_config = ModelConfig.from_dict(saved["model"], source=f"{path} [model]")
     run_config = run_config_from_dict(saved, source=str(path))
@@ -54,9 +99,13 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
     load_state_strict(model, stored["model"], source=str(path))
     model.to(device).eval()
     run_tokenizer = path.parent / "tokenizer"
-    if (run_tokenizer / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(run_tokenizer, max_length=run_config.data.max_tokens)
+    if tokenizer is not None:
+        source = str(tokenizer)
+    elif (run_tokenizer / "tokenizer.json").is_file():
+        source = str(run_tokenizer)
     else:
-        tokenizer = load_tokenizer(tokenizer_location(run_config), max_length=run_config.data.max_tokens)
-    return TrainedModel(model=model, tokenizer=tokenizer, model_config=model_config, run_config=run_config,
-                        checkpoint=path, step=int(stored["step"]))
+        source = tokenizer_location(run_config)
+    text_tokenizer = load_tokenizer(source, max_length=run_config.data.max_tokens)
+    check_tokenizer_matches(text_tokenizer, model_config, source, str(path))
+    return TrainedModel(model=model, tokenizer=text_tokenizer, model_config=model_config, run_config=run_config,
+                        checkpoint=path, step=int(stored["step"]), tokenizer_source=source)

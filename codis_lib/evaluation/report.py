@@ -107,11 +107,24 @@ def format_evaluation_table(result: dict, *, title: str = "", paper: str | None 
     for ranking in ("itc", "itm"):
         metrics = result["metrics"].get(ranking)
         if metrics is not None:
-            suffix = f" (k={result['k']})" if ranking == "itm" else ""
+            suffix = f" ({rerank_depth(result)})" if ranking == "itm" else ""
             rows[f"this run, {RANKING_NAMES[ranking]}{suffix}"] = metrics
     footer = (f"{result['num_images']} images, {result['num_texts']} captions; TR = image -> text (an image counts "
               f"if any of its captions is within K), IR = text -> image; recall in %.")
+    if result.get("merged_duplicates"):
+        footer += f" {result['merged_duplicates']} duplicate image record(s) merged into their first record."
     return format_poster_table(rows, title=title) + "\n" + footer
+
+
+def rerank_depth(result: dict) -> str:
+    """Return the k the ITM re-ranking used, as the table shows it: "k=20", or "k=70 TR, 20 IR" when clamped apart.
+
+    A result written before the per-direction keys existed shows its "k".
+    """
+    k_tr, k_ir = result.get("k_text_retrieval"), result.get("k_image_retrieval")
+    if k_tr is None or k_ir is None or k_tr == k_ir:
+        return f"k={result['k'] if k_tr is None else k_tr}"
+    return f"k={k_tr} TR, {k_ir} IR"
 
 
 def format_retrieval_table(evaluation: dict, title: str = "") -> str:

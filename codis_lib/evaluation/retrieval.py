@@ -67,9 +67,14 @@ class RetrievalEvaluation:
     metrics: dict  # {"itc": ALBEF metric dict, "itm": ALBEF metric dict or None}
     sims_i2t: torch.Tensor  # (num_images, num_texts) contrastive similarity
     rerank: RerankResult | None
-    k: int
+    k: int  # the most candidates a query was re-ranked over: max of the two below (0: no re-ranking)
     seconds: dict
     features: RetrievalFeatures | None = None  # kept by evaluate_retrieval for pictures and codes
+    # k is clamped per direction to the candidates there are: captions per image query (TR), images per
+    # caption query (IR); both 0 without re-ranking. k_requested: the k asked for.
+    k_text_retrieval: int = 0
+    k_image_retrieval: int = 0
+    k_requested: int = 0
 
     @property
     def headline(self) -> dict:
@@ -78,7 +83,9 @@ class RetrievalEvaluation:
 
     def to_dict(self) -> dict:
         """Return a JSON-ready summary (metrics, k, pair counts, timings; no matrices)."""
-        summary = {"metrics": self.metrics, "headline": self.headline, "k": self.k, "seconds": self.seconds,
+        summary = {"metrics": self.metrics, "headline": self.headline, "k": self.k,
+                   "k_text_retrieval": self.k_text_retrieval, "k_image_retrieval": self.k_image_retrieval,
+                   "k_requested": self.k_requested, "seconds": self.seconds,
                    "num_images": int(self.sims_i2t.shape[0]), "num_texts": int(self.sims_i2t.shape[1])}
         if self.rerank is not None:
             summary.update(pairs_requested=self.rerank.pairs_requested, pairs_scored=self.rerank.pairs_scored)
@@ -90,7 +97,11 @@ def evaluate_features(model, features: RetrievalFeatures, txt2img: Sequence[int]
                       img2txt: Sequence[Sequence[int]], *, k: int = 128, rerank: bool = True,
                       pair_batch_size: int = 1024, score_mode: str = "itm", ks: Sequence[int] = DEFAULT_RECALL_KS,
                       distributed: bool = True) -> RetrievalEvaluation:
-    """Return the RetrievalEvaluation of precomputed features: contrastive metrics, and ITM re-ranked ones if `rerank`."""
+    """Return the RetrievalEvaluation of precomputed features: contrastive metrics, and ITM re-ranked ones if `rerank`.
+
+    Each image query re-ranks its top min(k, captions) captions and each caption query its top
+    min(k, images) images; the evaluation records both (`k_text_retrieval`, `k_image_retrieval`).
+    """
     check_retrieval_mapping(txt2img, img2txt)
     if (features.num_images, features.num_texts) != (len(img2txt), len(txt2img)):
         raise ValueError(f"features hold {features.num_images} images and {features.num_texts} captions but "
@@ -104,9 +115,10 @@ def evaluate_features(model, features: RetrievalFeatures, txt2img: Sequence[int]
                                            score_mode=score_mode, distributed=distributed)
         seconds["rerank"] = rerank_result.seconds
         metrics["itm"] = retrieval_metrics(rerank_result.scores_i2t, rerank_result.scores_t2i, txt2img, img2txt, ks)
-    return RetrievalEvaluation(metrics=metrics, sims_i2t=sims_i2t.cpu(), rerank=rerank_result,
-                               k=min(k, features.num_texts, features.num_images) if rerank else 0,
-                               seconds=seconds)
+    k_tr, k_ir = (min(k, features.num_texts), min(k, features.num_images)) if rerank else (0, 0)
+    return RetrievalEvaluation(metrics=metrics, sims_i2t=sims_i2t.cpu(), rerank=rerank_result, k=max(k_tr, k_ir),
+                               seconds=seconds, k_text_retrieval=k_tr, k_image_retrieval=k_ir,
+                               k_requested=k if rerank else 0)
 
 
 def model_has_trained_itm(model) -> bool:

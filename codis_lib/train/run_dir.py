@@ -15,6 +15,7 @@ Only rank 0 writes; every function that touches the folder waits for the other r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -92,9 +93,14 @@ def claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> N
 
 
 def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:
-    """Write config.yaml and the tokenizer into the run folder (rank 0 calls this), creating the folder."""
+    """Write config.yaml and the tokenizer into the run folder (rank 0 calls this), creating the folder.
+
+    config.yaml records what the run uses: model.text.vocab_size and the special token ids are the
+    tokenizer's (`ModelConfig.with_tokenizer`, as the model is built), not the config file's placeholders.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml())
+    used = dataclasses.replace(config, model=config.model.with_tokenizer(tokenizer))
+    (output_dir / "config.yaml").write_text(used.to_yaml())
     tokenizer.save_pretrained(str(output_dir / "tokenizer"))  # the run folder is self-contained
 
 

@@ -151,6 +151,7 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
         dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
                                 augmentation=augmentation_options(data),
                                 cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
+                                on_error=data.on_error,
                                 teacher_image=own_image, teacher_caption=other_caption)
     except UnicodeDecodeError as error:  # the reader's message does not say which file
         raise _not_utf8(files, error) from error
@@ -319,10 +320,21 @@ def describe_run(run: TrainingRun) -> str:
     tc, ctx, accum = run.config.train, run.ctx, run.config.train.grad_accum_steps
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6
     return (f"[codis] {run.config.source}: {run.model_config.mode} model, {trainable:.2f}M "
-            f"trainable parameters, {len(run.data.dataset)} training samples, {ctx.world_size} process(es) x "
+            f"trainable parameters, {len(run.data.dataset)} training samples{skipped_records(run.data.dataset)}, "
+            f"{ctx.world_size} process(es) x "
             f"batch {tc.batch_size} x {accum} accumulation = {tc.batch_size * ctx.world_size * accum} per step, "
             f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, device {ctx.device}, "
             f"precision {run.autocast_dtype or torch.float32}")
+
+
+def skipped_records(dataset) -> str:
+    """Return " (N bad records skipped: reason n, ...)" for a dataset read with data.on_error=skip, else ""."""
+    skipped = getattr(dataset, "skipped", None) or {}
+    total = sum(skipped.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+    return f" ({total} bad record(s) skipped, data.on_error=skip: {reasons})"
 
 
 def compile_transformer_blocks(model: torch.nn.Module) -> int:
