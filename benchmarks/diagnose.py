@@ -27,7 +27,7 @@ Then a table per variant (mean +- std over seeds) and a paired comparison agains
     python benchmarks/diagnose.py --variants codis --variant teacher_view=model.some_key=true,model.alpha=0.2
 
 Time on 2 CPU cores, 2 runs at a time: on an idle machine a codis step costs ~0.8 s, a clip step ~0.3 s,
-measuring a run ~30 s, so the defaults (21 variants x 3 seeds x 300 steps) take about 2.5-3 hours, and
+measuring a run ~30 s, so the defaults (24 variants x 3 seeds x 300 steps) take about 3-3.5 hours, and
 about twice that on a shared machine; `--steps 60 --seeds 0 --variants clip codis codis_no_code` took
 4.5 minutes on a shared one (load ~7). Override values cannot contain a comma followed by `key=`.
 """
@@ -60,8 +60,13 @@ BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
     "albef": {"model.mode": "albef"},
     "codis": {},
     **{f"codis_no_{term}": {f"model.losses.{term}": False} for term in ("align_unimodal", "code", "ot", "itm", "mlm")},
-    "codis_fixed_temp": {"model.learn_temp": False},
-    "codis_temp_lr": {"train.optimizer.temp_lr": 1e-4},
+    # the recipe's switches, each reverted in turn (pretrain_emoji.yaml explains them)
+    "codis_teacher_columns": {"model.align_columns": "teacher"},
+    "codis_text_view_same": {"model.teacher_text_view": "same"},
+    "codis_learned_temp": {"model.learn_temp": True},
+    "codis_temp_lr": {"model.learn_temp": True, "train.optimizer.temp_lr": 1e-4},
+    "codis_augment": {"data.augment": True},
+    "codis_augment_own_view": {"data.augment": True, "model.teacher_view": "own"},
     "codis_queue64": {"model.queue_size": 64},
     "codis_queue1024": {"model.queue_size": 1024},
     "codis_codebook16": {"model.codebook_size": 16},
