@@ -1,31 +1,29 @@
 """Typed configuration of the CODIS model: dataclasses, presets and validated YAML loading.
 
-A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder
-(`VisionConfig`), the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" |
-"codis"), the loss switches and weights (`LossConfig`) and the scalars of docs/METHOD.md (temperature,
-momentum, queue, codebook, Sinkhorn, MLM masking).
+A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder (`VisionConfig`),
+the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" | "codis"), the loss switches and weights
+(`LossConfig`) and the scalars of docs/METHOD.md (temperature, momentum, queue, codebook, Sinkhorn, MLM masking).
 
 Presets ship as YAML files beside this module (`codis_lib/configs/tiny.yaml`, `base.yaml`):
-
     >>> cfg = ModelConfig.preset("tiny")
     >>> cfg = load_model_config("my_model.yaml")              # a full or partial config
     >>> cfg = ModelConfig.from_dict({"preset": "tiny", "mode": "albef"})
     >>> cfg = cfg.with_overrides({"losses.itm": False, "queue_size": 256})
 
-Loading is strict: unknown keys (listing the valid ones), wrong types and impossible combinations
-are errors that name the key and the file. The one check that needs the batch size (the queue length
-must be a multiple of the global batch, because the queue is refreshed FIFO one global batch at a
-time) is `ModelConfig.validate_for_batch(global_batch)`, which the trainer calls.
+Loading is strict: unknown keys (listing the valid ones), wrong types and impossible combinations are errors that
+name the key and the file. The one check that needs the batch size (the queue length must be a multiple of the
+global batch, because the queue is refreshed FIFO one global batch at a time) is
+`ModelConfig.validate_for_batch(global_batch)`, which the trainer calls.
 
 Mode and loss switches: the mode fixes which parts exist in the computation.
 - clip:  in-batch image-text contrastive loss only (no teacher, no queue, no fusion losses);
 - albef: ALBEF = image-text contrastive with momentum distillation over the queue + ITM + MLM;
 - codis: albef + the unimodal teacher-student pair (i2i, t2t) + L_code + L_ot.
-Each switch in `losses` is `None` (use the mode's default), `true` or `false`; switching on a term
-its mode cannot compute (e.g. `itm` in clip) is an error, switching one off is an ablation.
+Each switch in `losses` is `None` (use the mode's default), `true` or `false`; switching on a term its mode cannot
+compute (e.g. `itm` in clip) is an error, switching one off is an ablation.
 Teacher views (albef, codis): `teacher_view` "same" (ALBEF) | "own" (a second augmentation, TCL's `image_aug`);
-`teacher_text_view` "same" (ALBEF) | "dropout" (the same caption, the views differing by dropout as in TCL;
-needs text dropout > 0) | "other_caption" (another caption of the record). Clip mode has no teacher.
+`teacher_text_view` "same" (ALBEF) | "dropout" (the same caption, views differing by dropout as in TCL; needs text
+dropout > 0) | "other_caption" (another caption of the record). Clip mode has no teacher.
 """
 from __future__ import annotations
 
@@ -385,10 +383,7 @@ def _deep_merge(base: dict, update: Mapping) -> dict:
 
 
 def build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
-    """Return cls(**checked values) after rejecting unknown keys and wrong types, naming the dotted key.
-
-    Shared by every typed config of the package (model here, data and training in codis_lib.run_config).
-    """
+    """Return cls(**checked values), rejecting unknown keys and wrong types by dotted key (every config section)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -398,24 +393,26 @@ def build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: str
         where = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + str(k) for k in unknown)} in {where}; "
                           f"valid keys: {', '.join(valid)}")
-    values = {}
-    for key, raw in data.items():
-        values[key] = check_type(hints[key], raw, f"{prefix}{key}", source)
-    return cls(**values)
+    return cls(**{key: check_type(hints[key], raw, f"{prefix}{key}", source) for key, raw in data.items()})
 
 
 def check_type(hint: Any, value: Any, key: str, source: str) -> Any:
     """Return value converted to `hint` (int -> float allowed), or raise ConfigError naming the key."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, source, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        non_none = [a for a in args if a is not type(None)]
+        non_none, errors = [a for a in args if a is not type(None)], []
         if len(non_none) == 1:
             return check_type(non_none[0], value, key, source)
+        for alternative in non_none:  # e.g. int | Literal["auto"]: the first alternative that accepts the value
+            try:
+                return check_type(alternative, value, key, source)
+            except ConfigError as error:  # keep what this alternative expected
+                errors.append(str(error).split(f"{key} ", 1)[-1])
+        raise ConfigError(f"{source}: {key} {' or '.join(errors)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(repr(a) for a in args)}, got {value!r}")

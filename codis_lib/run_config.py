@@ -126,7 +126,9 @@ class TrainConfig:
     # Gradient checkpointing is a model setting (model.gradient_checkpointing: true), not repeated here.
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None  # torch intra-op threads per process on CPU (None = torch's default)
+    # torch intra-op threads per process on CPU: a number, "auto" (the cores idle at the start, measured over
+    # half a second, at most 4: see codis_lib.train.setup.resolve_num_threads) or None (torch's default)
+    num_threads: int | Literal["auto"] | None = None
     output_dir: str = "runs/pretrain"
     overwrite: bool = False  # a fresh (not resumed) run may delete an earlier run's checkpoints and logs there
     init_from: str | None = None  # fine-tuning: a pretraining checkpoint to start from (weights only)
@@ -285,7 +287,7 @@ def _validate_values(config: RunConfig) -> None:
                        ("train.eval.pair_batch_size", e.pair_batch_size)):
         need(value >= 1, key, f"must be >= 1, got {value}")
     for key, value in (("train.max_steps", t.max_steps), ("data.emoji_limit", d.emoji_limit),
-                       ("train.num_threads", t.num_threads)):
+                       ("train.num_threads", None if t.num_threads == "auto" else t.num_threads)):
         need(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
     for key, value in (("train.ckpt_every", t.ckpt_every), ("train.keep_last", t.keep_last),
                        ("train.eval.every_epochs", e.every_epochs), ("data.num_workers", d.num_workers)):

@@ -1,4 +1,5 @@
 """Run configs load from YAML with strict validation and `key=value` overrides."""
+import os
 import pytest
 
 from codis_lib.config import ConfigError
@@ -162,3 +163,20 @@ def test_the_older_one_split_key_reads_as_a_one_element_list(recwarn):
     with pytest.raises(ConfigError, match=r"train\.eval\.splits: 'nope' is not an evaluation split"):
         run_config_from_dict({"model": {"preset": "tiny"}, "train": {"eval": {"split": "nope"}}})
     assert not recwarn.list  # read silently: every older checkpoint stores the key
+
+
+def test_num_threads_is_a_number_auto_or_null_and_auto_measures_the_idle_cores(monkeypatch):
+    from codis_lib.train import setup
+
+    assert load_run_config("pretrain_emoji", overrides=["train.num_threads=auto"], world_size=1).train.num_threads == "auto"
+    assert load_run_config("pretrain_emoji", overrides=["train.num_threads=3"], world_size=1).train.num_threads == 3
+    with pytest.raises(ConfigError, match=r"train\.num_threads must be an integer.* or must be one of 'auto'"):
+        load_run_config("pretrain_emoji", overrides=["train.num_threads=many"], world_size=1)
+    with pytest.raises(ConfigError, match=r"train\.num_threads: must be >= 1"):
+        load_run_config("pretrain_emoji", overrides=["train.num_threads=0"], world_size=1)
+    assert setup.resolve_num_threads(3) == 3 and setup.resolve_num_threads(None) is None
+    measured = setup.idle_cores(0.05)  # the real measurement: between 0 and the core count
+    assert measured is None or 0.0 <= measured <= (os.cpu_count() or 1) + 1e-6
+    for idle, threads in ((0.02, 1), (1.1, 1), (1.9, 2), (7.5, 4)):
+        monkeypatch.setattr(setup, "idle_cores", lambda interval_s=0.5, idle=idle: idle)
+        assert setup.resolve_num_threads("auto") == threads

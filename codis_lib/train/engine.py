@@ -66,7 +66,7 @@ from codis_lib.train.schedule import alpha_at_step
 from codis_lib.train.signals import StopRequest, stop_on_signals
 from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, describe_run, init_distributed,
                                    model_config_differences, pad_text_to_global_length, teacher_batch_inputs,
-                                   wrap_model)
+                                   resolve_num_threads, wrap_model)
 
 if TYPE_CHECKING:  # the model package itself is imported where a model is built
     from codis_lib.model.output import Diagnostics
@@ -264,8 +264,9 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
         raise ConfigError(f"--stop-at-step: must be >= 1 (an optimizer step to stop after), got {stop_at_step}")
     ctx = init_distributed(config.train.device)
     threads_before = torch.get_num_threads()
-    if config.train.num_threads is not None:
-        torch.set_num_threads(config.train.num_threads)
+    threads = resolve_num_threads(config.train.num_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     lock = None
     try:
         lock = lock_output_dir(ctx, Path(config.train.output_dir))  # before anything reads or deletes run files
