@@ -103,7 +103,7 @@ def idle_cores(interval_s: float = 0.5) -> float | None:
 def resolve_num_threads(setting: int | str | None, max_auto: int = 4) -> int | None:
     """Return the torch thread count for train.num_threads: a number as given, None as None, "auto" measured.
 
-    "auto": the idle cores now (rounded down, at least 1, at most `max_auto`); on a 2-core machine with
+    "auto": the idle cores now (rounded, at least 1, at most `max_auto`); on a 2-core machine with
     nothing else running that is 2, which made the tiny recipe's steps 1.5x faster than 1 thread, while
     a busy machine gets 1 (a second thread spinning against another job was up to 10x slower).
     Without /proc/stat: the load average's idle cores.
@@ -116,7 +116,7 @@ def resolve_num_threads(setting: int | str | None, max_auto: int = 4) -> int | N
             idle = (os.cpu_count() or 1) - os.getloadavg()[0]
         except OSError:
             idle = 1.0
-    return max(1, min(int(idle + 0.25), max_auto))
+    return max(1, min(int(idle + 0.5), max_auto))
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
