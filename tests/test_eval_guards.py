@@ -17,6 +17,7 @@ from codis_lib.evaluation.report import format_evaluation_table
 from codis_lib.run_config import load_run_config
 from codis_lib.train.engine import train
 from tests.fixtures_data.corpus import SMALL_CORPUS_SIZE, small_emoji_corpus
+from tests.helpers import tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny fusion calls lose from a 2nd thread
 PROTOCOL = ["--pair-batch-size", "64", "--device", "cpu"]
@@ -25,12 +26,8 @@ PROTOCOL = ["--pair-batch-size", "64", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_thread):
     """The folder of a 1-step tiny CODIS run on the small emoji corpus, saved by the real trainer."""
-    corpus, _ = small_emoji_corpus()
     out = tmp_path_factory.mktemp("run")
-    overrides = {"data.root": str(corpus), "model.vision.image_size": SMALL_CORPUS_SIZE, "model.queue_size": 32,
-                 "train.batch_size": 8, "train.max_steps": 1, "train.eval.at_end": False, "train.tensorboard": False,
-                 "train.progress": False, "train.output_dir": str(out), "train.num_threads": 1}
-    train(load_run_config("pretrain_emoji", overrides=[f"{k}={v}" for k, v in overrides.items()]))
+    train(load_run_config("pretrain_emoji", overrides=tiny_run_overrides(out, 1)))
     return out
 
 
