@@ -37,15 +37,18 @@ def _records(output_dir):
 # (~5e-9, against a median of 2e-4 to 2e-3 in their tensors); AdamW's first update lr * g / (|g| + eps)
 # turns the two layouts' rounding differences there into weight differences of 4.7e-5 (eps 1e-8). An
 # eps of 1e-6, still far below the real gradients, keeps such elements from deciding the comparison.
-VIEWS = {"one view": [], "own views": ["model.teacher_view=own", "model.teacher_text_view=other_caption",
-                                       "train.optimizer.eps=1e-6"]}
+# The laptop recipe's student columns (gradient through the gathered batch features) do the same to a few
+# elements of the first ViT block (fc1): losses agree to 2e-6, so both cases compare with eps 1e-6.
+VIEWS = {"one view": ["train.optimizer.eps=1e-6"],
+         "own views": ["model.teacher_view=own", "model.teacher_text_view=other_caption", "train.optimizer.eps=1e-6"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("views", list(VIEWS))
 def test_two_processes_at_batch_b_match_one_process_at_batch_2b(tmp_path, views):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = ["model.text.hidden_dropout=0", "model.text.attention_dropout=0", *VIEWS[views]]
+    # augmentation on (the laptop recipe turns it off): the per-sample seeded crops and flips are part of the claim
+    common = ["model.text.hidden_dropout=0", "model.text.attention_dropout=0", "data.augment=true", *VIEWS[views]]
     single_dir, pair_dir = tmp_path / "one_process", tmp_path / "two_processes"
     single = tiny_run_overrides(single_dir, STEPS) + common + ["train.batch_size=16"]
     pair = tiny_run_overrides(pair_dir, STEPS) + common + ["train.batch_size=8"]
