@@ -233,12 +233,21 @@ def train_step(run: TrainingRun, batches: Iterator[dict], *, step: int, epoch: i
         for name, value in values.items():
             step_values[name] = step_values.get(name, 0.0) + value / accum
     lr = run.schedule.current_lr()
-    if not run.scaler.is_enabled():  # with the fp16 scaler an overflow skips the update; its scale is checked below
-        check_gradients(run.model, step=step + 1, epoch=epoch, lr=lr, checkpoint=last_checkpoint)
-    if tc.optimizer.clip_grad_norm is not None:
+    clip = tc.optimizer.clip_grad_norm
+    if clip is not None:
         run.scaler.unscale_(run.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.optimizer.clip_grad_norm)
-        step_values["grad_norm"] = float(grad_norm)
+    if clip is not None or not run.scaler.is_enabled():
+        params = [p for p in run.model.parameters() if p.grad is not None]
+        # One norm pass serves the guard and the clipping (clip_grad_norm_ would compute it again).
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm_value = float(grad_norm)
+        # With the fp16 scaler an overflow skips the update; its scale is checked below. A non-finite total
+        # (a NaN/inf gradient, or finite ones whose norm overflows) gets the exact check, which names them.
+        if not run.scaler.is_enabled() and not math.isfinite(grad_norm_value):
+            check_gradients(run.model, step=step + 1, epoch=epoch, lr=lr, checkpoint=last_checkpoint)
+    if clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+        step_values["grad_norm"] = grad_norm_value
     step_values["lr"] = lr
     run.scaler.step(run.optimizer)
     run.scaler.update()
