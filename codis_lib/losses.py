@@ -7,8 +7,9 @@ encodes, calls these functions and adds the weighted results.
 - Alignment: `clip_alignment` (in-batch, one-hot targets over the global batch) and
   `distilled_alignment` (ALBEF's momentum distillation over batch + queue columns; the cross-modal
   pair i2t, t2i and, for CODIS, the unimodal pair i2i, t2t), both on `positive_targets`.
-- ITM: `sample_hard_negatives` draws ALBEF's hard negatives, `itm_pairs` forms the 3B pairs,
-  `itm_loss_from_logits` scores them; `image_text_matching` does all three around a scoring callable.
+- ITM: `sample_hard_negatives` draws ALBEF's hard negatives from `hard_negative_weights`, `itm_pairs`
+  forms the 3B pairs, `itm_loss_from_logits` scores them; `image_text_matching` does all three around a
+  scoring callable.
 - MLM: `mlm_loss_from_logits` is ALBEF's (1 - alpha) CE + alpha D over the masked tokens, averaged over
   the masked tokens of the global batch (`global_token_count`).
 
@@ -29,9 +30,9 @@ from codis_lib.distributed import (all_gather_no_grad, all_gather_with_grad, all
                                    is_distributed)
 
 __all__ = ["float32_region", "soft_cross_entropy", "positive_targets", "distilled_contrast", "AlignmentLosses",
-           "clip_alignment", "distilled_alignment", "sample_generator", "sample_hard_negatives",
-           "hard_negative_similarities", "ITMPairs", "ITMLosses", "itm_pairs", "itm_loss_from_logits",
-           "image_text_matching", "MLMLosses", "global_token_count", "mlm_loss_from_logits"]
+           "clip_alignment", "distilled_alignment", "sample_generator", "hard_negative_weights",
+           "sample_hard_negatives", "hard_negative_similarities", "ITMPairs", "ITMLosses", "itm_pairs",
+           "itm_loss_from_logits", "image_text_matching", "MLMLosses", "global_token_count", "mlm_loss_from_logits"]
 
 # The scoring callable of ITM: (image_embeds (n, N, D), text_embeds (n, L, D), mask (n, L)) -> logits (n, 2).
 PairScorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -164,10 +165,14 @@ def sample_generator(seed: int, stream: str) -> torch.Generator:
     return generator
 
 
-def _draw_from_weights(weights: torch.Tensor, sample_seeds: torch.Tensor | None, stream: str) -> torch.Tensor:
-    """Return one column index per row (B,) drawn from the non-negative row weights (B, C)."""
+def _draw_from_weights(weights: torch.Tensor, sample_seeds: torch.Tensor | None, stream: str,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return one column index per row (B,) drawn from the non-negative row weights (B, C).
+
+    Without sample_seeds: `torch.multinomial`, from `generator` (None: the global generator).
+    """
     if sample_seeds is None:
-        return torch.multinomial(weights, 1).squeeze(1)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
     uniforms = torch.stack([torch.rand(1, generator=sample_generator(int(seed), stream))
                             for seed in sample_seeds.tolist()]).to(weights.device)  # (B, 1)
     cumulative = weights.double().cumsum(dim=1)  # (B, C)
@@ -177,16 +182,14 @@ def _draw_from_weights(weights: torch.Tensor, sample_seeds: torch.Tensor | None,
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, offset: int = 0,
-                          image_ids: torch.Tensor | None = None, ids_all: torch.Tensor | None = None,
-                          sample_seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (negative_image (B,), negative_text (B,)): global-batch indices of ALBEF's hard negatives.
+def hard_negative_weights(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, offset: int = 0,
+                          image_ids: torch.Tensor | None = None,
+                          ids_all: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (weights_t2i, weights_i2t), (B, Bg) float32 rows summing to 1: what the hard negatives are drawn from.
 
-    sim_i2t, sim_t2i: (B, Bg) similarities of this rank's B rows to the global batch, whose row i is
-    paired with column offset + i. Each text draws a negative image from softmax(sim_t2i) and each
-    image a negative text from softmax(sim_i2t), never the paired column and, when image ids are
-    given (ids_all: (Bg,) ids of the global batch), never a sample of the same image.
-    sample_seeds (B,): draw row i from its own stream, so results do not depend on the batch split.
+    Row i is softmax(sim) over the global batch with the paired column offset + i removed and, when image
+    ids are given (ids_all: (Bg,) ids of the global batch), every column of the same image removed too.
+    Arguments as `sample_hard_negatives`, which draws from these rows.
     """
     batch = sim_i2t.shape[0]
     rows = torch.arange(batch, device=sim_i2t.device)
@@ -201,8 +204,27 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, offset: 
     # but it cannot underflow to an all-zero row.
     weights_t2i = F.softmax(sim_t2i.float().masked_fill(forbidden, float("-inf")), dim=1)
     weights_i2t = F.softmax(sim_i2t.float().masked_fill(forbidden, float("-inf")), dim=1)
-    negative_image = _draw_from_weights(weights_t2i, sample_seeds, "itm_image")  # one image per text
-    negative_text = _draw_from_weights(weights_i2t, sample_seeds, "itm_text")  # one text per image
+    return weights_t2i, weights_i2t
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, offset: int = 0,
+                          image_ids: torch.Tensor | None = None, ids_all: torch.Tensor | None = None,
+                          sample_seeds: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (negative_image (B,), negative_text (B,)): global-batch indices of ALBEF's hard negatives.
+
+    sim_i2t, sim_t2i: (B, Bg) similarities of this rank's B rows to the global batch, whose row i is
+    paired with column offset + i. Each text draws a negative image from softmax(sim_t2i) and each
+    image a negative text from softmax(sim_i2t), never the paired column and, when image ids are
+    given (ids_all: (Bg,) ids of the global batch), never a sample of the same image
+    (`hard_negative_weights`). The images are drawn first, then the texts.
+    sample_seeds (B,): draw row i from its own stream, so results do not depend on the batch split.
+    generator: without sample_seeds, the generator `torch.multinomial` draws from (None: the global one).
+    """
+    weights_t2i, weights_i2t = hard_negative_weights(sim_i2t, sim_t2i, offset, image_ids, ids_all)
+    negative_image = _draw_from_weights(weights_t2i, sample_seeds, "itm_image", generator)  # one image per text
+    negative_text = _draw_from_weights(weights_i2t, sample_seeds, "itm_text", generator)  # one text per image
     return negative_image, negative_text
 
 
@@ -262,14 +284,15 @@ def itm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> ITMLosse
 def image_text_matching(score_pairs: PairScorer, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
                         attention_mask: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, *, offset: int,
                         image_ids: torch.Tensor | None = None, ids_all: torch.Tensor | None = None,
-                        sample_seeds: torch.Tensor | None = None) -> ITMLosses:
+                        sample_seeds: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> ITMLosses:
     """Return (L_itm, accuracy) of B positives and 2B hard negatives scored by `score_pairs`.
 
     score_pairs(image_embeds, text_embeds, mask) -> (n, 2) logits, e.g. the fusion encoder + itm_head.
     sim_i2t, sim_t2i: (B, Bg) from `hard_negative_similarities`; other arguments as `sample_hard_negatives`.
     """
     negative_image, negative_text = sample_hard_negatives(sim_i2t, sim_t2i, offset, image_ids, ids_all,
-                                                          sample_seeds)
+                                                          sample_seeds, generator)
     pairs = itm_pairs(image_embeds, text_embeds, attention_mask, negative_image, negative_text)
     logits = score_pairs(pairs.image_embeds, pairs.text_embeds, pairs.attention_mask)  # (3B, 2)
     return itm_loss_from_logits(logits, pairs.labels)

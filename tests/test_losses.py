@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.config import ModelConfig
-from codis_lib.losses import (clip_alignment, distilled_alignment, image_text_matching, itm_loss_from_logits,
-                              itm_pairs, mlm_loss_from_logits, positive_targets, soft_cross_entropy)
+from codis_lib.losses import (clip_alignment, distilled_alignment, hard_negative_weights, image_text_matching,
+                              itm_loss_from_logits, itm_pairs, mlm_loss_from_logits, positive_targets,
+                              sample_hard_negatives, soft_cross_entropy)
 from codis_lib.model import build_model
 from codis_lib.model.output import Diagnostics
 from codis_lib.train.engine import LOGGED_DIAGNOSTICS
@@ -83,6 +84,45 @@ def test_itm_pairs_and_loss_from_a_scoring_callable():
     assert result.accuracy.item() == 1.0 and result.loss.item() < 1e-6
     chance = itm_loss_from_logits(torch.zeros(4, 2), torch.tensor([1, 0, 0, 0]))
     assert math.isclose(chance.loss.item(), math.log(2), rel_tol=1e-6)
+
+
+def test_hard_negative_weights_are_the_softmax_without_the_forbidden_columns():
+    gen = torch.Generator().manual_seed(3)
+    sim_i2t, sim_t2i = torch.randn(3, 6, generator=gen), torch.randn(3, 6, generator=gen)
+    ids_all = torch.tensor([0, 0, 1, 1, 2, 3])
+    offset = 3  # rank 1 of 2: rows are columns 3, 4, 5
+    weights_t2i, weights_i2t = hard_negative_weights(sim_i2t, sim_t2i, offset, ids_all[offset:], ids_all)
+    for sim, weights in ((sim_t2i, weights_t2i), (sim_i2t, weights_i2t)):
+        forbidden = ids_all[offset:, None] == ids_all[None, :]  # the positive and column 2 (same id as row 0)
+        expected = F.softmax(sim, dim=1).masked_fill(forbidden, 0.0)
+        torch.testing.assert_close(weights, expected / expected.sum(dim=1, keepdim=True))
+        assert (weights[forbidden] == 0).all() and torch.allclose(weights.sum(dim=1), torch.ones(3))
+    without_ids = hard_negative_weights(sim_i2t, sim_t2i, offset)[1]
+    assert without_ids[0, 2] > 0 and (without_ids[torch.arange(3), offset + torch.arange(3)] == 0).all()
+
+
+def test_hard_negatives_from_a_generator_are_torch_multinomial_on_the_weights():
+    gen = torch.Generator().manual_seed(4)
+    sim_i2t, sim_t2i = torch.randn(5, 5, generator=gen), torch.randn(5, 5, generator=gen)
+    weights_t2i, weights_i2t = hard_negative_weights(sim_i2t, sim_t2i)
+    draws = torch.Generator().manual_seed(9)
+    expected = (torch.multinomial(weights_t2i, 1, generator=draws).squeeze(1),
+                torch.multinomial(weights_i2t, 1, generator=draws).squeeze(1))  # images first, then texts
+    drawn = sample_hard_negatives(sim_i2t, sim_t2i, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    torch.manual_seed(9)  # without a generator: the global one, as before
+    assert all(torch.equal(a, b) for a, b in zip(sample_hard_negatives(sim_i2t, sim_t2i), expected))
+
+    def scorer(image_rows, text_rows, _mask):  # two "logits" read off the pair's first features
+        return torch.cat([image_rows[:, 0, :1], text_rows[:, 0, :1]], dim=1)
+
+    embeds, mask = torch.randn(5, 2, 3, generator=gen), torch.ones(5, 4, dtype=torch.long)
+    texts = torch.randn(5, 4, 3, generator=gen)
+    runs = [image_text_matching(scorer, embeds, texts, mask, sim_i2t, sim_t2i, offset=0,
+                                generator=torch.Generator().manual_seed(9)).loss for _ in range(2)]
+    pairs = itm_pairs(embeds, texts, mask, *expected)
+    by_hand = itm_loss_from_logits(scorer(pairs.image_embeds, pairs.text_embeds, pairs.attention_mask), pairs.labels)
+    assert runs[0].item() == runs[1].item() == by_hand.loss.item()
 
 
 def test_mlm_loss_is_ce_without_a_teacher_and_the_alpha_mix_with_one():
