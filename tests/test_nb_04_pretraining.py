@@ -22,3 +22,33 @@ def test_notebook_04_pretraining():
     assert 0.0 <= metrics["new_drawings_r_mean"] <= 100.0 and metrics["new_drawings_images"] > 0
     assert 0.0 <= metrics["seen_r_mean"] <= 100.0
     assert metrics["checkpoint_reloaded_identical"] is True
+    # Section 5.1: ITM hard negatives by hand equal the library's under the same generator, and the sampler
+    # never draws the positive (nor, with image ids, the same emoji) while following its weights.
+    assert metrics["itm_sim_hand_vs_library_max_abs"] < 1e-5
+    assert metrics["itm_weights_hand_vs_library_max_abs"] < 1e-6
+    assert metrics["itm_index_mismatches"] == 0
+    assert metrics["itm_loss_hand_vs_library_abs"] < 1e-6 and 0.0 < metrics["itm_loss_hand"] < 5.0
+    assert metrics["itm_draws"] >= 1000 and metrics["itm_rows"] >= 16
+    assert metrics["itm_forbidden_draws_finetune"] == 0 and metrics["itm_positive_draws_pretrain"] == 0
+    # without image ids the twin of the same emoji is a legitimate draw, about as often as its weight says
+    assert metrics["itm_twin_weight_pretrain"] > 0.0
+    twin, trials = metrics["itm_twin_weight_pretrain"], metrics["itm_draws"] * metrics["itm_rows"]
+    twin_bound = 5 * (twin * (1 - twin) / trials) ** 0.5  # 5 binomial standard deviations
+    assert abs(metrics["itm_twin_draw_fraction_pretrain"] - twin) < twin_bound
+    assert metrics["itm_frequency_cells"] > 0 and metrics["itm_frequency_max_z"] < 5.0
+    # Section 5.2: MLM masking by hand equals mask_tokens under the same generator; the measured proportions
+    # are within 4 binomial standard deviations of ALBEF's 15 % and 80 / 10 / 10.
+    assert metrics["mlm_masking_mismatches"] == 0
+    expected = {"chosen": 0.15, "to_mask": 0.8, "unchanged": 0.1, "to_random": 0.1}
+    for name, rate in expected.items():
+        assert abs(metrics[f"mlm_{name}_expected"] - rate) < 1e-3, name  # up to the 1/V of a random id
+        assert 0.0 < metrics[f"mlm_{name}_bound"] < 0.02, name
+        measured, bound = metrics[f"mlm_{name}_fraction"], metrics[f"mlm_{name}_bound"]
+        assert abs(measured - metrics[f"mlm_{name}_expected"]) <= bound, name
+    assert metrics["mlm_tokens_eligible"] >= 100_000
+    assert metrics["mlm_special_chosen"] == metrics["mlm_unchosen_changed"] == metrics["mlm_label_errors"] == 0
+    assert metrics["mlm_sep_or_mask_in_captions"] == 0
+    assert metrics["mlm_loss_hand_vs_library_abs"] < 1e-5 and metrics["mlm_loss_hand"] > 0.0
+    # Section 5.3: the per-sample-seed draws of training, by hand, give the model's own L_itm and L_mlm.
+    assert metrics["itm_seeded_index_mismatches"] == 0
+    assert metrics["itm_forward_hand_vs_model_abs"] < 1e-5 and metrics["mlm_forward_hand_vs_model_abs"] < 1e-4
