@@ -273,9 +273,10 @@ def format_summary(result: CheckResult, first: int = 5) -> str:
              + ", ".join(f"{reason} {count}" for reason, count in report["counts"].items())]
     notes = report["notes"]
     if notes["images_with_several_records"]:
+        why = ("the retrieval evaluation merges their captions" if report["format"] == "caption_lists"
+               else "normal: one record per caption")
         lines.append(f"  kept: {notes['images_with_several_records']} images have several records with other "
-                     f"captions ({notes['records_sharing_an_image']} records; normal in retrieval training, merged "
-                     f"by the retrieval evaluation)")
+                     f"captions ({notes['records_sharing_an_image']} records; {why})")
     lines += [f"  record {r['index']}: {r['reason']}: {r['problem']}" for r in report["dropped_records"][:first]]
     if report["dropped"] > first:
         lines.append(f"  ... {report['dropped'] - first} more in {result.report_path}")
