@@ -30,11 +30,14 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["WHITE", "pil_to_rgb_array", "composite_on"]
+__all__ = ["WHITE", "SUPPORTED_MODES", "pil_to_rgb_array", "composite_on"]
 
 WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _CONVERTED_BY_PIL = {"P": "RGBA", "PA": "RGBA", "La": "LA", "RGBa": "RGBA", "HSV": "RGB"}
+# Every mode pil_to_rgb_array converts (the table above); `codis-check-data` reports any other as wrong_mode.
+SUPPORTED_MODES = frozenset(("1", "L", "LA", "RGB", "RGBX", "RGBA", "CMYK", "YCbCr", "F") + _SIXTEEN_BIT_MODES
+                            + tuple(_CONVERTED_BY_PIL))
 
 
 def composite_on(colour: np.ndarray, alpha: np.ndarray, background: Sequence[int] = WHITE) -> np.ndarray:
@@ -84,8 +87,8 @@ def _colour_and_alpha(mode: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarra
         return (((255 - c[..., :3]) * white + 127) // 255).astype(np.uint8), None
     if mode == "YCbCr":
         return _ycbcr_to_rgb(raw), None
-    raise ValueError(f"image mode {mode!r} has no defined conversion to RGB here (supported: 1, L, LA, La, P, PA, "
-                     f"I;16, I;16B, I, F, RGB, RGBX, RGBA, RGBa, CMYK, YCbCr, HSV)")
+    raise ValueError(f"image mode {mode!r} has no defined conversion to RGB here (supported: "
+                     f"{', '.join(sorted(SUPPORTED_MODES))})")
 
 
 def _colour_key_alpha(mode: str, raw: np.ndarray, key) -> np.ndarray | None:

@@ -307,6 +307,9 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     if ctx.is_main:
         write_run_files(run.output_dir, config, run.data.tokenizer)
         print(describe_run(run), flush=True)
+        for check in run.data.data_checks:  # the manifest of a cleaned training file, in the run's own log
+            logger.log({"kind": "data_check", "step": state.step, **{key: check[key] for key in
+                        ("file", "manifest", "manifest_sha256", "matches")}}, step=state.step)
 
     run.model.train()
     train_started = state.interval_start = time.perf_counter()

@@ -145,6 +145,7 @@ class TrainData:
     sampler: GlobalBatchSampler
     loader: DataLoader
     files: list[str] = field(default_factory=list)  # the training JSON files the dataset was read from
+    data_checks: list[dict] = field(default_factory=list)  # `codis-check-data` manifests beside those files
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Prepare the sampler and the item seeds for `epoch`, skipping its first `start_batch` global batches."""
@@ -174,6 +175,7 @@ def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
 
 def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     """Return the tokenizer, dataset, sampler and DataLoader of this rank for `config`."""
+    from codis_lib.data.check import data_check_of
     from codis_lib.data.collate import ImageTextCollator
     from codis_lib.data.datasets import PretrainDataset, RetrievalTrainDataset
     from codis_lib.data.tokenizer import load_tokenizer
@@ -211,8 +213,9 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
                         collate_fn=ImageTextCollator(tokenizer, max_length=data.max_tokens),
                         num_workers=data.num_workers, pin_memory=ctx.device.type == "cuda",
                         generator=loader_generator, persistent_workers=False)
+    checks = [check for check in map(data_check_of, files) if check is not None]
     return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader,
-                     files=[str(f) for f in files])
+                     files=[str(f) for f in files], data_checks=checks)
 
 
 def _not_utf8(files: list[str], error: UnicodeDecodeError) -> ValueError:
@@ -358,7 +361,12 @@ def wrap_model(run: TrainingRun) -> None:
 
 
 def describe_run(run: TrainingRun) -> str:
-    """Return the one-line summary printed at the start: model, data, batch arithmetic, steps, device, precision."""
+    """Return the one-line summary printed at the start: model, data, batch arithmetic, steps, device, precision.
+
+    Training files cleaned by `codis-check-data` add their manifest (`describe_data_checks`).
+    """
+    from codis_lib.data.check import describe_data_checks
+
     tc, ctx, accum = run.config.train, run.ctx, run.config.train.grad_accum_steps
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6
     return (f"[codis] {run.config.source}: {run.model_config.mode} model, {trainable:.2f}M "
@@ -367,7 +375,7 @@ def describe_run(run: TrainingRun) -> str:
             f"batch {tc.batch_size} x {accum} accumulation = {tc.batch_size * ctx.world_size * accum} per step, "
             f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, device {ctx.device}"
             + (f" ({torch.get_num_threads()} thread(s))" if ctx.device.type == "cpu" else "")
-            + f", precision {run.autocast_dtype or torch.float32}")
+            + f", precision {run.autocast_dtype or torch.float32}" + describe_data_checks(run.data.data_checks))
 
 
 def skipped_records(dataset) -> str:
