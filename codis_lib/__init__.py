@@ -12,8 +12,9 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   plot_loss_curves, plot_series);
 - evaluate: evaluate_retrieval and its parts (dataset_features, evaluate_features, the ITM re-rankers,
   ranks_of_best_match, retrieval_metrics), retrieval_split_dataset, retrieval_report, run_evaluation,
-  format_retrieval_table, format_evaluation_table, paper_rows, format_poster_markdown and the
-  full-recipe launcher (launch_requirements, torchrun_command, run_command);
+  format_retrieval_table, format_evaluation_table, paper_rows, format_poster_markdown, word-level
+  Grad-CAM on the fusion encoder (gradcam, gradcam_by_layer, GradCAM) and the full-recipe launcher
+  (launch_requirements, torchrun_command, run_command);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, Codebook,
   transport_assignments, loss_code, codebook_losses, codebook_usage;
 - constants: CLIP_MEAN, CLIP_STD.
@@ -78,6 +79,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "run_evaluation": ("codis_lib.evaluation.cli", "run_evaluation"),
     "paper_rows": ("codis_lib.evaluation.paper", "paper_rows"),
     "format_poster_markdown": ("codis_lib.evaluation.paper", "format_poster_markdown"),
+    "GradCAM": ("codis_lib.evaluation.gradcam", "GradCAM"),
+    "gradcam": ("codis_lib.evaluation.gradcam", "gradcam"),
+    "gradcam_by_layer": ("codis_lib.evaluation.gradcam", "gradcam_by_layer"),
     "launch_requirements": ("codis_lib.evaluation.full_recipe", "launch_requirements"),
     "torchrun_command": ("codis_lib.evaluation.full_recipe", "torchrun_command"),
     "run_command": ("codis_lib.evaluation.full_recipe", "run_command"),

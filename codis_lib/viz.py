@@ -1,4 +1,4 @@
-"""Figures for the evaluation and codebook notebooks (05, 06): retrieval galleries, UMAP, code galleries, usage.
+"""Figures for the evaluation and codebook notebooks (05, 06): retrieval galleries, Grad-CAM maps, UMAP, code galleries, usage.
 
 Every function takes plain arrays (images as (H, W, 3) floats in [0, 1] or uint8), draws one matplotlib
 figure and returns it; `save_figure` writes it as PNG. Nothing here computes a metric, so the notebooks'
@@ -187,6 +187,49 @@ def plot_code_usage(image_counts: np.ndarray, text_counts: np.ndarray,
     ax.set_ylabel("samples assigned")
     ax.legend()
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradcam_rows(images: Sequence[np.ndarray], row_titles: Sequence[str],
+                      panels: Sequence[Sequence[tuple[str, np.ndarray]]], title: str = "Grad-CAM",
+                      alpha: float = 0.55, cmap: str = "jet"):
+    """Return a grid with one row per image: the image, then one panel per (label, map) drawn over it.
+
+    A map is any (h, w) non-negative array (a patch grid, or already upsampled): it is stretched over the
+    whole image with bilinear interpolation and scaled per panel to its own maximum (min-max, as ALBEF's
+    drawings), so panels show where each map is high, not how high it is next to another panel; an
+    all-zero map is drawn as the bare image with "(zero)" in its label.
+    """
+    plt = _pyplot()
+    if not (len(images) == len(row_titles) == len(panels)):
+        raise ValueError(f"images, row_titles and panels must have one entry per row, got {len(images)}, "
+                         f"{len(row_titles)} and {len(panels)}")
+    rows, cols = len(images), 1 + max(len(row) for row in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.55 * cols, 1.9 * rows + 0.4), squeeze=False)
+    for row, (image, row_title, maps) in enumerate(zip(images, row_titles, panels)):
+        picture = to_display_image(image)
+        height, width = picture.shape[:2]
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title("\n".join(textwrap.wrap(row_title, 22)), fontsize=7)
+        _frame(axes[row, 0], None)
+        for col in range(1, cols):
+            ax = axes[row, col]
+            if col > len(maps):
+                ax.axis("off")
+                continue
+            label, cam = maps[col - 1]
+            cam = np.asarray(cam, dtype=np.float64)
+            ax.imshow(picture)
+            peak = float(cam.max()) if cam.size else 0.0
+            if peak > 0:
+                ax.imshow(cam / peak, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear",
+                          extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+            else:
+                label = f"{label} (zero)"
+            ax.set_title(textwrap.shorten(label, 24), fontsize=7)
+            _frame(ax, None)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

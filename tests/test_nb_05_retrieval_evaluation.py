@@ -7,7 +7,7 @@ pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 
 def test_notebook_05_retrieval_evaluation():
-    metrics = run_notebook("05_retrieval_evaluation")
+    metrics = run_notebook("05_retrieval_evaluation", {"interactive": False})  # no widget frontend here
     assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
     assert metrics["checkpoint"].endswith("pretrain_ci/checkpoint_final.pt")
     # both splits, new drawings of training concepts first; the worked example and the figures use it
@@ -38,4 +38,16 @@ def test_notebook_05_retrieval_evaluation():
     # re-ranking only reorders each query's top k: recall at K = k is the same for both rankings
     assert metrics["tr_itm_recall_at_k"] == metrics["tr_itc_recall_at_k"]
     assert metrics["ir_itm_recall_at_k"] == metrics["ir_itc_recall_at_k"]
-    assert metrics["figures"] == ["05_image_to_text.png", "05_recall_curves.png", "05_text_to_image.png"]
+    assert metrics["figures"] == ["05_gradcam_layers.png", "05_gradcam_words.png", "05_image_to_text.png",
+                                  "05_recall_curves.png", "05_text_to_image.png"]
+    # Grad-CAM: one map per fusion layer, normalised caption maps sum to 1, the last layer's words get none
+    assert metrics["gradcam_layers_drawn"] == list(range(metrics["gradcam_fusion_layers"])) == [0, 1]
+    assert len(metrics["gradcam_caption_map_sums"]) == 3
+    assert all(abs(total - 1.0) < 1e-5 for total in metrics["gradcam_caption_map_sums"])
+    assert metrics["gradcam_last_layer_word_max"] == 0.0
+    assert metrics["gradcam_composites"] == 8 and 0 <= metrics["gradcam_composite_moved"] <= 8
+    assert -1.0 <= metrics["gradcam_composite_shift_mean"] <= 1.0
+    # the query box, run once without widgets: a split caption gets the evaluation's scores
+    assert metrics["query_box_interactive"] is False
+    assert metrics["query_box_vs_evaluation_max_abs"] < 1e-4
+    assert len(metrics["query_top_images"]) == len(metrics["query_top_captions"]) == 5

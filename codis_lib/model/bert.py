@@ -21,6 +21,8 @@ exp(-10000) underflows to 0 just as exp(dtype-min) does.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -105,6 +107,38 @@ class FusionLayer(nn.Module):
         """
         cross_out, _ = self.crossattention(text_states, None, image_embeds, image_mask)
         return self.output(self.intermediate(cross_out), cross_out)
+
+    def attend_image_eager(self, text_states: torch.Tensor, image_embeds: torch.Tensor,
+                           image_mask: torch.Tensor | None = None,
+                           on_probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (`attend_image`'s output (B, Lq, D), the cross-attention probabilities (B, H, Lq, N)).
+
+        The same layer with the attention written out: softmax(Q K^T / sqrt(d)) is materialised, which
+        the sdpa kernel of the normal path never does, so it can be read (Grad-CAM) and differentiated.
+        on_probabilities(p) may return a replacement used for the rest of the layer (e.g. `p.detach()
+        .requires_grad_()`, a leaf whose gradient is d output / d p); it is what this returns as p.
+        image_mask: from `attention_bias` (boolean or additive), or None.
+        """
+        cross = self.crossattention.self
+        batch, length, _ = text_states.shape
+        heads, head_size = cross.num_attention_heads, cross.attention_head_size
+        query = cross.query(text_states).view(batch, length, heads, head_size).transpose(1, 2)  # (B, H, Lq, d)
+        images, tokens, _ = image_embeds.shape  # images is B, or 1 (broadcast over the captions)
+        key = cross.key(image_embeds).view(images, tokens, heads, head_size).transpose(1, 2)  # (Bi, H, N, d)
+        value = cross.value(image_embeds).view(images, tokens, heads, head_size).transpose(1, 2)
+        logits = torch.matmul(query, key.transpose(-1, -2)) * cross.scaling  # (B, H, Lq, N)
+        if image_mask is not None:
+            if image_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~image_mask, torch.finfo(logits.dtype).min)
+            else:
+                logits = logits + image_mask
+        probabilities = cross.dropout(torch.softmax(logits, dim=-1))
+        if on_probabilities is not None:
+            probabilities = on_probabilities(probabilities)
+        context = torch.matmul(probabilities, value).transpose(1, 2).reshape(batch, length, heads * head_size)
+        cross_out = self.crossattention.output(context, text_states)
+        return self.output(self.intermediate(cross_out), cross_out), probabilities
 
     def forward_first_token(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                             image_embeds: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
