@@ -3,8 +3,10 @@
     codis-eval runs/pretrain_emoji/checkpoint_final.pt                       # our checkpoint, its run's eval splits
     codis-eval CKPT --split new_drawings --json eval.json                   # one split of its run's data
     codis-eval CKPT --annotation data/emoji/val.json --k 64 --json eval.json
-    codis-eval --albef-checkpoint ALBEF_4M.pth --annotation data/flickr30k_test.json \\
-        --image-root /data/flickr30k --albef-config configs/Retrieval_flickr.yaml --paper flickr
+    codis-eval --albef-checkpoint ALBEF_4M.pth --annotation data/coco_test.json --image-root /data/coco \\
+        --image-size 256 --k 256 --paper coco --strict                     # the poster's zero-shot COCO row
+    codis-eval --albef-checkpoint mscoco.pth --annotation data/flickr30k_test.json \\
+        --image-root /data/flickr30k --albef-config configs/Retrieval_flickr.yaml --paper flickr  # zero-shot Flickr
     torchrun --nproc_per_node 8 -m codis_lib.evaluation.cli CKPT ...        # queries split over 8 processes
 
 Without --annotation, a checkpoint of ours is evaluated on splits of its own run's data: `--split NAME`
