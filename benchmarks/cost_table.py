@@ -24,6 +24,7 @@ Each config runs in a fresh process, so one config's memory does not count for t
 
     python benchmarks/cost_table.py                               # every config, the markdown table
     python benchmarks/cost_table.py --configs pretrain_emoji --steps 10 --json costs.json
+    python benchmarks/cost_table.py --from-json costs.json       # the table again, measuring nothing
 """
 from __future__ import annotations
 
@@ -185,13 +186,13 @@ def markdown(results: list[dict], sustained_tflops: float, assumption: str) -> s
                      f"| {_flops(r['forward_flops_per_pair'])} | {_flops(r['step_flops_per_pair'])} "
                      f"| {r['peak_rss_mib'] / 1024:.2f} GiB | {r['step_rss_mib']:.0f} MiB | {r['step_s']:.2f} "
                      f"| {r['step_cpu_s']:.2f} | {gpu} |")
-    steps = sorted({len(r["step_s_all"]) for r in results})
+    steps = " / ".join(sorted({f"{len(r['step_s_all'])} ({r['size']})" for r in results}, reverse=True))
     threads = sorted({r["threads"] for r in results})
     loads = [r["load_average"] for r in results]
     notes = [
         "",
         f"CPU columns measured on this machine, {'/'.join(map(str, threads))} thread(s), fresh process per config; "
-        f"s / step = forward + backward + AdamW, median of {'/'.join(map(str, steps))} step(s) after one warm-up, at "
+        f"s / step = forward + backward + AdamW, median of {steps} steps after one warm-up, at "
         "the batch in the third column (the config's own per-GPU batch for the tiny configs), as wall time and as "
         "the process's CPU time (which other jobs on a shared machine inflate less; 1-minute load average "
         f"{min(loads):.1f}-{max(loads):.1f} during the runs). Peak RSS: the "
@@ -218,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--gpu-mfu", type=float, default=0.35, help="assumed fraction of the peak sustained")
     parser.add_argument("--json", default=None, help="also write the raw figures here")
+    parser.add_argument("--from-json", default=None, help="print the table of an earlier --json file, measuring nothing")
     args = parser.parse_args(argv)
-    results = []
-    for name in args.configs:
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
+    for name in [] if args.from_json else args.configs:
         _, config = model_config_of(name)
         from codis_lib.run_config import load_run_config
 
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     sustained = args.gpu_peak_tflops * args.gpu_mfu
     assumption = (f"an assumed sustained {sustained:.0f} TFLOP/s ({args.gpu_mfu:.0%} of {args.gpu_peak_tflops:.0f} "
                   "dense bf16 TFLOP/s, an H100's peak by default)")
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(markdown(results, sustained, assumption))
 
