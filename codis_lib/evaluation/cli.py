@@ -3,13 +3,19 @@
     codis-eval runs/pretrain_emoji/checkpoint_final.pt                       # our checkpoint, its run's eval splits
     codis-eval CKPT --split new_drawings --json eval.json                   # one split of its run's data
     codis-eval CKPT --annotation data/emoji/val.json --k 64 --json eval.json
-    codis-eval --albef-checkpoint ALBEF_4M.pth --annotation data/flickr30k_test.json \\
-        --image-root /data/flickr30k --albef-config configs/Retrieval_flickr.yaml --paper flickr
+    codis-eval --albef-checkpoint ALBEF_4M.pth --annotation data/coco_test.json --image-root /data/coco \\
+        --image-size 256 --k 256 --paper coco --strict                     # the poster's zero-shot COCO row
+    codis-eval --albef-checkpoint mscoco.pth --annotation data/flickr30k_test.json \\
+        --image-root /data/flickr30k --albef-config configs/Retrieval_flickr.yaml --paper flickr  # zero-shot Flickr
     torchrun --nproc_per_node 8 -m codis_lib.evaluation.cli CKPT ...        # queries split over 8 processes
 
 Without --annotation, a checkpoint of ours is evaluated on splits of its own run's data: `--split NAME`
 (repeatable; emoji: new_drawings, test, val; ALBEF JSON: val, test), by default every split of the
 run's `train.eval.splits`; the JSON output is then {split: result}. With --annotation it is one result.
+
+With --paper coco|flickr and --setting, the evaluation is first compared with the protocol of that poster
+row (`codis_lib.evaluation.protocol`: checkpoint kind, image size, --k, test file): one warning line per
+difference on stderr, or, with --strict, exit 2 before anything is evaluated.
 
 Python: `run_evaluation(...)` returns one result dict (the metrics of `RetrievalEvaluation.to_dict()`
 plus what was evaluated), `run_split_evaluations(...)` {split: result dict}, and
@@ -29,7 +35,7 @@ import torch
 
 from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset, split_description
 
-__all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "eval_main"]
+__all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "protocol_check", "eval_main"]
 
 ALBEF_TOKENIZER = "bert-base-uncased"  # ALBEF checkpoints' tokenizer when --tokenizer is not given
 
@@ -205,8 +211,62 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the poster's ALBEF 4M and CODIS rows of this dataset above ours")
     output.add_argument("--setting", choices=("zero-shot", "fine-tuned"), default="zero-shot",
                         help="which poster table the --paper rows come from")
+    output.add_argument("--strict", action="store_true",
+                        help="with --paper: a difference from the poster row's protocol (checkpoint kind, image "
+                             "size, --k, test file) is an error (exit 2) before evaluating, not a warning; what "
+                             "cannot be told stays a warning")
     output.add_argument("--json", default=None, help="also write the result dict to this file")
     return parser
+
+
+def _split_files(args: argparse.Namespace, run_config) -> list[str | None]:
+    """Return the test file(s) the evaluation will read: --annotation, else the files of the run's splits."""
+    from codis_lib.evaluation.report import retrieval_split_file
+
+    if args.annotation is not None:
+        return [args.annotation]
+    files: list[str | None] = []
+    for split in (args.splits if args.splits is not None else run_config.train.eval.splits):
+        try:
+            files.append(str(retrieval_split_file(run_config, split)))
+        except (OSError, ValueError):  # the evaluation itself reports a bad split or a missing file
+            files.append(None)
+    return files
+
+
+def protocol_check(args: argparse.Namespace) -> list:
+    """Return the ProtocolIssues of this evaluation against the poster row of --paper / --setting (none without --paper).
+
+    Read before anything is evaluated: the checkpoint kind from our run config or the ALBEF checkpoint's
+    keys, the image size it will be evaluated at, --k and the test file(s).
+    """
+    from codis_lib.evaluation.albef_models import albef_config
+    from codis_lib.evaluation.protocol import (checkpoint_kind_of_albef, checkpoint_kind_of_ours, protocol_issues,
+                                               read_run_config)
+
+    if args.paper == "none":
+        if args.strict:
+            raise ValueError("--strict checks the evaluation against a poster row: give --paper coco|flickr "
+                             "(and --setting)")
+        return []
+    if (args.checkpoint is None) == (args.albef_checkpoint is None):
+        return []  # the evaluation refuses this in one line
+    if args.albef_checkpoint is not None:
+        kind = checkpoint_kind_of_albef(args.albef_checkpoint)
+        image_size = albef_config(args.albef_config, args.bert_config, args.image_size)["image_res"]
+        files: list[str | None] = [args.annotation]
+    else:
+        run_config = read_run_config(Path(args.checkpoint))
+        kind = checkpoint_kind_of_ours(run_config)
+        image_size = args.image_size or run_config.model.vision.image_size
+        files = _split_files(args, run_config)
+    issues = []
+    for file in files or [None]:
+        for issue in protocol_issues(args.setting, args.paper, kind=kind, image_size=image_size, k=args.k,
+                                     split_file=file):
+            if issue not in issues:
+                issues.append(issue)
+    return issues
 
 
 def _evaluations(args: argparse.Namespace) -> tuple[dict[str, dict] | None, dict | None]:
@@ -265,6 +325,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         if args.json:
             check_writable(args.json)
+        issues = protocol_check(args)
+        if os.environ.get("RANK", "0") == "0":
+            for issue in issues:
+                print(f"codis-eval: warning: {issue.message}", file=sys.stderr)
+        mismatches = [issue for issue in issues if issue.severity == "mismatch"]
+        if args.strict and mismatches:
+            raise ValueError(f"--strict: {len(mismatches)} difference(s) from the protocol of the poster's "
+                             f"{args.setting} --paper {args.paper} row (listed above); nothing was evaluated")
         created_group = _init_distributed(_device(args.device))  # under torchrun: one group for the whole run
         by_split, single = _evaluations(args)
     except (OSError, ValueError, RuntimeError) as error:

@@ -4,7 +4,8 @@ Source: the poster's two tables (the CODIS poster, Duan, Chen et al., CVPR 2022)
 image-text retrieval on MSCOCO (5K) and Flickr30K (1K)". Only the two rows this project reproduces
 are kept: ALBEF trained on 4M images and CODIS ("Ours"). Recall in percent, ALBEF's metric names.
 In ALBEF's paper the zero-shot Flickr30K column is evaluated with the model fine-tuned on COCO, and
-the CODIS paper compares against those numbers.
+the CODIS paper compares against those numbers. What each row was measured with (checkpoint, image
+size, test file, k_test) is `codis_lib.evaluation.protocol.PROTOCOL`.
 """
 from __future__ import annotations
 
