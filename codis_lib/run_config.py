@@ -138,6 +138,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar on rank 0
     find_unused_parameters: bool = False  # DDP: needed only when a loss switch leaves modules unused
+    # The early loss curve is compared with a measured reference (codis_lib.train.reference): "auto" = the
+    # packaged config's codis_lib/configs/reference/<name>.json, a path = that file, null = no check.
+    reference_curves: str | None = "auto"
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

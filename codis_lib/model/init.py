@@ -13,7 +13,8 @@ Sources, chosen by `config.vision.pretrained` / `config.text.pretrained`:
 Here the source is found (file or hub); the key layout and the strict load are
 `codis_lib.model.loading`'s, so every key of the source is either loaded or listed as deliberately
 dropped (heads we do not use), and missing or unexpected keys are errors. Both loaders return the
-`LoadReport`.
+`LoadReport`; `initialise_pretrained` keeps them on the model (`model.pretrained_loads`) so that the
+trainer can verify them (`codis_lib.model.verify.verify_pretrained`) before the first step.
 """
 from __future__ import annotations
 
@@ -22,9 +23,15 @@ from pathlib import Path
 import torch
 
 from codis_lib.config import ModelConfig
-from codis_lib.model.loading import LoadReport, adapt_hf_bert, adapt_timm_vit, load_state_strict, read_state_dict
+from codis_lib.model.loading import CheckpointMismatchError, LoadReport, adapt_hf_bert, adapt_timm_vit, load_state_strict, read_state_dict
 
-__all__ = ["initialise_pretrained", "load_vit_weights", "load_bert_weights"]
+__all__ = ["initialise_pretrained", "load_vit_weights", "load_bert_weights", "PRETRAINED_TARGETS"]
+
+# config key -> (ModelConfig section, the model's modules that must hold the source's tensors: student, teacher)
+PRETRAINED_TARGETS = {
+    "model.vision.pretrained": ("vision", ("visual_encoder", "visual_encoder_m")),
+    "model.text.pretrained": ("text", ("text_encoder", "text_encoder_m")),
+}
 
 _OFFLINE_HINT = (
     "To run offline, either leave model.{field}.pretrained empty (random initialisation), or on a machine with "
@@ -90,10 +97,21 @@ def load_bert_weights(text_encoder: torch.nn.Module, source: str) -> LoadReport:
                              hint="check text.num_layers / hidden_size / vocab_size against the checkpoint")
 
 
-def initialise_pretrained(model: torch.nn.Module, config: ModelConfig) -> None:
-    """Load the pretrained encoders that `config` names into the student, then copy student -> teacher."""
-    if config.vision.pretrained:
-        load_vit_weights(model.visual_encoder, config.vision.pretrained)
-    if config.text.pretrained:
-        load_bert_weights(model.text_encoder, config.text.pretrained)
+def initialise_pretrained(model: torch.nn.Module, config: ModelConfig) -> dict[str, LoadReport]:
+    """Load the pretrained encoders `config` names into the student, copy student -> teacher; return the reports.
+
+    The reports ({config key: LoadReport}) are also kept as `model.pretrained_loads`. A source that does
+    not fit raises CheckpointMismatchError prefixed with the config key (one line in the CLIs).
+    """
+    loaders = {"model.vision.pretrained": (load_vit_weights, model.visual_encoder, config.vision.pretrained),
+               "model.text.pretrained": (load_bert_weights, model.text_encoder, config.text.pretrained)}
+    reports = {}
+    for config_key, (loader, module, source) in loaders.items():
+        if source:
+            try:
+                reports[config_key] = loader(module, source)
+            except CheckpointMismatchError as error:
+                raise CheckpointMismatchError(f"{config_key}: {error}") from error
     model.copy_student_to_teacher()
+    model.pretrained_loads = reports
+    return reports

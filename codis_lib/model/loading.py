@@ -33,7 +33,7 @@ import torch
 from codis_lib.model.vit import interpolate_pos_embed
 
 __all__ = ["CheckpointMismatchError", "AdaptedState", "LoadReport", "QUEUE_KEYS", "read_state_dict",
-           "unwrap_state_dict", "adapt_codis", "adapt_albef", "adapt_timm_vit", "adapt_hf_bert",
+           "unwrap_state_dict", "tensor_fingerprint", "adapt_codis", "adapt_albef", "adapt_timm_vit", "adapt_hf_bert",
            "resample_pos_embeds", "load_state_strict", "load_codis_weights", "load_albef_state_dict",
            "load_albef_checkpoint"]
 
@@ -70,6 +70,25 @@ class LoadReport:
     interpolated: list[str] = field(default_factory=list)  # position embeddings resampled to the model's grid
     queues_reset: list[str] = field(default_factory=list)  # queue keys of ours started fresh
     dropped: dict[str, str] = field(default_factory=dict)  # source keys not loaded -> reason
+    # loaded key -> `tensor_fingerprint` of the value that went in, so `codis_lib.model.verify.verify_load`
+    # can check afterwards that the module still holds the source's tensors (no copy of them kept)
+    fingerprints: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+
+FINGERPRINT_SAMPLES = 8
+
+
+def tensor_fingerprint(value: torch.Tensor) -> list[float]:
+    """Return [float64 sum, then up to FINGERPRINT_SAMPLES elements at evenly spread positions] of a tensor.
+
+    Equal tensors give equal samples (bit for bit) and sums equal up to the reduction order of the device;
+    a tensor that was re-initialised, left random or partly overwritten differs in both, or at least the sum.
+    """
+    flat = value.detach().reshape(-1)
+    if flat.numel() == 0:
+        return [0.0]
+    positions = torch.linspace(0, flat.numel() - 1, min(flat.numel(), FINGERPRINT_SAMPLES)).long().to(flat.device)
+    return [float(flat.double().sum())] + [float(v) for v in flat[positions].double().cpu()]
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -289,6 +308,8 @@ def load_state_strict(module: torch.nn.Module, state: AdaptedState | Mapping[str
     # In-place copies (fresh keys copy onto themselves), so tied weights such as the MLM decoder stay tied.
     module.load_state_dict({**tensors, **{key: ours[key] for key in report.fresh}}, strict=True)
     report.loaded = sorted(tensors)
+    # As stored in the module: in its dtype (a half-precision file loads into float32 parameters).
+    report.fingerprints = {key: tensor_fingerprint(tensors[key].to(ours[key].dtype)) for key in report.loaded}
     report.fresh = dict(sorted(report.fresh.items()))
     return report
 

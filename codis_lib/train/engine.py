@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ from codis_lib.run_config import RunConfig
 from codis_lib.train.data_order import DATA_ORDER_KEY, check_resume_data_order, data_order_record
 from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_loss_scale
 from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
+from codis_lib.train.reference import CurveCheck
 from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, lock_output_dir, save_checkpoint,
                                      write_final_evaluations, write_run_files)
 from codis_lib.train.sampler import sample_seeds
@@ -69,6 +71,7 @@ from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, 
                                    resolve_num_threads, wrap_model)
 
 if TYPE_CHECKING:  # the model package itself is imported where a model is built
+    from codis_lib.model.loading import LoadReport
     from codis_lib.model.output import Diagnostics
 
 __all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError", "load_pretrained_weights"]
@@ -94,6 +97,11 @@ class TrainResult:
     train_s: float = 0.0
     model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
     stopped_by: str | None = None  # "stop_at_step" or the signal ("SIGTERM") that stopped the run early
+    # The early-curve check (codis_lib.train.reference): the settings compared with the reference's, the
+    # info line saying whether the check ran, and the warnings it printed (one per term outside its band).
+    reference_settings: dict = field(default_factory=dict)
+    reference_status: str = ""
+    reference_warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,20 +118,26 @@ class LoopState:
     interval: dict[str, float] = field(default_factory=dict)  # sums of the step scalars since the last record
     interval_steps: int = 0
     interval_start: float = field(default_factory=time.perf_counter)
+    curve_check: CurveCheck | None = None  # compares the early loss curve with the config's reference
 
 
 # ------------------------------------------------------------------------------------------ weights
-def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike) -> LoadReport:
     """Initialise `model` from a CODIS checkpoint (or a bare state dict) for fine-tuning, strictly.
 
     Differences that fine-tuning expects are adapted and reported: the ViT position embeddings are
     resampled when the image size changed (ALBEF: 256 -> 384 px), and queues of a different length are
     left freshly initialised (they are refilled within queue_size / batch steps). Anything else that
-    does not fit raises CheckpointMismatchError listing the keys.
+    does not fit raises CheckpointMismatchError listing the keys. The model is then verified to hold
+    every tensor of the file it did not deliberately leave fresh (`verify_load`, InitialisationError).
     """
     from codis_lib.model.loading import load_codis_weights
+    from codis_lib.model.verify import verify_load
 
-    load_codis_weights(model, path, what="train.init_from: checkpoint file", log=lambda line: print(f"[codis] {line}"))
+    report = load_codis_weights(model, path, what="train.init_from: checkpoint file",
+                                log=lambda line: print(f"[codis] {line}"))
+    verify_load(report, model, config_key="train.init_from", target="the model")
+    return report
 
 
 def _start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> LoopState:
@@ -303,6 +317,8 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
             retrieval_split_file(config, split)
     state = _start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
     wrap_model(run)  # DDP, torch.compile, autocast
+    # Every rank sees the same (all-reduced) values; rank 0 prints.
+    state.curve_check = CurveCheck.for_run(run, start_step=state.step, log=_warn if ctx.is_main else None)
     logger = MetricsLogger(run.output_dir, enabled=ctx.is_main, tensorboard=tc.tensorboard)
     if ctx.is_main:
         write_run_files(run.output_dir, config, run.data.tokenizer)
@@ -310,6 +326,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         for check in run.data.data_checks:  # the manifest of a cleaned training file, in the run's own log
             logger.log({"kind": "data_check", "step": state.step, **{key: check[key] for key in
                         ("file", "manifest", "manifest_sha256", "matches")}}, step=state.step)
+        print(f"[codis] {state.curve_check.status}", flush=True)
 
     run.model.train()
     train_started = state.interval_start = time.perf_counter()
@@ -333,7 +350,13 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     return TrainResult(output_dir=run.output_dir, steps=state.step, total_steps=run.total_steps, finished=finished,
                        checkpoint=state.last_checkpoint, records=state.records, evaluations=evaluations,
                        wall_s=time.perf_counter() - started, train_s=train_s, model=run.model,
-                       stopped_by=state.stopped_by)
+                       stopped_by=state.stopped_by, reference_settings=state.curve_check.settings,
+                       reference_status=state.curve_check.status, reference_warnings=state.curve_check.warnings)
+
+
+def _warn(line: str) -> None:
+    """Print a reference-curve warning on stderr, where it is not lost among the progress lines."""
+    print(f"[codis] WARNING: {line}", file=sys.stderr, flush=True)
 
 
 def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, stop_at_step: int | None,
@@ -354,6 +377,7 @@ def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, s
         state.step += 1
         state.step_in_epoch += 1
         progress.update(1)
+        state.curve_check.observe(state.step, values)
         _log_step(run, state, logger, values, alpha=alpha, progress=progress, train_started=train_started)
         stop_here = stop_at_step is not None and state.step >= stop_at_step
         signalled = stop_request.agreed(run.ctx.world_size, run.ctx.device)

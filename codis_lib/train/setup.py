@@ -318,6 +318,7 @@ def build_training_run(config: RunConfig, ctx: RunContext) -> TrainingRun:
     The model is not wrapped yet: weights are loaded first (resume or init_from), then `wrap_model`.
     """
     from codis_lib.model import build_model
+    from codis_lib.model.verify import verify_pretrained
 
     tc = config.train
     config.validate_for_world(ctx.world_size)
@@ -325,7 +326,11 @@ def build_training_run(config: RunConfig, ctx: RunContext) -> TrainingRun:
     data = build_train_data(config, ctx)
     model_config: ModelConfig = config.model.with_tokenizer(data.tokenizer)
     saved_config = {**config.to_dict(), "model": model_config.to_dict()}
-    model = build_model(model_config).to(ctx.device)
+    model = build_model(model_config)
+    # Refuse a model that does not hold every tensor its pretrained sources give (student and teacher),
+    # on the CPU copy, before the first step (InitialisationError: one line, exit status 2).
+    verify_pretrained(model, model_config)
+    model = model.to(ctx.device)
     steps_per_epoch = data.sampler.batches_per_epoch // tc.grad_accum_steps
     total_steps = steps_per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps,
                                                                                  steps_per_epoch * tc.epochs)
