@@ -177,11 +177,16 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, allow_download: bool = Fa
 
     A folder (e.g. ``data/emoji/tokenizer``) is read offline. ``"bert-base-uncased"`` is read from
     the local Hugging Face cache (or ``cache_dir``); it is downloaded only with ``allow_download=True``.
+    A packaged model's name (``"minilm"``, `codis_lib.data.packaged`) reads the tokenizer in its package.
     """
     from transformers import AutoTokenizer
 
+    from codis_lib.data.packaged import is_packaged_name, packaged_model_dir
+
     text = str(path_or_name)
     path = Path(text).expanduser()
+    if is_packaged_name(text) and not path.exists():
+        path = packaged_model_dir(text, key="data.tokenizer")
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json here (is it a folder written by train_wordpiece?)")

@@ -95,7 +95,7 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
     saved = without_retired_keys(stored["config"])  # checkpoints of earlier versions hold removed options
     model_config = ModelConfig.from_dict(saved["model"], source=f"{path} [model]")
     run_config = run_config_from_dict(saved, source=str(path))
-    model = build_model(model_config)
+    model = build_model(model_config, initialise=False)  # the checkpoint holds every weight
     load_state_strict(model, stored["model"], source=str(path))
     model.to(device).eval()
     run_tokenizer = path.parent / "tokenizer"

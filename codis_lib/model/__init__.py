@@ -11,11 +11,15 @@ from codis_lib.model.codis import CODIS, CODISOutput
 __all__ = ["build_model", "CODIS", "CODISOutput"]
 
 
-def build_model(config: ModelConfig) -> CODIS:
-    """Return a CODIS model for `config`: random init, or pretrained encoders where the config asks for them."""
+def build_model(config: ModelConfig, *, initialise: bool = True) -> CODIS:
+    """Return a CODIS model for `config`: random init, or pretrained encoders where the config asks for them.
+
+    initialise=False skips the pretrained encoders (for a model whose weights a checkpoint replaces next:
+    evaluating a run started from BERT then needs neither the hub nor the packaged model).
+    """
     from codis_lib.model.init import initialise_pretrained  # noqa: PLC0415 (hub code only when asked for)
 
     model = CODIS(config)
-    if config.vision.pretrained or config.text.pretrained:
+    if initialise and (config.vision.pretrained or config.text.pretrained):
         initialise_pretrained(model, config)
     return model

