@@ -38,6 +38,7 @@ cleaned file (`data_check_of`). Images are checked in parallel and cached by pat
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ from codis_lib.data.image_check import (CHECKER_VERSION, IMAGE_REASONS, ImageChe
                                         default_workers)
 
 __all__ = ["REASONS", "DEFAULT_MAX_WORDS", "DEFAULT_MAX_CHARS", "MANIFEST_TOOL", "CheckResult", "output_paths",
-           "check_annotations", "format_summary", "data_check_of", "describe_data_checks", "main"]
+           "check_annotations", "format_summary", "data_check_of", "describe_data_checks", "file_sha256", "main"]
 
 REASONS = ("outside_root", "empty_caption", "long_caption") + IMAGE_REASONS + ("duplicate",)
 DEFAULT_MAX_WORDS = 100
@@ -97,7 +98,19 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the SHA-256 of a file's bytes, read once per (path, size, mtime) in this process.
+
+    The trainer asks twice at start-up for each training file (its data-check manifest and the resume
+    record of the data order); a large annotation list is then read once.
+    """
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _sha256_of(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: the cache key, not read here
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -253,8 +266,8 @@ def check_annotations(annotation: str | os.PathLike, image_root: str | os.PathLi
               "seconds": round(time.perf_counter() - started, 3)}
     manifest = {"tool": MANIFEST_TOOL, "tool_version": _tool_version(), "checker_version": CHECKER_VERSION,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "input": {"path": os.path.abspath(source), "sha256": _sha256(source), "records": len(data)},
-                "cleaned": {"path": os.path.abspath(cleaned), "sha256": _sha256(cleaned), "records": len(kept)},
+                "input": {"path": os.path.abspath(source), "sha256": file_sha256(source), "records": len(data)},
+                "cleaned": {"path": os.path.abspath(cleaned), "sha256": file_sha256(cleaned), "records": len(kept)},
                 "image_root": root, "format": file_format, "dropped": len(dropped), "counts": report["counts"],
                 "options": options, "report": report_path.name}
     _write_json(report_path, report)
@@ -299,8 +312,8 @@ def data_check_of(train_file: str | os.PathLike) -> dict | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("tool") != MANIFEST_TOOL:
         return None
-    return {"file": str(train_file), "manifest": str(manifest_path), "manifest_sha256": _sha256(manifest_path),
-            "matches": (manifest.get("cleaned") or {}).get("sha256") == _sha256(train_file),
+    return {"file": str(train_file), "manifest": str(manifest_path), "manifest_sha256": file_sha256(manifest_path),
+            "matches": (manifest.get("cleaned") or {}).get("sha256") == file_sha256(train_file),
             "dropped": manifest.get("dropped"), "records": (manifest.get("input") or {}).get("records"),
             "tool_version": manifest.get("tool_version"), "date": manifest.get("date")}
 

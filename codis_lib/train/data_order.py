@@ -18,7 +18,6 @@ one warning.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,11 @@ _LABELS = {"global_batch": "global batch (train.batch_size x processes)", "grad_
 
 def _file_identity(path: str) -> dict[str, Any]:
     """Return name, resolved path, size and SHA-256 of one training file (the content the order is drawn over)."""
+    from codis_lib.data.check import file_sha256  # noqa: PLC0415
+
     resolved = Path(path).resolve()
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     return {"name": resolved.name, "path": str(resolved), "bytes": resolved.stat().st_size,
-            "sha256": digest.hexdigest()}
+            "sha256": file_sha256(resolved)}
 
 
 def data_order_record(run) -> dict[str, Any]:
