@@ -120,3 +120,40 @@ def test_paper_numbers_and_table_layout():
     assert "this run, contrastive only" in table and "ITM re-ranked" not in table
     assert format_poster_markdown({"x": row}).splitlines()[2] == \
         "| x | 71.5 | 91.1 | 95.5 | 53.9 | 79.5 | 87.1 | 79.8 |"
+
+
+def test_weights_teacher_scores_the_ema_teacher(trained_checkpoint, tmp_path, capsys):
+    """--weights teacher puts the checkpoint's EMA teacher into the student's code paths, and says so."""
+    from codis_lib.checkpoint import load_checkpoint
+    from codis_lib.evaluation.models import load_trained_model
+
+    stored = load_checkpoint(trained_checkpoint)["model"]
+    teacher = load_trained_model(trained_checkpoint, weights="teacher").model
+    student = load_trained_model(trained_checkpoint).model
+    for name in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"):
+        for key, value in getattr(teacher, name).state_dict().items():
+            assert torch.equal(value, stored[f"{name}_m.{key}"]), f"{name}.{key}"
+    moved = [key for key, value in student.visual_encoder.state_dict().items()
+             if not torch.equal(value, stored[f"visual_encoder_m.{key}"])]
+    assert moved, "after 2 steps the student and its EMA teacher should differ"
+
+    corpus, _ = small_emoji_corpus()
+    out = tmp_path / "teacher.json"
+    assert eval_main([str(trained_checkpoint), "--weights", "teacher", "--annotation", str(corpus / "test.json"),
+                      "--k", "5", "--rerank", "no", "--device", "cpu", "--json", str(out)]) == 0
+    assert "EMA teacher weights" in capsys.readouterr().out
+    dataset = RetrievalEvalDataset(corpus / "test.json", image_size=SMALL_CORPUS_SIZE)
+    by_hand = evaluate_retrieval(teacher, dataset, load_tokenizer(trained_checkpoint.parent / "tokenizer"),
+                                 rerank=False).to_dict()
+    assert_same_metrics(json.loads(out.read_text())["metrics"], by_hand["metrics"])
+
+    with pytest.raises(ValueError, match="'student' or 'teacher'"):
+        load_trained_model(trained_checkpoint, weights="ema")
+    assert eval_main(["--albef-checkpoint", str(trained_checkpoint), "--weights", "teacher"]) == 2
+    assert "--weights teacher" in capsys.readouterr().err
+
+
+def test_copy_teacher_to_student_needs_a_teacher():
+    model = build_model(ModelConfig.preset("tiny").with_overrides({"mode": "clip"}))
+    with pytest.raises(ValueError, match="clip model has no EMA teacher"):
+        model.copy_teacher_to_student()

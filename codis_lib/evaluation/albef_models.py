@@ -106,18 +106,21 @@ def load_albef_model(checkpoint: str | os.PathLike, *, task_config=None, bert_co
 
 
 def load_our_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   tokenizer: str | os.PathLike | None = None) -> LoadedModel:
+                   tokenizer: str | os.PathLike | None = None, weights: str = "student") -> LoadedModel:
     """Return a model saved by our trainer (codis-pretrain / codis-finetune / notebook 04), with its tokenizer.
 
     ``tokenizer``: None uses the run folder's copy; a folder or name is used instead of it (and named in
     the description). Either way it is checked against the checkpoint (`check_tokenizer_matches`).
+    ``weights``: "student" (what training optimised) or "teacher" (its EMA copy, see `load_trained_model`).
     """
     from codis_lib.evaluation.models import load_trained_model
 
-    trained = load_trained_model(checkpoint, device=device, tokenizer=tokenizer)
+    trained = load_trained_model(checkpoint, device=device, tokenizer=tokenizer, weights=weights)
     given = f", tokenizer {trained.tokenizer_source}" if tokenizer is not None else ""
+    teacher = ", EMA teacher weights" if weights == "teacher" else ""
     return LoadedModel(model=trained.model, tokenizer=trained.tokenizer, run_config=trained.run_config,
-                       description=f"checkpoint {checkpoint} ({trained.model_config.mode}, step {trained.step}{given})")
+                       description=f"checkpoint {checkpoint} ({trained.model_config.mode}, step {trained.step}"
+                                   f"{given}{teacher})")
 
 
 def albef_state_dict(model) -> dict[str, torch.Tensor]:

@@ -73,12 +73,14 @@ def load_dataset(annotation, image_root, image_size: int, *, run_config=None, sp
 
 
 def _load_model(checkpoint, albef_checkpoint, *, albef_config, bert_config, tokenizer, image_size, device,
-                allow_download):
+                allow_download, weights="student"):
     """Return (LoadedModel, torch device) of one checkpoint, ours or ALBEF's (in a process group under torchrun)."""
     from codis_lib.evaluation.albef_models import load_albef_model, load_our_model
 
     if (checkpoint is None) == (albef_checkpoint is None):
         raise ValueError("give exactly one of a checkpoint of ours or --albef-checkpoint")
+    if albef_checkpoint is not None and weights != "student":
+        raise ValueError("--weights teacher: ALBEF's released checkpoints are evaluated with their student weights")
     torch_device = _device(device)
     _init_distributed(torch_device)
     if albef_checkpoint is not None:
@@ -86,7 +88,7 @@ def _load_model(checkpoint, albef_checkpoint, *, albef_config, bert_config, toke
                                   tokenizer=tokenizer or ALBEF_TOKENIZER, image_res=image_size, device=torch_device,
                                   allow_download=allow_download)
     else:  # a tokenizer given for our checkpoint replaces the run folder's copy; both are checked against it
-        loaded = load_our_model(checkpoint, device=torch_device, tokenizer=tokenizer or None)
+        loaded = load_our_model(checkpoint, device=torch_device, tokenizer=tokenizer or None, weights=weights)
     model_image_size = loaded.model.config.vision.image_size
     if image_size is not None and albef_checkpoint is None and image_size != model_image_size:
         raise ValueError(f"--image-size {image_size}: the checkpoint's model takes {model_image_size} px images")
@@ -111,7 +113,7 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
                    split: str = "test", image_size: int | None = None, k: int = 128, rerank: bool | None = None,
                    score_mode: str = "itm", image_batch_size: int = 64, text_batch_size: int = 256,
                    pair_batch_size: int = 1024, device: str = "auto", num_workers: int = 0,
-                   allow_download: bool = False) -> dict:
+                   allow_download: bool = False, weights: str = "student") -> dict:
     """Return the evaluation result dict of one checkpoint (ours, or ALBEF's with `albef_checkpoint`).
 
     The dataset is `annotation`, or else `split` of the checkpoint's own run. Keys: "metrics" {"itc",
@@ -121,11 +123,12 @@ def run_evaluation(checkpoint: str | os.PathLike | None = None, *, albef_checkpo
     "dataset", "merged_duplicates" (image records merged), "world_size", "rank" (of this process; every
     rank returns the same metrics). `tokenizer`: ALBEF checkpoints' (default bert-base-uncased); for
     ours None uses the run folder's copy, a folder or name replaces it; either is checked against the
-    checkpoint's vocabulary size and special ids (ValueError on a mismatch).
+    checkpoint's vocabulary size and special ids (ValueError on a mismatch). `weights`: "student", or
+    "teacher" for the EMA teacher of one of our checkpoints.
     """
     loaded, torch_device = _load_model(checkpoint, albef_checkpoint, albef_config=albef_config,
                                        bert_config=bert_config, tokenizer=tokenizer, image_size=image_size,
-                                       device=device, allow_download=allow_download)
+                                       device=device, allow_download=allow_download, weights=weights)
     dataset = load_dataset(annotation, image_root, loaded.model.config.vision.image_size,
                            run_config=loaded.run_config, split=split)
     described = str(annotation) if annotation is not None else f"{split} split of the checkpoint's run"
@@ -138,7 +141,7 @@ def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str
                           rerank: bool | None = None, score_mode: str = "itm", image_batch_size: int = 64,
                           text_batch_size: int = 256, pair_batch_size: int = 1024, device: str = "auto",
                           num_workers: int = 0, image_size: int | None = None,
-                          tokenizer: str | None = None) -> dict[str, dict]:
+                          tokenizer: str | None = None, weights: str = "student") -> dict[str, dict]:
     """Return {split: result dict (as `run_evaluation`'s)} of one of our checkpoints on splits of its run's data.
 
     `splits` defaults to the run's train.eval.splits; the model is loaded once. A name the run's data
@@ -148,7 +151,7 @@ def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str
     from codis_lib.run_config import eval_split_errors
 
     loaded, torch_device = _load_model(checkpoint, None, albef_config=None, bert_config=None, tokenizer=tokenizer,
-                                       image_size=image_size, device=device, allow_download=False)
+                                       image_size=image_size, device=device, allow_download=False, weights=weights)
     run_config = loaded.run_config
     splits = list(run_config.train.eval.splits if splits is None else splits)
     problems = eval_split_errors(run_config.data, splits, "--split")
@@ -182,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
                              "checkpoint's vocabulary size and special ids"),
     albef.add_argument("--allow-download", choices=("yes", "no"), default="no",
                        help="let the tokenizer download from the hub when it is not cached")
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="which weights of our checkpoint to score: the student (what training optimised) or "
+                        "its EMA teacher")
     data = parser.add_argument_group("data")
     data.add_argument("--annotation", default=None,
                       help="ALBEF retrieval test JSON ({image, caption: [...]}); default: the checkpoint run's "
@@ -273,7 +279,8 @@ def _evaluations(args: argparse.Namespace) -> tuple[dict[str, dict] | None, dict
     """Return ({split: result}, None) for our checkpoint on its run's splits, else (None, the one result)."""
     protocol = dict(k=args.k, rerank={"auto": None, "yes": True, "no": False}[args.rerank], score_mode=args.score_mode,
                     image_batch_size=args.image_batch_size, text_batch_size=args.text_batch_size,
-                    pair_batch_size=args.pair_batch_size, device=args.device, num_workers=args.num_workers)
+                    pair_batch_size=args.pair_batch_size, device=args.device, num_workers=args.num_workers,
+                    weights=args.weights)
     if args.splits is not None and (args.annotation is not None or args.albef_checkpoint is not None):
         raise ValueError("--split evaluates splits of our checkpoint's own run; with --annotation (or an ALBEF "
                          "checkpoint) the annotation file is the dataset: give one or the other")

@@ -79,8 +79,12 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu",
-                       tokenizer: str | os.PathLike | None = None) -> TrainedModel:
+                       tokenizer: str | os.PathLike | None = None, weights: str = "student") -> TrainedModel:
     """Return the model (eval mode), tokenizer and configs stored with a training checkpoint.
+
+    ``weights="teacher"`` loads the EMA teacher's weights into the student's encoders and projections
+    (`CODIS.copy_teacher_to_student`), so that everything that scores the student scores the teacher;
+    a clip-mode checkpoint has no teacher (ValueError naming the file).
 
     The tokenizer is ``tokenizer`` when given (a folder or hub name, e.g. for a checkpoint copied
     without its run folder), else the copy the trainer saved in the run folder (`<run>/tokenizer`),
@@ -90,6 +94,8 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
     from codis_lib.data.tokenizer import load_tokenizer, tokenizer_location
     from codis_lib.model import build_model
 
+    if weights not in ("student", "teacher"):
+        raise ValueError(f"weights={weights!r}: must be 'student' or 'teacher'")
     path = Path(checkpoint)
     stored = _read_checkpoint(path)
     saved = without_retired_keys(stored["config"])  # checkpoints of earlier versions hold removed options
@@ -97,6 +103,10 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
     run_config = run_config_from_dict(saved, source=str(path))
     model = build_model(model_config, initialise=False)  # the checkpoint holds every weight
     load_state_strict(model, stored["model"], source=str(path))
+    if weights == "teacher":
+        if not model_config.uses_teacher:
+            raise ValueError(f"{path}: weights 'teacher': a {model_config.mode}-mode checkpoint has no EMA teacher")
+        model.copy_teacher_to_student()
     model.to(device).eval()
     run_tokenizer = path.parent / "tokenizer"
     if tokenizer is not None:

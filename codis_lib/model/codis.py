@@ -230,6 +230,18 @@ class CODIS(nn.Module):
                 param_m.copy_(param)
 
     @torch.no_grad()
+    def copy_teacher_to_student(self) -> None:
+        """Set the student equal to the EMA teacher, so that the student's code paths score the teacher's weights.
+
+        For evaluating the teacher (e.g. `codis-eval --weights teacher`); clip mode has no teacher (ValueError).
+        """
+        if not self.config.uses_teacher:
+            raise ValueError(f"copy_teacher_to_student: a {self.config.mode} model has no EMA teacher")
+        for student, teacher in self.teacher_pairs():
+            for param, param_m in zip(student.parameters(), teacher.parameters()):
+                param.copy_(param_m)
+
+    @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
                             image_ids: torch.Tensor | None = None) -> None:
         """Write features (n, d) (already gathered from all ranks) into the queues FIFO at queue_ptr."""
