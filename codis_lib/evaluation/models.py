@@ -104,9 +104,10 @@ def load_trained_model(checkpoint: str | os.PathLike, *, device: str | torch.dev
     model = build_model(model_config, initialise=False)  # the checkpoint holds every weight
     load_state_strict(model, stored["model"], source=str(path))
     if weights == "teacher":
-        if not model_config.uses_teacher:
-            raise ValueError(f"{path}: weights 'teacher': a {model_config.mode}-mode checkpoint has no EMA teacher")
-        model.copy_teacher_to_student()
+        try:
+            model.copy_teacher_to_student()
+        except ValueError as error:  # a clip-mode checkpoint: name the file
+            raise ValueError(f"{path}: weights 'teacher': {error}") from None
     model.to(device).eval()
     run_tokenizer = path.parent / "tokenizer"
     if tokenizer is not None:
