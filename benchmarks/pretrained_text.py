@@ -13,7 +13,7 @@ ALBEF's protocol on new_drawings (new pictures of training concepts) and test (c
 codebook and distillation diagnostics of the last logged step are printed (hard-code perplexity, dead codes,
 ITM and MLM accuracy, the loss terms).
 
-    python benchmarks/pretrained_text.py                      # the README's comparison (3 seeds, ~35 min)
+    python benchmarks/pretrained_text.py                      # the comparison in docs/results.md (3 seeds, ~35 min)
     python benchmarks/pretrained_text.py --scratch-steps 300 --seeds 0   # a quick look
 
 A finished run (its eval JSONs exist for the same steps) is reused unless --fresh is given.

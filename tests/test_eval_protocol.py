@@ -1,4 +1,4 @@
-"""The poster's evaluation protocol: the table, the README's copy of it, and codis-eval's check against it.
+"""The poster's evaluation protocol: the table, its copy in docs/evaluation.md, and codis-eval's check against it.
 
 The ALBEF checkpoints are the albef_tiny fixture's pretraining state dict and the retrieval layout made
 from it (as tests/test_model_albef_fixture.py does), saved in tmp_path as ALBEF saves them.
@@ -12,7 +12,7 @@ import torch
 
 from codis_lib.evaluation.cli import eval_main
 from codis_lib.evaluation.paper import PAPER_RESULTS
-from codis_lib.evaluation.protocol import (PROTOCOL, README_BEGIN, README_END, CheckpointKind,
+from codis_lib.evaluation.protocol import (PROTOCOL, TABLE_BEGIN, TABLE_END, CheckpointKind,
                                            checkpoint_kind_of_albef, checkpoint_kind_of_ours, protocol_issues,
                                            protocol_markdown, protocol_row)
 from codis_lib.run_config import load_run_config
@@ -72,12 +72,12 @@ def test_table_has_every_poster_row_with_albef_protocol():
         protocol_row("linear", "coco")
 
 
-def test_readme_table_is_the_rendered_one():
-    readme = (ROOT / "README.md").read_text()
-    assert README_BEGIN in readme and README_END in readme, "the README lost the protocol table's markers"
-    copy = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
-    assert copy == protocol_markdown(), ("README's protocol table differs from protocol_markdown(); paste the output "
-                                         "of `python -m codis_lib.evaluation.protocol`")
+def test_docs_table_is_the_rendered_one():
+    page = (ROOT / "docs" / "evaluation.md").read_text()
+    assert TABLE_BEGIN in page and TABLE_END in page, "docs/evaluation.md lost the protocol table's markers"
+    copy = page.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert copy == protocol_markdown(), ("docs/evaluation.md's protocol table differs from protocol_markdown(); "
+                                         "paste the output of `python -m codis_lib.evaluation.protocol`")
 
 
 def test_albef_layouts_tell_the_checkpoint_kind(tmp_path, albef_state, pretrained_file):

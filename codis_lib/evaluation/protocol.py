@@ -13,7 +13,7 @@ ALBEF's protocol and compares against ALBEF's numbers):
 `PROTOCOL` holds one `ProtocolRow` per row of the poster's two tables (setting x dataset x method): the
 checkpoint it needs, the image size, ALBEF's test file, k_test (ITM re-ranking depth: 256 on COCO, 128 on
 Flickr30K) and the expected recall (from `paper.PAPER_RESULTS`). `protocol_markdown()` renders it; the
-README's table is that rendering (a test keeps them equal). `protocol_issues(...)` compares one
+table of docs/evaluation.md is that rendering (a test keeps them equal). `protocol_issues(...)` compares one
 evaluation's checkpoint kind, image size, k and test file with a row and returns the differences as
 lines, without evaluating anything; `codis-eval --paper ... --setting ...` prints them (and with
 `--strict` refuses to run). `checkpoint_kind_of_ours` / `checkpoint_kind_of_albef` tell what a
@@ -35,7 +35,7 @@ from codis_lib.evaluation.paper import DATASET_NAMES, METRIC_ORDER, PAPER_RESULT
 __all__ = ["ProtocolRow", "CheckpointKind", "ProtocolIssue", "PROTOCOL", "CHECKPOINT_NAMES", "protocol_row",
            "protocol_markdown", "checkpoint_kind", "checkpoint_kind_of_ours", "checkpoint_kind_of_albef",
            "read_run_config", "protocol_issues",
-           "README_BEGIN", "README_END"]
+           "TABLE_BEGIN", "TABLE_END"]
 
 Checkpoint = Literal["pretrained", "coco-fine-tuned", "flickr-fine-tuned"]
 # in words, as the table and the warnings say it
@@ -44,8 +44,8 @@ CHECKPOINT_NAMES: dict[str, str] = {"pretrained": "pretrained", "coco-fine-tuned
 SPLIT_FILES = {"coco": "coco_test.json", "flickr": "flickr30k_test.json"}  # ALBEF's retrieval test files
 K_TEST = {"coco": 256, "flickr": 128}  # ALBEF's Retrieval_coco.yaml / Retrieval_flickr.yaml k_test
 PRETRAIN_SIZE, FINETUNE_SIZE = 256, 384  # pretrain_4m.yaml (base preset) / finetune_*.yaml vision.image_size
-README_BEGIN = "<!-- protocol table: rendered by codis_lib.evaluation.protocol.protocol_markdown() -->"
-README_END = "<!-- end of protocol table -->"
+TABLE_BEGIN = "<!-- protocol table: rendered by codis_lib.evaluation.protocol.protocol_markdown() -->"
+TABLE_END = "<!-- end of protocol table -->"
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def protocol_row(setting: str, dataset: str) -> ProtocolRow:
 
 
 def protocol_markdown() -> str:
-    """Return `PROTOCOL` as a markdown table (the README's copy must equal it)."""
+    """Return `PROTOCOL` as a markdown table (the copy in docs/evaluation.md must equal it)."""
     lines = ["| Table | Dataset | Method | Checkpoint | Image size | Test file | k_test | TR R@1 / 5 / 10 "
              "| IR R@1 / 5 / 10 | mean |",
              "|---|---|---|---|---:|---|---:|---|---|---:|"]
@@ -289,5 +289,5 @@ def protocol_issues(setting: str, dataset: str, *, kind: CheckpointKind, image_s
     return issues
 
 
-if __name__ == "__main__":  # print the table, e.g. to paste into the README
+if __name__ == "__main__":  # print the table, e.g. to paste into docs/evaluation.md
     print(protocol_markdown())
