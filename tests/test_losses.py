@@ -1,4 +1,4 @@
-"""The loss functions of codis_lib.losses on hand-made tensors, and the typed diagnostics of a forward."""
+"""The loss functions of codis_lib.objectives on hand-made tensors, and the typed diagnostics of a forward."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.config import ModelConfig
-from codis_lib.losses import (clip_alignment, distilled_alignment, hard_negative_weights, image_text_matching,
-                              itm_loss_from_logits, itm_pairs, mlm_loss_from_logits, positive_targets,
-                              sample_hard_negatives, soft_cross_entropy)
+from codis_lib.objectives.alignment import clip_alignment, distilled_alignment, positive_targets, soft_cross_entropy
+from codis_lib.objectives.itm import (hard_negative_weights, image_text_matching, itm_loss_from_logits, itm_pairs,
+                                      sample_hard_negatives)
+from codis_lib.objectives.mlm import mlm_loss_from_logits
 from codis_lib.model import build_model
 from codis_lib.model.output import Diagnostics
 from codis_lib.train.engine import LOGGED_DIAGNOSTICS

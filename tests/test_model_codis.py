@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.config import ModelConfig
-from codis_lib.losses import sample_hard_negatives
+from codis_lib.objectives.itm import sample_hard_negatives
 from codis_lib.model import CODIS, build_model
 from codis_lib.model.masking import mask_tokens
 
