@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.codebook import Codebook, codebook_losses, codebook_usage
-from codis_lib.objectives.code_loss import loss_code
+from codis_lib.objectives.code_loss import code_probabilities, loss_code
 from codis_lib.objectives.ot_loss import loss_ot
 from codis_lib.objectives.transport_plans import transport_assignments
 from codis_lib.ot import sinkhorn_reference
@@ -30,6 +30,9 @@ def test_code_prediction_is_a_temperature_scaled_softmax():
     feat = unit(3, 4, 0)
     expected = feat @ codebook.weight.t() / 0.1
     torch.testing.assert_close(codebook.logits(feat), expected)
+    probabilities = code_probabilities(feat, codebook.weight, 0.1)  # p = softmax(z C^T / tau_c)
+    torch.testing.assert_close(probabilities, F.softmax(expected, dim=1))
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
 
 
 def test_transport_assignments_are_sinkhorn_on_cosine_scores():
