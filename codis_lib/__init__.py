@@ -15,14 +15,15 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   format_retrieval_table, format_evaluation_table, paper_rows, format_poster_markdown, word-level
   Grad-CAM on the fusion encoder (gradcam, gradcam_by_layer, GradCAM) and the full-recipe launcher
   (launch_requirements, torchrun_command, run_command);
-- optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, Codebook,
-  transport_assignments, loss_code, codebook_losses, codebook_usage;
+- optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
+  loop, the readable reference), Codebook, transport_assignments (T_i2p, T_t2p), loss_code (L_code),
+  codebook_losses, codebook_usage; every poster term has its file in `codis_lib.objectives`;
 - constants: CLIP_MEAN, CLIP_STD.
 
 Every name is imported on first use (PEP 562), so `import codis_lib` stays light (no torch).
 Figures are in `codis_lib.viz`. The package is layered, each part importing only the ones before it:
-config, run_config and distributed; data; ot; codebook; losses; model; checkpoint; evaluation; viz;
-train (tests/test_layout.py holds it to that).
+config, run_config and distributed; data; ot; objectives; codebook; model; checkpoint; evaluation;
+viz; train (tests/test_layout.py holds it to that).
 """
 from __future__ import annotations
 
@@ -90,8 +91,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "sinkhorn_with_info": ("codis_lib.ot", "sinkhorn_with_info"),
     "ot_cost": ("codis_lib.ot", "ot_cost"),
     "Codebook": ("codis_lib.codebook", "Codebook"),
-    "transport_assignments": ("codis_lib.codebook", "transport_assignments"),
-    "loss_code": ("codis_lib.codebook", "loss_code"),
+    "sinkhorn_reference": ("codis_lib.ot", "sinkhorn_reference"),
+    "transport_assignments": ("codis_lib.objectives.transport_plans", "transport_assignments"),
+    "loss_code": ("codis_lib.objectives.code_loss", "loss_code"),
     "codebook_losses": ("codis_lib.codebook", "codebook_losses"),
     "codebook_usage": ("codis_lib.codebook", "codebook_usage"),
     # constants

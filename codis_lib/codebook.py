@@ -1,14 +1,11 @@
-"""The multimodal codebook of CODIS: shared cluster centres, code prediction, L_code and L_ot.
+"""The multimodal codebook of CODIS: K shared code vectors, the codebook terms of one step, its usage.
 
-docs/METHOD.md, items 2-5:
-- C is a (K, d) matrix of code vectors whose rows are re-normalised to unit length every step.
-- A student feature z predicts a distribution over codes, p = softmax(z C^T / tau_c).
-- The *teacher* features of each modality are assigned to codes by entropic optimal transport
-  (Sinkhorn, equal partition), giving soft targets T_i2p (from images) and T_t2p (from texts).
-- L_code = L_t2p + L_i2p is a cross-modal swapped prediction: the text student predicts the image
-  teacher's assignment and the image student predicts the text teacher's.
-- L_ot is the transport cost of the teacher features against the codebook. Teacher features carry
-  no gradient, so this term moves the codebook only.
+- `Codebook`: C, a (K, d) matrix of code vectors whose rows are re-normalised to unit length at the
+  start of every training step.
+- `codebook_losses`: the poster's codebook terms of one batch, each computed by its own file of
+  `codis_lib.objectives`: the plans T_i2p, T_t2p (`transport_plans`), L_code (`code_loss`) and L_ot
+  (`ot_loss`).
+- `codebook_usage`: perplexity and dead codes of soft assignments (plans or code probabilities).
 """
 from __future__ import annotations
 
@@ -18,10 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codis_lib.ot import ot_cost, sinkhorn
+from codis_lib.objectives.code_loss import code_logits, loss_code
+from codis_lib.objectives.ot_loss import loss_ot
+from codis_lib.objectives.transport_plans import transport_assignments
 
-__all__ = ["Codebook", "CodebookLosses", "soft_cross_entropy", "code_logits", "transport_assignments", "loss_code", "loss_ot",
-           "codebook_usage", "codebook_losses"]
+__all__ = ["Codebook", "CodebookLosses", "codebook_usage", "codebook_losses"]
 
 
 class Codebook(nn.Module):
@@ -53,74 +51,6 @@ class Codebook(nn.Module):
         return f"num_codes={self.num_codes}, dim={self.dim}, temperature={self.temperature}"
 
 
-def _check_features(name: str, feat: torch.Tensor, codebook_weight: torch.Tensor) -> None:
-    """Raise a ValueError naming `name` if feat is not (B, d) with d equal to the codebook width."""
-    if feat.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, d), got {tuple(feat.shape)}")
-    if feat.shape[1] != codebook_weight.shape[1]:
-        raise ValueError(f"{name} has width {feat.shape[1]} but the codebook has width {codebook_weight.shape[1]}")
-    if feat.shape[0] == 0:
-        raise ValueError(f"{name} has B = 0 samples")
-
-
-def code_logits(feat: torch.Tensor, codebook_weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Return z C^T / tau_c, (B, K): the student's code prediction before softmax."""
-    _check_features("feat", feat, codebook_weight)
-    return feat @ codebook_weight.t() / temperature
-
-
-@torch.no_grad()
-def transport_assignments(teacher_feat: torch.Tensor, codebook_weight: torch.Tensor, *, eps: float = 0.05,
-                          n_iters: int = 3, log_domain: bool = False, distributed: bool = True) -> torch.Tensor:
-    """Return the Sinkhorn assignment (B, K) of teacher features to codes, each row summing to 1.
-
-    Computed in float32 without gradient over the global batch (marginals all-reduced under torchrun).
-    """
-    _check_features("teacher_feat", teacher_feat, codebook_weight)
-    scores = teacher_feat.detach().float() @ codebook_weight.detach().float().t()  # (B, K) cosine similarities
-    return sinkhorn(scores, eps=eps, n_iters=n_iters, log_domain=log_domain, distributed=distributed)
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Return mean over rows of -sum_j targets[i, j] log softmax(logits)[i, j] (scalar).
-
-    The one soft-target cross-entropy of the package: L_code here, L_align in codis_lib.losses.
-    """
-    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
-
-
-def loss_code(image_feat: torch.Tensor, text_feat: torch.Tensor, image_plan: torch.Tensor,
-              text_plan: torch.Tensor, codebook_weight: torch.Tensor,
-              temperature: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (L_code, L_t2p, L_i2p): cross-modal swapped prediction of the teachers' code assignments.
-
-    image_feat, text_feat: student features (B, d). image_plan (T_i2p), text_plan (T_t2p): teacher
-    assignments (B, K), rows summing to 1. L_t2p: the text student predicts the image teacher's plan;
-    L_i2p: the image student predicts the text teacher's plan.
-    """
-    for name, plan in (("image_plan", image_plan), ("text_plan", text_plan)):
-        if plan.shape != (image_feat.shape[0], codebook_weight.shape[0]):
-            raise ValueError(f"{name} must have shape (B, K) = ({image_feat.shape[0]}, {codebook_weight.shape[0]}), "
-                             f"got {tuple(plan.shape)}")
-    if image_feat.shape != text_feat.shape:
-        raise ValueError(f"image_feat {tuple(image_feat.shape)} and text_feat {tuple(text_feat.shape)} must match")
-    text_logits = code_logits(text_feat, codebook_weight, temperature)  # (B, K)
-    image_logits = code_logits(image_feat, codebook_weight, temperature)  # (B, K)
-    loss_t2p = soft_cross_entropy(text_logits, image_plan.detach())
-    loss_i2p = soft_cross_entropy(image_logits, text_plan.detach())
-    return loss_t2p + loss_i2p, loss_t2p, loss_i2p
-
-
-def loss_ot(teacher_feat: torch.Tensor, codebook_weight: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-    """Return the OT cost sum_{i,k} T[i,k] (1 - z^m_i . c_k), T normalised to mass 1 (scalar).
-
-    The teacher features are detached, so the gradient reaches the codebook only.
-    """
-    _check_features("teacher_feat", teacher_feat, codebook_weight)
-    cost = 1.0 - teacher_feat.detach().float() @ codebook_weight.float().t()  # (B, K)
-    return ot_cost(plan, cost)
-
-
 @dataclass
 class CodebookLosses:
     """Every codebook term of one step, plus the assignments for diagnostics."""
@@ -138,7 +68,7 @@ class CodebookLosses:
 def codebook_losses(codebook: Codebook, image_feat: torch.Tensor, text_feat: torch.Tensor,
                     image_feat_teacher: torch.Tensor, text_feat_teacher: torch.Tensor, *, eps: float = 0.05,
                     n_iters: int = 3, log_domain: bool = False, distributed: bool = True) -> CodebookLosses:
-    """Return L_code and L_ot (with their parts and the plans) for one batch, as docs/METHOD.md items 3-5."""
+    """Return L_code and L_ot (with their parts and the plans T_i2p, T_t2p) for one batch (docs/METHOD.md)."""
     image_plan = transport_assignments(image_feat_teacher, codebook.weight, eps=eps, n_iters=n_iters,
                                        log_domain=log_domain, distributed=distributed)
     text_plan = transport_assignments(text_feat_teacher, codebook.weight, eps=eps, n_iters=n_iters,

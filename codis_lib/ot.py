@@ -9,8 +9,8 @@ entropic solution has the form
 and Sinkhorn-Knopp alternates between fixing the code marginals (update b) and the sample marginals
 (update a). SwAV's reference loop rescales the whole B x K matrix in place twice per iteration; here
 only the two scaling vectors change, so each iteration is two matrix-vector products and the plan is
-formed once at the end. Both give the same plan (tests check this against a step-by-step reference
-and against POT).
+formed once at the end. Both give the same plan (tests check this against `sinkhorn_reference`, SwAV's
+loop written out plainly, and against POT).
 
 In a distributed run the sample axis is split over processes. The code marginals are sums over the
 *global* batch, so they are all-reduced; the result equals the single-process plan on the
@@ -25,7 +25,7 @@ import torch
 
 from codis_lib.distributed import all_reduce_max_, all_reduce_sum_, is_distributed
 
-__all__ = ["sinkhorn", "sinkhorn_log", "ot_cost", "SinkhornResult", "sinkhorn_with_info"]
+__all__ = ["sinkhorn", "sinkhorn_log", "ot_cost", "SinkhornResult", "sinkhorn_with_info", "sinkhorn_reference"]
 
 
 def _check_inputs(scores: torch.Tensor, eps: float, n_iters: int | None, tol: float | None) -> None:
@@ -289,3 +289,24 @@ def ot_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
                          f"and cost {tuple(cost.shape)}")
     plan = plan.detach().to(cost.dtype)
     return (plan * cost).sum() / plan.sum()
+
+
+def sinkhorn_reference(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Return the equal-partition plan (B, K), rows summing to 1, by SwAV's loop as written: the readable reference.
+
+    The whole (K, B) matrix exp(S / eps) is rescaled in place, codes then samples, n_iters times; no
+    shift, so exp overflows in float32 once a score exceeds ~88 eps. Computed in `dtype` (float64 by
+    default, for checking `sinkhorn` against it; float32 for timing SwAV's loop). Single process only.
+    The tests and benchmarks/bench_sinkhorn.py compare `sinkhorn` with this.
+    """
+    plan = torch.exp(scores.to(dtype) / eps).t()  # (K, B) as SwAV orients it
+    codes, batch = plan.shape
+    plan /= plan.sum()
+    for _ in range(n_iters):
+        plan /= plan.sum(dim=1, keepdim=True)  # every code receives 1/K
+        plan /= codes
+        plan /= plan.sum(dim=0, keepdim=True)  # every sample sends 1/B
+        plan /= batch
+    plan *= batch
+    return plan.t()

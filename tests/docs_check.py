@@ -193,6 +193,13 @@ def class_member_exists(cls: str, member: str) -> bool:
 def path_problem(token: str) -> str | None:
     """A problem with a path-like token, or None (also when the token is no repository path)."""
     token = token.strip(".,;:()[]'\"")
+    if "::" in token:  # a pytest node id, tests/test_x.py::test_name: the file must define that test
+        file, _, test = token.partition("::")
+        if not (ROOT / file).is_file():
+            return f"path {file}: no such file"
+        names = {node.name for node in ast.walk(source_tree(ROOT / file))
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        return None if test.split("[")[0] in names else f"test {token}: {file} defines no {test}"
     name = token.rstrip("/")
     first = name.split("/", 1)[0]
     if first in REPO_DIRS and "/" in token or name in {"README.md", "pyproject.toml", "environment.yml"}:

@@ -1,4 +1,4 @@
-"""Helpers shared by several test modules: a tiny training run's overrides, SwAV's Sinkhorn loop, a free port.
+"""Helpers shared by several test modules: a tiny training run's overrides, a free port.
 
 They live here rather than in one test module so that importing them does not also collect (or run the
 module-level setup of) another module's tests.
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-
-import torch
 
 from tests.fixtures_data.corpus import small_emoji_corpus
 
@@ -23,20 +21,6 @@ def tiny_run_overrides(output_dir: str | os.PathLike, steps: int, **extra: objec
               # 2-core machine (pytest + notebook kernels) can make a step 10x slower.
               "train.num_threads": 1, **extra}
     return [f"{key}={value}" for key, value in values.items()]
-
-
-def swav_reference(scores: torch.Tensor, eps: float, n_iters: int, dtype=torch.float64) -> torch.Tensor:
-    """SwAV's loop, step by step: the whole matrix rescaled in place, then rows rescaled to sum to 1."""
-    plan = torch.exp(scores.to(dtype) / eps).t()  # (K, B) as SwAV orients it
-    codes, batch = plan.shape
-    plan /= plan.sum()
-    for _ in range(n_iters):
-        plan /= plan.sum(dim=1, keepdim=True)
-        plan /= codes
-        plan /= plan.sum(dim=0, keepdim=True)
-        plan /= batch
-    plan *= batch
-    return plan.t()
 
 
 def free_port() -> int:

@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codis_lib.codebook import (Codebook, codebook_losses, codebook_usage, loss_code, loss_ot,
-                                transport_assignments)
-from tests.helpers import swav_reference
+from codis_lib.codebook import Codebook, codebook_losses, codebook_usage
+from codis_lib.objectives.code_loss import code_probabilities, loss_code
+from codis_lib.objectives.ot_loss import loss_ot
+from codis_lib.objectives.transport_plans import transport_assignments
+from codis_lib.ot import sinkhorn_reference
 
 
 def unit(batch, dim, seed):
@@ -28,13 +30,16 @@ def test_code_prediction_is_a_temperature_scaled_softmax():
     feat = unit(3, 4, 0)
     expected = feat @ codebook.weight.t() / 0.1
     torch.testing.assert_close(codebook.logits(feat), expected)
+    probabilities = code_probabilities(feat, codebook.weight, 0.1)  # p = softmax(z C^T / tau_c)
+    torch.testing.assert_close(probabilities, F.softmax(expected, dim=1))
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
 
 
 def test_transport_assignments_are_sinkhorn_on_cosine_scores():
     codebook = Codebook(num_codes=6, dim=8)
     teacher = unit(20, 8, 1)
     plan = transport_assignments(teacher, codebook.weight, eps=0.05, n_iters=3)
-    reference = swav_reference((teacher @ codebook.weight.t()).detach(), 0.05, 3)
+    reference = sinkhorn_reference((teacher @ codebook.weight.t()).detach(), 0.05, 3)
     torch.testing.assert_close(plan.double(), reference, atol=1e-5, rtol=0)
     assert not plan.requires_grad
 
@@ -79,8 +84,8 @@ def test_identical_teachers_reduce_to_swav_swapped_prediction():
     # SwAV (Caron et al. 2020, eq. 1-3): codes q from Sinkhorn on the features, each view predicts the
     # other view's code with softmax(z . c / tau); the loss sums the two swapped cross-entropies.
     scores = (teacher @ codebook.weight.t()).detach()
-    q_image = swav_reference(scores, 0.05, 3).float()
-    q_text = swav_reference(scores, 0.05, 3).float()
+    q_image = sinkhorn_reference(scores, 0.05, 3).float()
+    q_text = sinkhorn_reference(scores, 0.05, 3).float()
     swav = (-(q_image * F.log_softmax(view_text @ codebook.weight.t() / 0.1, 1)).sum(1).mean()
             - (q_text * F.log_softmax(view_image @ codebook.weight.t() / 0.1, 1)).sum(1).mean())
     assert math.isclose(float(losses.code), float(swav), rel_tol=1e-5)

@@ -15,15 +15,7 @@ from tests.docs_check import ROOT, page_problems
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 200
 COURSE_TABLE_BY_LINE = 60
-# Names docs/METHOD.md still uses from before a rename; issue 22 rewrites that page on another branch.
-# The test fails as soon as the list and the page disagree, so whoever fixes the page empties this entry.
-KNOWN_STALE = {
-    "docs/METHOD.md": {
-        "path codis_lib/train/config.py: no such file",
-        "name _distilled_contrast: appears nowhere in the repository's source",
-        "name _positive_targets: appears nowhere in the repository's source",
-    },
-}
+KNOWN_STALE: dict[str, set[str]] = {}  # page -> problems tolerated while its rewrite is pending (none now)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

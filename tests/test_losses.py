@@ -1,4 +1,4 @@
-"""The loss functions of codis_lib.losses on hand-made tensors, and the typed diagnostics of a forward."""
+"""The loss functions of codis_lib.objectives on hand-made tensors, and the typed diagnostics of a forward."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.config import ModelConfig
-from codis_lib.losses import (clip_alignment, distilled_alignment, hard_negative_weights, image_text_matching,
-                              itm_loss_from_logits, itm_pairs, mlm_loss_from_logits, positive_targets,
-                              sample_hard_negatives, soft_cross_entropy)
+from codis_lib.objectives.alignment import clip_alignment, distilled_alignment, positive_targets, soft_cross_entropy
+from codis_lib.objectives.itm import (hard_negative_weights, image_text_matching, itm_loss_from_logits, itm_pairs,
+                                      sample_hard_negatives)
+from codis_lib.objectives.mlm import masked_language_modelling, mlm_loss_from_logits
 from codis_lib.model import build_model
 from codis_lib.model.output import Diagnostics
 from codis_lib.train.engine import LOGGED_DIAGNOSTICS
@@ -138,6 +139,33 @@ def test_mlm_loss_is_ce_without_a_teacher_and_the_alpha_mix_with_one():
     distill = -(F.softmax(teacher, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
     torch.testing.assert_close(mixed.distill, distill)
     torch.testing.assert_close(mixed.loss, 0.6 * plain.loss + 0.4 * distill)
+
+
+def test_masked_language_modelling_reads_only_the_masked_positions():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 4, generator=gen, requires_grad=True)  # (B, L, D)
+    head = torch.nn.Linear(4, 7)  # the MLM head: D -> V
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3], labels[1, 4] = 2, 6, 0
+    teacher = torch.randn(2, 5, 7, generator=gen)
+    calls = []
+
+    def teacher_logits(positions):
+        calls.append(positions)
+        return teacher[positions]
+
+    positions = labels != -100
+    loss = masked_language_modelling(hidden, labels, head, alpha=0.4, teacher_logits=teacher_logits)
+    expected = mlm_loss_from_logits(head(hidden[positions]), labels[positions], torch.tensor(3.0), alpha=0.4,
+                                    teacher_logits=teacher[positions])
+    for got, want in zip(loss, expected):
+        torch.testing.assert_close(got, want)
+    assert len(calls) == 1 and torch.equal(calls[0], positions)
+    masked_language_modelling(hidden, labels, head, alpha=0.0, teacher_logits=teacher_logits)
+    assert len(calls) == 1  # alpha = 0: the teacher is not run
+    nothing = masked_language_modelling(hidden, torch.full((2, 5), -100), head, alpha=0.4)
+    nothing.loss.backward()  # a batch without masked tokens still reaches the graph, with zero gradient
+    assert nothing.loss.item() == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
 def test_diagnostics_are_typed_and_details_come_only_when_asked_for():

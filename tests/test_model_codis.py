@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from codis_lib.config import ModelConfig
-from codis_lib.losses import sample_hard_negatives
+from codis_lib.objectives.code_loss import code_probabilities
+from codis_lib.objectives.itm import sample_hard_negatives
 from codis_lib.model import CODIS, build_model
 from codis_lib.model.masking import mask_tokens
 
@@ -59,6 +60,16 @@ def test_ema_update_is_exactly_m_teacher_plus_one_minus_m_student():
     with torch.no_grad():
         model(*_batch(model.config), alpha=0.4)
     assert all(torch.equal(t, f) for (_, t), f in zip(pairs, frozen))
+
+
+def test_assign_codes_are_the_code_probabilities_of_the_renormalised_codes():
+    model = _model()
+    with torch.no_grad():
+        model.codebook.weight.mul_(2.0)  # off the unit sphere, as after an optimizer step
+    feat = F.normalize(torch.randn(5, model.config.embed_dim, generator=torch.Generator().manual_seed(3)), dim=1)
+    expected = code_probabilities(feat, F.normalize(model.codebook.weight, dim=1), model.codebook.temperature)
+    assert torch.equal(model.assign_codes(feat), expected)
+    assert not torch.allclose(expected, code_probabilities(feat, model.codebook.weight, model.codebook.temperature))
 
 
 def test_queue_pointer_wraps_fifo():

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codis_lib.ot import ot_cost, sinkhorn, sinkhorn_log, sinkhorn_with_info
-from tests.helpers import swav_reference
+from codis_lib.ot import ot_cost, sinkhorn, sinkhorn_log, sinkhorn_reference, sinkhorn_with_info
 
 
 def cosine_scores(batch: int, codes: int, dim: int = 16, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -57,7 +56,7 @@ def test_converged_float32_plan_matches_pot():
 def test_fixed_iterations_equal_step_by_step_reference(n_iters, log_domain):
     scores = cosine_scores(40, 12, seed=n_iters)
     plan = sinkhorn(scores, 0.05, n_iters, log_domain=log_domain)
-    np.testing.assert_allclose(plan.numpy(), swav_reference(scores, 0.05, n_iters).numpy(), atol=1e-10, rtol=0)
+    np.testing.assert_allclose(plan.numpy(), sinkhorn_reference(scores, 0.05, n_iters).numpy(), atol=1e-10, rtol=0)
 
 
 def test_three_iterations_are_not_yet_converged():
@@ -71,14 +70,14 @@ def test_log_domain_is_finite_where_the_plain_one_overflows():
     eps = 0.002
     # In float32, exp(score / 0.002) overflows for any score above 0.18, and no single shift keeps
     # every row's largest kernel entry above the underflow limit (scores span 1.5 = 750 eps).
-    assert not torch.isfinite(swav_reference(scores, eps, 3, dtype=torch.float32)).all()
+    assert not torch.isfinite(sinkhorn_reference(scores, eps, 3, dtype=torch.float32)).all()
     with pytest.raises(FloatingPointError, match="log_domain=True"):
         sinkhorn(scores, eps, 3)
     plan = sinkhorn_log(scores, eps, 3)
     assert torch.isfinite(plan).all()
     np.testing.assert_allclose(plan.sum(1).numpy(), 1.0, atol=1e-5)
     # The float32 log-domain plan equals the step-by-step loop run in float64, where it does not overflow.
-    np.testing.assert_allclose(plan.double().numpy(), swav_reference(scores, eps, 3).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(plan.double().numpy(), sinkhorn_reference(scores, eps, 3).numpy(), atol=1e-5, rtol=0)
     # And run to convergence it is POT's log-domain plan (a small problem: eps this small converges slowly).
     eps = 0.005
     small = cosine_scores(12, 4, seed=11)
@@ -90,9 +89,9 @@ def test_plain_solver_shift_and_its_fallback_give_the_reference_plan():
     # The kernel is shifted by the first row's maximum (a constant factor that cancels). At eps=0.005
     # the unshifted float32 loop overflows, yet the shifted plain solver is exact ...
     scores = cosine_scores(64, 16, seed=11, dtype=torch.float32)
-    assert not torch.isfinite(swav_reference(scores, 0.005, 3, dtype=torch.float32)).all()
+    assert not torch.isfinite(sinkhorn_reference(scores, 0.005, 3, dtype=torch.float32)).all()
     np.testing.assert_allclose(sinkhorn(scores, 0.005, 3).double().numpy(),
-                               swav_reference(scores, 0.005, 3).numpy(), atol=1e-6, rtol=0)
+                               sinkhorn_reference(scores, 0.005, 3).numpy(), atol=1e-6, rtol=0)
     # ... and when another score exceeds the first row's maximum by more than ~88 eps (exp overflows)
     # the kernel is rebuilt shifting each code by its own maximum: same plan as the float64 loop.
     high = scores * 4.0  # scores up to ~3 = 60 eps at eps=0.05
@@ -102,7 +101,7 @@ def test_plain_solver_shift_and_its_fallback_give_the_reference_plan():
     with torch.no_grad():
         assert not torch.isfinite(torch.exp((high - high[0].max()) / 0.05)).all()
     np.testing.assert_allclose(sinkhorn(high, 0.05, 3).double().numpy(),
-                               swav_reference(high.double(), 0.05, 3).numpy(), atol=1e-6, rtol=0)
+                               sinkhorn_reference(high.double(), 0.05, 3).numpy(), atol=1e-6, rtol=0)
 
 
 def test_minus_inf_scores_forbid_a_pair():

@@ -5,8 +5,8 @@ One `forward` computes every active loss term of
     L = L_align + L_code + L_ot + L_itm + L_mlm              (each with its own weight)
 
 and returns them separately (`CODISOutput`) with typed `Diagnostics` and, on request, the large
-per-batch `Details`. The terms themselves are pure functions in `codis_lib.losses` and
-`codis_lib.codebook`; `forward` encodes, calls them and refreshes the queues. Parameter and buffer names
+per-batch `Details`. The terms themselves are pure functions, one file per poster term in
+`codis_lib.objectives`; `forward` encodes, calls them and refreshes the queues. Parameter and buffer names
 follow ALBEF's checkpoints (`visual_encoder`, `text_encoder.bert`, `text_encoder.cls`, `vision_proj`,
 `text_proj`, `itm_head`, the `*_m` teacher copies, `image_queue`, `text_queue`, `queue_ptr`, `temp`),
 so `albef_checkpoint.load_albef_state_dict` is a checked, key-by-key mapping.
@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from codis_lib.codebook import Codebook, codebook_losses, codebook_usage
 from codis_lib.config import ModelConfig
 from codis_lib.distributed import all_gather_no_grad, get_rank
-from codis_lib.losses import (AlignmentLosses, MLMLosses, clip_alignment, distilled_alignment, float32_region,
-                              global_token_count, hard_negative_similarities, image_text_matching,
-                              mlm_loss_from_logits, positive_targets)
+from codis_lib.objectives.alignment import (AlignmentLosses, clip_alignment, distilled_alignment, float32_region,
+                                            positive_targets)
+from codis_lib.objectives.code_loss import code_probabilities
+from codis_lib.objectives.itm import hard_negative_similarities, image_text_matching
+from codis_lib.objectives.mlm import MLMLosses, masked_language_modelling
 from codis_lib.model.bert import TextFusionEncoder
 from codis_lib.model.inputs import check_inputs, check_teacher_inputs
 from codis_lib.model.masking import mask_tokens
@@ -206,9 +208,13 @@ class CODIS(nn.Module):
         return self.text_encoder.mlm_logits(input_ids, attention_mask, image_embeds)
 
     def assign_codes(self, feat: torch.Tensor) -> torch.Tensor:
-        """Return soft code probabilities (B, K) = softmax(z C^T / tau_c) for unit-norm features (B, d)."""
-        codes = F.normalize(self.codebook.weight.float(), dim=1)  # (K, d); rows are unit after normalize_()
-        return F.softmax(feat.float() @ codes.t() / self.codebook.temperature, dim=-1)
+        """Return soft code probabilities (B, K) = softmax(z C^T / tau_c) for unit-norm features (B, d).
+
+        The codes are re-normalised first: after an optimizer step their rows are off the unit sphere
+        until the next training step's `normalize_`.
+        """
+        codes = F.normalize(self.codebook.weight.float(), dim=1)  # (K, d)
+        return code_probabilities(feat.float(), codes, self.codebook.temperature)
 
     # ------------------------------------------------------------------ teacher and queues
     @torch.no_grad()
@@ -383,23 +389,17 @@ class CODIS(nn.Module):
 
     def mlm_loss(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                  image_embeds: torch.Tensor, image_embeds_m: torch.Tensor | None, alpha: float) -> MLMLosses:
-        """Return (L_mlm, CE, D, accuracy): ALBEF's MLM loss (1 - alpha) CE + alpha D over the masked tokens.
+        """Return (L_mlm, CE, D, accuracy) of masked captions: the student and teacher encoders around
+        `objectives.mlm.masked_language_modelling`.
 
-        CE: cross-entropy against labels (-100 ignored), averaged over all masked tokens of the (global) batch.
-        D: mean over the same tokens of -sum_v softmax(teacher logits) log softmax(student logits); the
-        teacher reads image_embeds_m (None: no distillation). Only masked positions go through the MLM
-        head (same numbers as ALBEF's full logits, ~7x less work on the vocabulary projection).
+        labels (B, L): original ids at the masked positions, -100 elsewhere. The teacher reads
+        image_embeds_m (None: no distillation).
         """
-        positions = labels != -100  # (B, L)
         hidden = self.text_encoder.bert.forward_multimodal(masked_ids, attention_mask, image_embeds)  # (B, L, D)
-        count = global_token_count(positions)  # every rank takes part, masked tokens or not
-        if not bool(positions.any()):  # nothing masked here: a zero that keeps the graph connected
-            zero = hidden.sum() * 0.0
-            return MLMLosses(zero, zero.detach(), zero.detach(), zero.detach())
-        logits = self.text_encoder.cls(hidden[positions]).float()  # (M, V)
-        teacher_logits = None
-        if alpha != 0 and image_embeds_m is not None:
-            with torch.no_grad():
-                hidden_m = self.text_encoder_m.bert.forward_multimodal(masked_ids, attention_mask, image_embeds_m)
-                teacher_logits = self.text_encoder_m.cls(hidden_m[positions])  # (M, V)
-        return mlm_loss_from_logits(logits, labels[positions], count, alpha=alpha, teacher_logits=teacher_logits)
+
+        def teacher_logits(positions: torch.Tensor) -> torch.Tensor:  # (M, V) at the masked positions
+            hidden_m = self.text_encoder_m.bert.forward_multimodal(masked_ids, attention_mask, image_embeds_m)
+            return self.text_encoder_m.cls(hidden_m[positions])
+
+        return masked_language_modelling(hidden, labels, self.text_encoder.cls, alpha=alpha,
+                                         teacher_logits=None if image_embeds_m is None else teacher_logits)

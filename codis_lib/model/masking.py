@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from codis_lib.losses import sample_generator  # the per-sample streams, shared with the ITM draws
+from codis_lib.objectives.itm import sample_generator  # the per-sample streams, shared with the ITM draws
 
 __all__ = ["mask_tokens", "sample_generator"]
 
