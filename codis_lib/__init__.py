@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, tuple[str, str]] = {
     # build
     "ModelConfig": ("codis_lib.config", "ModelConfig"),
-    "ConfigError": ("codis_lib.config", "ConfigError"),
+    "ConfigError": ("codis_lib.typed_config", "ConfigError"),
     "build_model": ("codis_lib.model", "build_model"),
     "RunConfig": ("codis_lib.run_config", "RunConfig"),
     "load_run_config": ("codis_lib.run_config", "load_run_config"),

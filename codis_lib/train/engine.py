@@ -55,7 +55,7 @@ from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoin
                                   restore_training_state)
 from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, retrieval_split_file,
                                          split_description)
-from codis_lib.config import ConfigError
+from codis_lib.typed_config import ConfigError
 from codis_lib.run_config import RunConfig
 from codis_lib.train.data_order import DATA_ORDER_KEY, check_resume_data_order, data_order_record
 from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_loss_scale

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from codis_lib.config import CONFIG_DIR, ConfigError
+from codis_lib.config import CONFIG_DIR
+from codis_lib.typed_config import ConfigError
 from codis_lib.train.metrics import LOSS_PREFIX
 
 if TYPE_CHECKING:
