@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from codis_lib.run_config import load_run_config
-from codis_lib.train.metrics import read_jsonl
+from codis_lib.metrics_log import read_jsonl
 from codis_lib.train.reference import REFERENCE_DIR
 from codis_lib.train.reference_runs import (build_curve, comparable_config, curve_settings, run_reference_seed,
                                             write_reference)
