@@ -4,17 +4,17 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
 
 - build: ModelConfig, build_model, RunConfig, load_run_config, build_emoji_corpus, load_tokenizer,
   the datasets (PretrainDataset, RetrievalTrainDataset, RetrievalEvalDataset) and ImageTextCollator;
-- load: load_trained_model, pretrain_or_load, load_checkpoint, load_albef_model, load_albef_state_dict,
-  model_config_from_albef, export_albef_checkpoint;
+- load: load_trained_model, load_or_train (also under its earlier name pretrain_or_load), load_checkpoint,
+  load_albef_model, load_albef_state_dict, model_config_from_albef, export_albef_checkpoint;
 - train: run_training (`codis_lib.train.engine.train`; a function named `train` cannot live here, since
   importing the subpackage `codis_lib.train` sets that attribute), TrainResult, NonFiniteLossError,
-  the schedules (lr_at_step, alpha_at_step, effective_warmup_steps) and the logs (read_jsonl,
-  plot_loss_curves, plot_series);
+  the schedules (lr_at_step, alpha_at_step, effective_warmup_steps), the logs (read_jsonl; their
+  figures plot_loss_curves, plot_series, from codis_lib.viz) and the full-recipe launcher
+  (launch_requirements, torchrun_command, run_command);
 - evaluate: evaluate_retrieval and its parts (dataset_features, evaluate_features, the ITM re-rankers,
   ranks_of_best_match, retrieval_metrics), retrieval_split_dataset, retrieval_report, run_evaluation,
-  format_retrieval_table, format_evaluation_table, paper_rows, format_poster_markdown, word-level
-  Grad-CAM on the fusion encoder (gradcam, gradcam_by_layer, GradCAM) and the full-recipe launcher
-  (launch_requirements, torchrun_command, run_command);
+  format_retrieval_table, format_evaluation_table, paper_rows, format_poster_markdown and word-level
+  Grad-CAM on the fusion encoder (gradcam, gradcam_by_layer, GradCAM);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
   loop, the readable reference), Codebook, transport_assignments (T_i2p, T_t2p), loss_code (L_code),
   codebook_losses, codebook_usage; every poster term has its file in `codis_lib.objectives`;
@@ -22,8 +22,8 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
 
 Every name is imported on first use (PEP 562), so `import codis_lib` stays light (no torch).
 Figures are in `codis_lib.viz`. The package is layered, each part importing only the ones before it:
-config, run_config and distributed; data; ot; objectives; codebook; model; checkpoint; evaluation;
-viz; train (tests/test_layout.py holds it to that).
+typed_config, config, run_config, metrics_log and distributed; data; ot; objectives; codebook; model;
+checkpoint; evaluation; viz; train (tests/test_layout.py holds it to that).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, tuple[str, str]] = {
     # build
     "ModelConfig": ("codis_lib.config", "ModelConfig"),
-    "ConfigError": ("codis_lib.config", "ConfigError"),
+    "ConfigError": ("codis_lib.typed_config", "ConfigError"),
     "build_model": ("codis_lib.model", "build_model"),
     "RunConfig": ("codis_lib.run_config", "RunConfig"),
     "load_run_config": ("codis_lib.run_config", "load_run_config"),
@@ -48,7 +48,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     # load
     "TrainedModel": ("codis_lib.evaluation.models", "TrainedModel"),
     "load_trained_model": ("codis_lib.evaluation.models", "load_trained_model"),
-    "pretrain_or_load": ("codis_lib.train.pretrained", "pretrain_or_load"),
+    "load_or_train": ("codis_lib.train.load_or_train", "load_or_train"),
+    "pretrain_or_load": ("codis_lib.train.load_or_train", "load_or_train"),  # its earlier name, kept for now
     "load_checkpoint": ("codis_lib.checkpoint", "load_checkpoint"),
     "load_albef_model": ("codis_lib.evaluation.albef_models", "load_albef_model"),
     "export_albef_checkpoint": ("codis_lib.evaluation.albef_models", "export_albef_checkpoint"),
@@ -61,9 +62,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "lr_at_step": ("codis_lib.train.schedule", "lr_at_step"),
     "alpha_at_step": ("codis_lib.train.schedule", "alpha_at_step"),
     "effective_warmup_steps": ("codis_lib.train.schedule", "effective_warmup_steps"),
-    "read_jsonl": ("codis_lib.train.metrics", "read_jsonl"),
-    "plot_loss_curves": ("codis_lib.train.metrics", "plot_loss_curves"),
-    "plot_series": ("codis_lib.train.metrics", "plot_series"),
+    "launch_requirements": ("codis_lib.train.launch", "launch_requirements"),
+    "torchrun_command": ("codis_lib.train.launch", "torchrun_command"),
+    "run_command": ("codis_lib.train.launch", "run_command"),
+    "read_jsonl": ("codis_lib.metrics_log", "read_jsonl"),
+    "plot_loss_curves": ("codis_lib.viz", "plot_loss_curves"),
+    "plot_series": ("codis_lib.viz", "plot_series"),
     # evaluate (the retrieval parts through codis_lib.evaluation, which re-exports them)
     "evaluate_retrieval": ("codis_lib.evaluation.retrieval", "evaluate_retrieval"),
     "RetrievalFeatures": ("codis_lib.evaluation", "RetrievalFeatures"),
@@ -83,9 +87,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "GradCAM": ("codis_lib.evaluation.gradcam", "GradCAM"),
     "gradcam": ("codis_lib.evaluation.gradcam", "gradcam"),
     "gradcam_by_layer": ("codis_lib.evaluation.gradcam", "gradcam_by_layer"),
-    "launch_requirements": ("codis_lib.evaluation.full_recipe", "launch_requirements"),
-    "torchrun_command": ("codis_lib.evaluation.full_recipe", "torchrun_command"),
-    "run_command": ("codis_lib.evaluation.full_recipe", "run_command"),
     # optimal transport and the codebook
     "sinkhorn": ("codis_lib.ot", "sinkhorn"),
     "sinkhorn_with_info": ("codis_lib.ot", "sinkhorn_with_info"),

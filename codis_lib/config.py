@@ -1,43 +1,48 @@
 """Typed configuration of the CODIS model: dataclasses, presets and validated YAML loading.
 
-A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder (`VisionConfig`),
-the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" | "codis"), the loss switches and weights
-(`LossConfig`) and the scalars of docs/METHOD.md (temperature, momentum, queue, codebook, Sinkhorn, MLM masking).
+A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder
+(`VisionConfig`), the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" |
+"codis"), the loss switches and weights (`LossConfig`) and the scalars of docs/METHOD.md (temperature,
+momentum, queue, codebook, Sinkhorn, MLM masking).
 
 Presets ship as YAML files beside this module (`codis_lib/configs/tiny.yaml`, `base.yaml`):
+
     >>> cfg = ModelConfig.preset("tiny")
     >>> cfg = load_model_config("my_model.yaml")              # a full or partial config
     >>> cfg = ModelConfig.from_dict({"preset": "tiny", "mode": "albef"})
     >>> cfg = cfg.with_overrides({"losses.itm": False, "queue_size": 256})
 
-Loading is strict: unknown keys (listing the valid ones), wrong types and impossible combinations are errors that
-name the key and the file. The one check that needs the batch size (the queue length must be a multiple of the
-global batch, because the queue is refreshed FIFO one global batch at a time) is
-`ModelConfig.validate_for_batch(global_batch)`, which the trainer calls.
+Loading is strict (the typed-YAML machinery of `codis_lib.typed_config`): unknown keys (listing the
+valid ones), wrong types and impossible combinations are errors that name the key and the file. The
+one check that needs the batch size (the queue length must be a multiple of the global batch, because
+the queue is refreshed FIFO one global batch at a time) is `ModelConfig.validate_for_batch(global_batch)`,
+which the trainer calls.
 
 Mode and loss switches: the mode fixes which parts exist in the computation.
 - clip:  in-batch image-text contrastive loss only (no teacher, no queue, no fusion losses);
 - albef: ALBEF = image-text contrastive with momentum distillation over the queue + ITM + MLM;
 - codis: albef + the unimodal teacher-student pair (i2i, t2t) + L_code + L_ot.
-Each switch in `losses` is `None` (use the mode's default), `true` or `false`; switching on a term its mode cannot
-compute (e.g. `itm` in clip) is an error, switching one off is an ablation.
-Teacher views (albef, codis): `teacher_view` "same" (ALBEF) | "own" (a second augmentation, TCL's `image_aug`);
-`teacher_text_view` "same" (ALBEF) | "dropout" (the same caption, views differing by dropout as in TCL; needs text
-dropout > 0) | "other_caption" (another caption of the record). Clip mode has no teacher.
+Each switch in `losses` is `None` (use the mode's default), `true` or `false`; switching on a term
+its mode cannot compute (e.g. `itm` in clip) is an error, switching one off is an ablation.
+
+Teacher views (modes albef and codis; clip has no teacher): `teacher_view` "same" (ALBEF) or "own" (a
+second draw of the training augmentation, as TCL's `image_aug`, carried as `batch["image_teacher"]`);
+`teacher_text_view` "same" (ALBEF), "dropout" (the same caption, the views differing by dropout masks
+as in TCL; an error when the text dropout is 0) or "other_caption" (another caption of the record).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
+from codis_lib.typed_config import ConfigError, build_dataclass, deep_merge, read_yaml
 
+# ConfigError (defined in codis_lib.typed_config) is what every loader here raises.
 __all__ = ["VisionConfig", "TextConfig", "LossConfig", "ModelConfig", "ConfigError", "load_model_config",
            "preset_names", "config_from_dict", "MODES", "LOSS_TERMS"]
 
@@ -55,10 +60,6 @@ _WHY_NOT = {
     "clip": "clip mode has no teacher, queue, codebook or fusion encoder in its computation",
     "albef": "albef mode has no codebook and no unimodal teacher-student pair (use mode 'codis')",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
 
 
 @dataclass
@@ -166,8 +167,9 @@ class ModelConfig:
     sinkhorn_log_domain: bool = False
     mlm_probability: float = 0.15
     gradient_checkpointing: bool = False  # recompute encoder activations in backward (saves memory)
-    teacher_view: Literal["same", "own"] = "same"  # the teacher's image: the student's view or its own (docstring)
-    teacher_text_view: Literal["same", "dropout", "other_caption"] = "same"  # the teacher's caption (docstring)
+    # What the momentum teacher encodes (module docstring, README); ignored in clip mode (no teacher).
+    teacher_view: Literal["same", "own"] = "same"  # image: the student's augmented image, or its own draw
+    teacher_text_view: Literal["same", "dropout", "other_caption"] = "same"  # caption: the same, or another
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -343,10 +345,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    data = read_yaml(path)
     if data is None:
         data = {}
     return config_from_dict(data, source=str(path))
@@ -366,81 +365,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ModelCo
         if not isinstance(preset, str):
             raise ConfigError(f"{source}: preset must be a preset name string, got {preset!r}")
         base = ModelConfig.preset(preset).to_dict()
-        data = _deep_merge(base, data)
+        data = deep_merge(base, data)
     config = build_dataclass(ModelConfig, data, source, prefix="")
     return config.validate(source)
 
-
-def _deep_merge(base: dict, update: Mapping) -> dict:
-    """Return base updated by `update`, merging nested mappings key by key."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def build_dataclass(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
-    """Return cls(**checked values), rejecting unknown keys and wrong types by dotted key (every config section)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in data if key not in valid]
-    if unknown:
-        where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + str(k) for k in unknown)} in {where}; "
-                          f"valid keys: {', '.join(valid)}")
-    return cls(**{key: check_type(hints[key], raw, f"{prefix}{key}", source) for key, raw in data.items()})
-
-
-def check_type(hint: Any, value: Any, key: str, source: str) -> Any:
-    """Return value converted to `hint` (int -> float allowed), or raise ConfigError naming the key."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, source, prefix=f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none, errors = [a for a in args if a is not type(None)], []
-        if len(non_none) == 1:
-            return check_type(non_none[0], value, key, source)
-        for alternative in non_none:  # e.g. int | Literal["auto"]: the first alternative that accepts the value
-            try:
-                return check_type(alternative, value, key, source)
-            except ConfigError as error:  # keep what this alternative expected
-                errors.append(str(error).split(f"{key} ", 1)[-1])
-        raise ConfigError(f"{source}: {key} {' or '.join(errors)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r} ({type(value).__name__})")
-        return [check_type(args[0], item, f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r} ({type(value).__name__})")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if hint is float:
-        # PyYAML reads "1e-6" (no dot) as a string; accept any string that is a float literal.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r} ({type(value).__name__})")
-        return value
-    raise ConfigError(f"{source}: {key} has unsupported type {hint}")  # a bug in this module, not in the file

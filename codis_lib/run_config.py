@@ -13,10 +13,11 @@ A run is described by one YAML file with three sections (see codis_lib/configs/p
     >>> run = load_run_config("pretrain_emoji")            # a packaged config, by name or path
     >>> run = load_run_config("my.yaml", overrides=["train.batch_size=8", "model.mode=albef"])
 
-Loading is strict, as the model config's: unknown keys are listed with the valid ones, wrong types and
-impossible values name the dotted key and the file. Overrides (`--set key=value` on the command line)
-are applied to the raw YAML before validation; each value is parsed as YAML (`8` is an int, `1e-4`
-a float, `true` a bool, `null` None, `[a, b]` a list), so they obey the same checks as the file.
+Loading is strict, as the model config's (both go through `codis_lib.typed_config`): unknown keys
+are listed with the valid ones, wrong types and impossible values name the dotted key and the file.
+Overrides (`--set key=value` on the command line) are applied to the raw YAML before validation; each
+value is parsed as YAML (`8` is an int, `1e-4` a float, `true` a bool, `null` None, `[a, b]` a list),
+so they obey the same checks as the file.
 The queue length must be a multiple of the global batch (batch per process x processes): that is
 checked here when the number of processes is known (`WORLD_SIZE`, set by torchrun) and again by the
 trainer.
@@ -33,7 +34,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from codis_lib.config import CONFIG_DIR, ConfigError, ModelConfig, build_dataclass, config_from_dict
+from codis_lib.config import CONFIG_DIR, ModelConfig, config_from_dict
+from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
@@ -127,7 +129,7 @@ class TrainConfig:
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads per process on CPU: a number, "auto" (the cores idle at the start, measured over
-    # half a second, at most 4: see codis_lib.train.setup.resolve_num_threads) or None (torch's default)
+    # half a second, at most 4: see codis_lib.train.process.resolve_num_threads) or None (torch's default)
     num_threads: int | Literal["auto"] | None = None
     output_dir: str = "runs/pretrain"
     overwrite: bool = False  # a fresh (not resumed) run may delete an earlier run's checkpoints and logs there
@@ -207,11 +209,7 @@ def load_run_config(name_or_path: str | os.PathLike = "pretrain_emoji",
     that the queue length is a multiple of the global batch.
     """
     path = resolve_config_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    data = apply_overrides(data or {}, overrides or [])
+    data = apply_overrides(read_yaml(path) or {}, overrides or [])
     config = run_config_from_dict(data, source=str(path))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,18 +1,21 @@
-"""Figures for the evaluation and codebook notebooks (05, 06): retrieval galleries, Grad-CAM maps, UMAP, code galleries, usage.
+"""Every figure of the package: loss curves (notebook 04), retrieval galleries, Grad-CAM, UMAP, code galleries, usage.
 
-Every function takes plain arrays (images as (H, W, 3) floats in [0, 1] or uint8), draws one matplotlib
-figure and returns it; `save_figure` writes it as PNG. Nothing here computes a metric, so the notebooks'
-numbers never depend on plotting code.
+Every function takes plain data (records of a metrics.jsonl file, or its path; images as (H, W, 3)
+floats in [0, 1] or uint8), draws one matplotlib figure and returns it; `save_figure` writes it as PNG.
+Nothing here computes a metric or trains, so the notebooks' numbers never depend on plotting code.
 """
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+
+from codis_lib.metrics_log import LOSS_PREFIX, loss_terms, read_jsonl
 
 CORRECT_COLOUR = "#2ca02c"
 WRONG_COLOUR = "#d62728"
@@ -230,6 +233,76 @@ def plot_gradcam_rows(images: Sequence[np.ndarray], row_titles: Sequence[str],
             ax.set_title(textwrap.shorten(label, 24), fontsize=7)
             _frame(ax, None)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Return the trailing moving average of `values` over `window` points (window 1 = unchanged)."""
+    out, total, queue = [], 0.0, []
+    for value in values:
+        queue.append(value)
+        total += value
+        if len(queue) > window:
+            total -= queue.pop(0)
+        out.append(total / len(queue))
+    return out
+
+
+def plot_loss_curves(records: Sequence[dict] | str | os.PathLike, *, terms: Iterable[str] | None = None,
+                     smooth_window: int = 1, axes=None, title: str | None = None):
+    """Return a matplotlib Figure with one panel per loss term (and the total) against the optimizer step.
+
+    `records` is a list of training records or the path of a metrics.jsonl file.
+    """
+    plt = _pyplot()
+    if not isinstance(records, (list, tuple)):
+        records = read_jsonl(records)
+    terms = list(terms) if terms is not None else loss_terms(records)
+    panels = ["total"] + terms
+    if axes is None:
+        columns = min(3, len(panels))
+        rows = math.ceil(len(panels) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+        axes = axes.ravel()
+    else:
+        fig = axes[0].figure
+    for ax, name in zip(axes, panels):
+        key = "loss" if name == "total" else LOSS_PREFIX + name
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, smooth(values, smooth_window), lw=1.5)
+        ax.set_title("L (weighted total)" if name == "total" else f"L_{name}")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_series(records: Sequence[dict] | str | os.PathLike, keys: Sequence[str], *, axes=None,
+                ylabels: Sequence[str] | None = None):
+    """Return a Figure plotting the logged scalars `keys` (e.g. codebook_perplexity, lr) against the step."""
+    plt = _pyplot()
+    if not isinstance(records, (list, tuple)):
+        records = read_jsonl(records)
+    if axes is None:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 2.8), squeeze=False)
+        axes = axes.ravel()
+    else:
+        fig = axes[0].figure
+    for i, (ax, key) in enumerate(zip(axes, keys)):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabels[i] if ylabels else key)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -9,7 +9,7 @@ show (a lazily exported one, say) is looked up by importing its module. What it 
   `scripts/...`, `.ci/...`; `<name>` and `*` match anything), bare `name.py` / `name.yaml` / `name.ipynb`;
 - dotted names under `codis_lib` (`codis_lib.evaluation.protocol.PROTOCOL`), `Class.member` of a class of
   the package, calls written `name()` or `name(...)`, and CamelCase class names;
-- `codis-*` commands (pyproject's scripts) and their `--flags`, `python benchmarks/x.py --flags`,
+- `codis-*` commands (pyproject's scripts) and their `--flags`, `python benchmarks/x.py --flags` (also experiments/, tools/),
   `-m codis_lib.x --flags`, `--config NAME` and `--set key=value` keys against the run config's dataclasses.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO_DIRS = ("codis_lib", "tests", "docs", "benchmarks", "notebooks", "scripts", ".ci")
-SOURCE_DIRS = ("codis_lib", "benchmarks", "scripts", "tests")
+REPO_DIRS = ("codis_lib", "tests", "docs", "benchmarks", "experiments", "tools", "notebooks", "scripts", ".ci")
+SOURCE_DIRS = ("codis_lib", "benchmarks", "experiments", "tools", "scripts", "tests")
 # Class names the pages mention that belong to other projects (PyTorch, timm, transformers), not to this one.
 EXTERNAL_CLASSES = {"FlopCounterMode", "DistributedDataParallel", "KeyboardInterrupt", "VisionTransformer",
                     "BertAttention", "BertIntermediate", "BertOutput", "BertLayer", "BertModel"}
@@ -264,7 +264,7 @@ def flags_of(path: Path) -> frozenset[str]:
 
 @cache
 def all_flags() -> frozenset[str]:
-    paths = [module_file(module) for module in scripts().values()] + sorted((ROOT / "benchmarks").glob("*.py"))
+    paths = [module_file(module) for module in scripts().values()] + [p for d in ("benchmarks", "experiments", "tools") for p in sorted((ROOT / d).glob("*.py"))]
     return frozenset().union(*(flags_of(p) for p in paths if p is not None))
 
 

@@ -1,10 +1,10 @@
-"""benchmarks/cost_table.py: its parameter and FLOP counts agree with counts by hand on small modules."""
+"""tools/cost_table.py: its parameter and FLOP counts agree with counts by hand on small modules."""
 import importlib.util
 from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_table.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "cost_table.py"
 
 
 def _cost_table():

@@ -303,7 +303,7 @@ def test_the_manifest_beside_a_cleaned_file_is_found_and_a_changed_file_is_told(
 @pytest.mark.slow
 def test_training_on_a_cleaned_file_logs_its_manifest(tmp_path, capsys):
     from codis_lib.train.cli import pretrain_main
-    from codis_lib.train.metrics import read_jsonl
+    from codis_lib.metrics_log import read_jsonl
     from tests.fixtures_data.corpus import small_emoji_corpus
     from tests.helpers import tiny_run_overrides
 

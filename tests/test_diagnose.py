@@ -1,4 +1,4 @@
-"""benchmarks/diagnose.py: variants parse and validate, and a tiny end-to-end run writes every field in range."""
+"""experiments/diagnose.py: variants parse and validate, and a tiny end-to-end run writes every field in range."""
 import importlib.util
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 
 from tests.fixtures_data.corpus import small_emoji_corpus
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnose.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "diagnose.py"
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 

@@ -54,7 +54,7 @@ Configs: `pretrain_emoji.yaml`, `pretrain_emojii.yaml`; keys `train.num_threads:
 codis-pretrain --resume --stop-at-step 3 --set model.alpha=0 --set model.alphaa=0
 codis-pretrainn --resume
 codis-eval --weights teacher --no-such-flag
-python benchmarks/ablation.py --seeds 0 --no-such-seeds 1
+python experiments/ablation.py --seeds 0 --no-such-seeds 1
 codis-pretrain --config pretrain_emoji_minilm
 codis-pretrain --config no_such_config
 ```
@@ -73,7 +73,7 @@ EXPECTED = [
     "config key model.alphaa: no field 'alphaa'",
     "command codis-pretrainn: not in pyproject.toml's scripts",
     "flag --no-such-flag in `codis-eval --weights teacher --no-such-flag`: not defined by its command",
-    "flag --no-such-seeds in `python benchmarks/ablation.py --seeds 0 --no-such-seeds 1`: not defined by its command",
+    "flag --no-such-seeds in `python experiments/ablation.py --seeds 0 --no-such-seeds 1`: not defined by its command",
     "config no_such_config.yaml: not in codis_lib/configs",
 ]
 

@@ -112,7 +112,7 @@ def test_compiled_blocks_match_eager_on_the_same_seed(tmp_path):
 
 def test_notebook_07_launch_path_with_one_gpu(tmp_path):
     """Notebook 07's own functions: the requirement check with gpus=True, the torchrun command, the launch."""
-    from codis_lib.evaluation.full_recipe import launch_requirements, run_command, torchrun_command
+    from codis_lib.train.launch import launch_requirements, run_command, torchrun_command
     from codis_lib.run_config import load_run_config
 
     overrides = dict(value.split("=", 1) for value in tiny_run_overrides(tmp_path / "nb07", 3,

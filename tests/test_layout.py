@@ -3,7 +3,8 @@
 Every import inside codis_lib counts, at module level and inside functions (a function-local import is
 still an arrow; it only hides a circle from Python). The layers, lowest first:
 
-    config, run_config, distributed -> data -> ot -> objectives (one file per poster term) -> codebook
+    typed_config, config, run_config, metrics_log, distributed -> data -> ot -> objectives (one file per poster
+    term) -> codebook
         -> model -> checkpoint -> evaluation -> viz -> train -> codis_lib (the public face)
 
 A module may import from its own layer or below. The limits (450 lines a file, 80 a function) are the
@@ -16,7 +17,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "codis_lib"
 LAYERS = {  # module-name prefix -> layer; the longest matching prefix wins
-    "codis_lib.config": 0, "codis_lib.run_config": 0, "codis_lib.distributed": 0,
+    "codis_lib.typed_config": 0, "codis_lib.config": 0, "codis_lib.run_config": 0, "codis_lib.metrics_log": 0,
+    "codis_lib.distributed": 0,
     "codis_lib.data": 1, "codis_lib.ot": 2, "codis_lib.objectives": 3, "codis_lib.codebook": 4,
     "codis_lib.model": 5, "codis_lib.checkpoint": 6, "codis_lib.evaluation": 7, "codis_lib.viz": 8,
     "codis_lib.train": 9, "codis_lib": 10,

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
-from codis_lib.model.init import load_bert_weights, load_vit_weights
+from codis_lib.model.pretrained import load_bert_weights, load_vit_weights
 from codis_lib.model.vit import interpolate_pos_embed
 
 TINY = ModelConfig.preset("tiny")

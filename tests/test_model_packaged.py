@@ -93,7 +93,7 @@ def test_minilm_gives_the_text_layers_and_the_fusion_self_attention_and_feed_for
 
 @needs_minilm
 def test_the_load_report_says_what_starts_fresh():
-    from codis_lib.model.init import load_bert_weights
+    from codis_lib.model.pretrained import load_bert_weights
 
     config = minilm_model_config()
     model = build_model(config.with_overrides({"text.pretrained": None}))

@@ -69,7 +69,7 @@ def test_overrides_are_parsed_as_yaml_and_validated():
 
 
 def test_augmentation_keys_are_validated_and_reach_the_dataset():
-    from codis_lib.train.setup import augmentation_options
+    from codis_lib.train.data import augmentation_options
 
     run = load_run_config("pretrain_emoji", overrides=["data.crop_scale=[0.5, 1.0]", "data.randaugment_ops=0"],
                           world_size=1)
@@ -166,7 +166,7 @@ def test_the_older_one_split_key_reads_as_a_one_element_list(recwarn):
 
 
 def test_num_threads_is_a_number_auto_or_null_and_auto_measures_the_idle_cores(monkeypatch):
-    from codis_lib.train import setup
+    from codis_lib.train import process
 
     assert load_run_config("pretrain_emoji", overrides=["train.num_threads=auto"], world_size=1).train.num_threads == "auto"
     assert load_run_config("pretrain_emoji", overrides=["train.num_threads=3"], world_size=1).train.num_threads == 3
@@ -174,9 +174,9 @@ def test_num_threads_is_a_number_auto_or_null_and_auto_measures_the_idle_cores(m
         load_run_config("pretrain_emoji", overrides=["train.num_threads=many"], world_size=1)
     with pytest.raises(ConfigError, match=r"train\.num_threads: must be >= 1"):
         load_run_config("pretrain_emoji", overrides=["train.num_threads=0"], world_size=1)
-    assert setup.resolve_num_threads(3) == 3 and setup.resolve_num_threads(None) is None
-    measured = setup.idle_cores(0.05)  # the real measurement: between 0 and the core count
+    assert process.resolve_num_threads(3) == 3 and process.resolve_num_threads(None) is None
+    measured = process.idle_cores(0.05)  # the real measurement: between 0 and the core count
     assert measured is None or 0.0 <= measured <= (os.cpu_count() or 1) + 1e-6
     for idle, threads in ((0.02, 1), (1.1, 1), (1.9, 2), (7.5, 4)):
-        monkeypatch.setattr(setup, "idle_cores", lambda interval_s=0.5, idle=idle: idle)
-        assert setup.resolve_num_threads("auto") == threads
+        monkeypatch.setattr(process, "idle_cores", lambda interval_s=0.5, idle=idle: idle)
+        assert process.resolve_num_threads("auto") == threads

@@ -12,7 +12,7 @@ from codis_lib.evaluation.cli import eval_main
 from codis_lib.run_config import load_run_config
 from codis_lib.train.cli import pretrain_main
 from codis_lib.train.engine import train
-from codis_lib.train.metrics import read_jsonl
+from codis_lib.metrics_log import read_jsonl
 from tests.helpers import tiny_run_overrides
 
 SPLITS = ["new_drawings", "test"]  # pretrain_emoji's train.eval.splits

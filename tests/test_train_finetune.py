@@ -1,21 +1,22 @@
-"""Reusing a pretraining checkpoint: pretrain_or_load's fallback, and ALBEF-style retrieval fine-tuning from it."""
+"""Reusing a pretraining checkpoint: load_or_train's fallback, and ALBEF-style retrieval fine-tuning from it."""
 import pytest
 import torch
 
 from codis_lib.checkpoint import CheckpointMismatchError, load_checkpoint
 from codis_lib.run_config import load_run_config
-from codis_lib.train.engine import load_pretrained_weights, train
-from codis_lib.train.pretrained import pretrain_or_load
+from codis_lib.model.pretrained import init_from_checkpoint
+from codis_lib.train.engine import train
+from codis_lib.train.load_or_train import load_or_train
 from tests.helpers import tiny_run_overrides
 
 
 @pytest.mark.slow  # a pretraining run, then fine-tuning from it
-def test_pretrain_or_load_trains_once_then_loads_and_finetuning_starts_from_it(tmp_path):
+def test_load_or_train_trains_once_then_loads_and_finetuning_starts_from_it(tmp_path):
     checkpoint = tmp_path / "pretrain" / "checkpoint_final.pt"
     overrides = [o for o in tiny_run_overrides(tmp_path / "ignored", 1) if not o.startswith("train.output_dir")]
-    first = pretrain_or_load(checkpoint, overrides=overrides, fallback_steps=2)
+    first = load_or_train(checkpoint, overrides=overrides, fallback_steps=2)
     assert first.trained_now and first.step == 2 and checkpoint.is_file()
-    again = pretrain_or_load(checkpoint, overrides=overrides, fallback_steps=2)
+    again = load_or_train(checkpoint, overrides=overrides, fallback_steps=2)
     assert not again.trained_now and again.step == 2
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     assert not again.model.training and again.model_config.text.vocab_size == len(again.tokenizer)
@@ -49,4 +50,4 @@ def test_init_from_a_checkpoint_of_another_architecture_lists_the_problem(tmp_pa
     wider = build_model(ModelConfig.preset("tiny").with_overrides({"vision.image_size": 32, "queue_size": 16,
                                                                     "embed_dim": 32}))
     with pytest.raises(CheckpointMismatchError, match=r"(?s)other\.pt does not fit.*vision_proj\.weight: checkpoint \(64, 128\) vs model \(32, 128\)"):
-        load_pretrained_weights(wider, tmp_path / "other.pt")
+        init_from_checkpoint(wider, tmp_path / "other.pt")

@@ -28,7 +28,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update_and_is
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "non-finite gradient at step 2" in error
     assert "visual_encoder." in error and "before the update" in error
-    from codis_lib.train.metrics import read_jsonl
+    from codis_lib.metrics_log import read_jsonl
 
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_jsonl(out / "metrics.jsonl"))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint_00000001.pt"]  # the good one, named in the error
@@ -64,7 +64,7 @@ def test_no_checkpoint_is_written_from_a_non_finite_state(tmp_path):
     """issue case 1: save_checkpoint checks parameters, buffers and optimizer state first and writes nothing."""
     from codis_lib.train.guards import NonFiniteStateError
     from codis_lib.train.run_dir import save_checkpoint
-    from codis_lib.train.setup import RunContext
+    from codis_lib.train.process import RunContext
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     optimizer = torch.optim.AdamW(model.parameters())

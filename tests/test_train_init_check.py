@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
-from codis_lib.model.init import load_vit_weights
+from codis_lib.model.pretrained import load_vit_weights
 from codis_lib.model.loading import LoadReport, load_codis_weights
 from codis_lib.model.verify import InitialisationError, verify_load, verify_pretrained
 from codis_lib.train.cli import pretrain_main

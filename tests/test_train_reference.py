@@ -60,7 +60,7 @@ def test_a_run_with_its_lr_100x_off_is_warned_and_a_reference_seed_is_not(tmp_pa
     curve = build_curve("test", curve_settings(config), runs, bin_steps=bin_steps, k_std=3.0, rel=0.05)
     path = tmp_path / "reference.json"
     write_reference(path, config="pretrain_emoji", curve=curve, bin_steps=bin_steps, k_std=3.0, rel=0.05,
-                    generated_by="benchmarks/reference_curves.py (test)")
+                    generated_by="tools/reference_curves.py (test)")
 
     def run(seed: int, lr: float, name: str):
         more = [f"train.seed={seed}", f"train.optimizer.lr={lr}", f"train.reference_curves={path}",

@@ -39,7 +39,7 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
     for state_a, state_b in zip(uninterrupted["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
     # The two legs together logged each step once, with the same losses as the uninterrupted run.
-    from codis_lib.train.metrics import read_jsonl
+    from codis_lib.metrics_log import read_jsonl
 
     assert [r["loss"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == \
         [r["loss"] for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
@@ -109,14 +109,14 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_run_unless_told_to_overwrite
     assert _cli(overrides) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert _cli(overrides + ["train.overwrite=true", "train.max_steps=2"]) == 0
-    from codis_lib.train.metrics import read_jsonl
+    from codis_lib.metrics_log import read_jsonl
 
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # the old log is gone
 
 
 def test_a_resume_counts_a_key_an_older_checkpoint_lacks_as_its_default():
     from codis_lib.config import ModelConfig
-    from codis_lib.train.setup import model_config_differences
+    from codis_lib.train.resume import model_config_differences
 
     current = ModelConfig().to_dict()
     older = {key: value for key, value in current.items() if key not in ("align_columns", "teacher_view")}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from codis_lib.config import ModelConfig
-from codis_lib.train.setup import teacher_batch_inputs, teacher_view_inputs
+from codis_lib.train.batches import teacher_batch_inputs, teacher_view_inputs
 
 TINY = ModelConfig.preset("tiny")
 

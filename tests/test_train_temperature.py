@@ -7,7 +7,7 @@ from codis_lib.config import ConfigError, ModelConfig
 from codis_lib.model import build_model
 from codis_lib.run_config import load_run_config, run_config_from_dict
 from codis_lib.train.engine import train
-from codis_lib.train.metrics import read_jsonl
+from codis_lib.metrics_log import read_jsonl
 from codis_lib.train.schedule import WarmupCosineSchedule, adamw_param_groups, build_adamw
 from tests.fixtures_data.corpus import small_emoji_corpus
 

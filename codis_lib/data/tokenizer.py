@@ -234,6 +234,6 @@ def tokenizer_location(config: RunConfig) -> str:
         return config.data.tokenizer
     if config.data.dataset == "emoji":
         return str(Path(config.data.root) / "tokenizer")
-    from codis_lib.config import ConfigError
+    from codis_lib.typed_config import ConfigError
 
     raise ConfigError("data.tokenizer: needed for albef_json data")

@@ -3,7 +3,7 @@
     >>> trained = load_trained_model("runs/pretrain_emoji/checkpoint_final.pt")
     >>> trained.model, trained.tokenizer, trained.model_config, trained.run_config
 
-Evaluation, the notebooks and `codis-eval` start from here; `codis_lib.train.pretrained.pretrain_or_load`
+Evaluation, the notebooks and `codis-eval` start from here; `codis_lib.train.load_or_train.load_or_train`
 adds "train a short run first when the file is missing" on top.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class TrainedModel:
     run_config: RunConfig  # the whole run's config (data, train)
     checkpoint: Path
     step: int  # optimizer steps the checkpoint was trained for
-    trained_now: bool = False  # True when pretrain_or_load had to train it
+    trained_now: bool = False  # True when load_or_train had to train it
     tokenizer_source: str = ""  # the folder (or hub name) the tokenizer was loaded from
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from codis_lib.config import ConfigError
 from codis_lib.evaluation.paper import format_poster_table, paper_rows
 from codis_lib.run_config import ALBEF_JSON_EVAL_FILES, RunConfig, eval_split_errors
+from codis_lib.typed_config import ConfigError
 
 __all__ = ["RANKING_NAMES", "EMOJI_SPLIT_DESCRIPTIONS", "retrieval_split_file", "retrieval_split_dataset",
            "split_description", "split_title", "retrieval_report", "format_evaluation_table",

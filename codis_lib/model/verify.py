@@ -25,9 +25,15 @@ import torch
 
 from codis_lib.model.loading import LoadReport, tensor_fingerprint
 
-__all__ = ["InitialisationError", "verify_load", "verify_pretrained"]
+__all__ = ["InitialisationError", "verify_load", "verify_pretrained", "PRETRAINED_TARGETS"]
 
 SHOWN = 5  # tensors named in a refusal
+
+# config key -> (ModelConfig section, the model's modules that must hold the source's tensors: student, teacher)
+PRETRAINED_TARGETS = {
+    "model.vision.pretrained": ("vision", ("visual_encoder", "visual_encoder_m")),
+    "model.text.pretrained": ("text", ("text_encoder", "text_encoder_m")),
+}
 
 
 class InitialisationError(ValueError):
@@ -86,11 +92,9 @@ def verify_pretrained(model: torch.nn.Module, config) -> int:
     """Return the tensors checked after `build_model`: each pretrained encoder the config names, in student and teacher.
 
     `config` is the ModelConfig the model was built from. A key that is set but has no load report on the
-    model (`model.pretrained_loads`, filled by `codis_lib.model.init.initialise_pretrained`) is refused too:
+    model (`model.pretrained_loads`, filled by `codis_lib.model.pretrained.initialise_pretrained`) is refused too:
     the weights never reached the model.
     """
-    from codis_lib.model.init import PRETRAINED_TARGETS  # noqa: PLC0415 (init imports hub code lazily)
-
     loads = getattr(model, "pretrained_loads", {})
     checked = 0
     for config_key, (section, modules) in PRETRAINED_TARGETS.items():

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from codis_lib.config import ConfigError
+from codis_lib.typed_config import ConfigError
 
 # What bad input raises, all the way down: config errors and every file, record, checkpoint or folder
 # problem (ConfigError, AnnotationError, CheckpointMismatchError, CheckpointReadError and UnicodeDecodeError

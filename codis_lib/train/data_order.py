@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from codis_lib.config import ConfigError
+from codis_lib.typed_config import ConfigError
 
 __all__ = ["DATA_ORDER_KEY", "data_order_record", "data_order_changes", "check_resume_data_order"]
 

@@ -6,16 +6,18 @@ The same code runs a 2-core laptop, one GPU, or many GPUs under torchrun:
     torchrun --nproc_per_node 8 -m codis_lib.train.cli pretrain --config pretrain_4m
 
 What happens, in order (`train` -> `_train`):
-1. Processes (`setup.init_distributed`). Under torchrun (WORLD_SIZE > 1) a process group is created
-   (NCCL on GPUs, gloo on CPU) and the model is wrapped in DistributedDataParallel; a single process
-   needs no group at all.
-2. Data, model, optimizer (`setup.build_training_run`). The emoji corpus is built if missing (rank 0;
-   the others wait). `GlobalBatchSampler` cuts a seeded per-epoch permutation into global batches and
-   gives each rank a contiguous slice, and `SeededItems` loads item i of epoch e under a seed of
-   (seed, e, i): the global batch, its order and every sample's augmentation are the same whatever the
-   number of processes. AdamW (ALBEF's groups), warm-up + cosine schedule, optional fp16 grad scaler.
-3. Where to start (`_start_position`): `--resume` restores all of it, the RNG states and the position
-   in the epoch from the latest checkpoint; `train.init_from` loads pretrained weights; else scratch.
+1. Processes (`process.init_distributed`; CPU threads `process.resolve_num_threads`). Under torchrun
+   (WORLD_SIZE > 1) a process group is created (NCCL on GPUs, gloo on CPU) and the model is wrapped in
+   DistributedDataParallel; a single process needs no group at all.
+2. Data, model, optimizer (`setup.build_training_run`; the data: `data.build_train_data`). The emoji
+   corpus is built if missing (rank 0; the others wait). `GlobalBatchSampler` cuts a seeded per-epoch
+   permutation into global batches and gives each rank a contiguous slice, and `SeededItems` loads item
+   i of epoch e under a seed of (seed, e, i): the global batch, its order and every sample's augmentation
+   are the same whatever the number of processes. AdamW (ALBEF's groups), warm-up + cosine schedule,
+   optional fp16 grad scaler.
+3. Where to start (`resume.start_position`): `--resume` restores all of it, the RNG states and the
+   position in the epoch from the latest checkpoint; `train.init_from` loads a pretraining checkpoint
+   (`codis_lib.model.pretrained.init_from_checkpoint`); else scratch.
 4. The loop (`_train_epoch`, `train_step`). For each optimizer step: alpha from its ramp;
    `grad_accum_steps` forwards under autocast (bf16 on GPU by default), each with per-sample seeds for
    the model's own randomness (MLM masking, ITM hard negatives); every loss term is averaged over ranks
@@ -51,30 +53,28 @@ import torch
 import torch.distributed as dist
 
 from codis_lib import distributed as cdist
-from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoint, load_checkpoint,
-                                  restore_training_state)
 from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, retrieval_split_file,
                                          split_description)
-from codis_lib.config import ConfigError
+from codis_lib.metrics_log import LOSS_PREFIX, MetricsLogger
 from codis_lib.run_config import RunConfig
-from codis_lib.train.data_order import DATA_ORDER_KEY, check_resume_data_order, data_order_record
+from codis_lib.train.batches import pad_text_to_global_length, teacher_batch_inputs
+from codis_lib.train.data_order import DATA_ORDER_KEY, data_order_record
 from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_loss_scale
-from codis_lib.train.metrics import LOSS_PREFIX, MetricsLogger
+from codis_lib.train.process import RunContext, init_distributed, resolve_num_threads
 from codis_lib.train.reference import CurveCheck
-from codis_lib.train.run_dir import (claim_output_dir, link_final_checkpoint, lock_output_dir, save_checkpoint,
-                                     write_final_evaluations, write_run_files)
+from codis_lib.train.resume import start_position
+from codis_lib.train.run_dir import (link_final_checkpoint, lock_output_dir, save_checkpoint, write_final_evaluations,
+                                     write_run_files)
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
+from codis_lib.train.setup import TrainingRun, build_training_run, describe_run, wrap_model
 from codis_lib.train.signals import StopRequest, stop_on_signals
-from codis_lib.train.setup import (RunContext, TrainingRun, build_training_run, describe_run, init_distributed,
-                                   model_config_differences, pad_text_to_global_length, teacher_batch_inputs,
-                                   resolve_num_threads, wrap_model)
+from codis_lib.typed_config import ConfigError
 
 if TYPE_CHECKING:  # the model package itself is imported where a model is built
-    from codis_lib.model.loading import LoadReport
     from codis_lib.model.output import Diagnostics
 
-__all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError", "load_pretrained_weights"]
+__all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError"]
 
 # Fields of CODISOutput.diagnostics (codis_lib.model.output.Diagnostics) averaged over ranks and logged
 # next to the losses.
@@ -119,59 +119,6 @@ class LoopState:
     interval_steps: int = 0
     interval_start: float = field(default_factory=time.perf_counter)
     curve_check: CurveCheck | None = None  # compares the early loss curve with the config's reference
-
-
-# ------------------------------------------------------------------------------------------ weights
-def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Initialise `model` from a CODIS checkpoint (or a bare state dict) for fine-tuning, strictly.
-
-    Differences that fine-tuning expects are adapted and reported: the ViT position embeddings are
-    resampled when the image size changed (ALBEF: 256 -> 384 px), and queues of a different length are
-    left freshly initialised (they are refilled within queue_size / batch steps). Anything else that
-    does not fit raises CheckpointMismatchError listing the keys. The model is then verified to hold
-    every tensor of the file it did not deliberately leave fresh (`verify_load`, InitialisationError).
-    """
-    from codis_lib.model.loading import load_codis_weights
-    from codis_lib.model.verify import verify_load
-
-    report = load_codis_weights(model, path, what="train.init_from: checkpoint file",
-                                log=lambda line: print(f"[codis] {line}"))
-    verify_load(report, model, config_key="train.init_from", target="the model")
-    return report
-
-
-def _start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> LoopState:
-    """Return the loop's starting state: from a checkpoint of this run, from train.init_from, or from scratch.
-
-    A fresh run claims its output folder first (refusing, or with train.overwrite deleting, an earlier run's files).
-    """
-    tc, ctx, output_dir = run.config.train, run.ctx, run.output_dir
-    resume_path = None
-    if resume:
-        resume_path = Path(resume) if not isinstance(resume, bool) else find_latest_checkpoint(output_dir)
-        if resume_path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint_*.pt in {output_dir} to resume from; start the run "
-                                    f"without --resume")
-    if resume_path is None:
-        claim_output_dir(output_dir, overwrite=tc.overwrite, ctx=ctx)
-        if tc.init_from:
-            load_pretrained_weights(run.model, tc.init_from)
-        return LoopState()
-    checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
-    check_resume_data_order(checkpoint, run.data_order, resume_path,
-                            log=lambda line: print(line, flush=True) if ctx.is_main else None)
-    differences = model_config_differences(checkpoint["config"]["model"], run.model_config.to_dict())
-    if differences:
-        raise CheckpointMismatchError(f"{resume_path} was trained with another model config:\n  "
-                                      + "\n  ".join(differences))
-    restore_training_state(checkpoint, model=run.model, optimizer=run.optimizer, scheduler=run.schedule,
-                           scaler=run.scaler, rank=ctx.rank, world_size=ctx.world_size, source=str(resume_path))
-    state = LoopState(step=checkpoint["step"], epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
-                      last_checkpoint=find_latest_checkpoint(output_dir))
-    if ctx.is_main:
-        print(f"[codis] resumed from {resume_path}: step {state.step}, epoch {state.epoch}, step "
-              f"{state.step_in_epoch} of the epoch", flush=True)
-    return state
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -315,7 +262,9 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     if evaluate_at_end or tc.eval.every_epochs:
         for split in tc.eval.splits:  # fail now, not after training, when the corpus lacks a split's file
             retrieval_split_file(config, split)
-    state = _start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
+    start = start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
+    state = LoopState(step=start.step, epoch=start.epoch, step_in_epoch=start.step_in_epoch,
+                      last_checkpoint=start.last_checkpoint)
     wrap_model(run)  # DDP, torch.compile, autocast
     # Every rank sees the same (all-reduced) values; rank 0 prints.
     state.curve_check = CurveCheck.for_run(run, start_step=state.step, log=_warn if ctx.is_main else None)

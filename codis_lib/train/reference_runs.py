@@ -1,6 +1,6 @@
 """Measuring reference loss curves (`codis_lib.train.reference`): seeded runs, the binned bands, the JSON file.
 
-`benchmarks/reference_curves.py` is the command line; the functions live here so that tests can build a
+`tools/reference_curves.py` is the command line; the functions live here so that tests can build a
 reference on the small corpus the same way. Kept apart from `reference` because they train (they import
 the engine, which imports the check).
 """
@@ -15,11 +15,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import yaml
 
+from codis_lib.metrics_log import LOSS_PREFIX, read_jsonl
 from codis_lib.run_config import RunConfig
 from codis_lib.train.engine import train
-from codis_lib.train.metrics import LOSS_PREFIX, read_jsonl
+from codis_lib.train.process import init_distributed
 from codis_lib.train.reference import REFERENCE_VERSION, band, bin_records, normalise, reference_settings
-from codis_lib.train.setup import build_training_run, init_distributed
+from codis_lib.train.setup import build_training_run
 
 __all__ = ["comparable_config", "curve_settings", "run_reference_seed", "build_curve", "write_reference"]
 

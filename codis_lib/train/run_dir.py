@@ -6,7 +6,7 @@
       tokenizer/               the tokenizer the run trained with (the folder is self-contained)
       checkpoint_00000076.pt   numbered checkpoints, the last `train.keep_last` kept
       checkpoint_final.pt      a hard link to (or copy of) the last one, once the run is finished
-      metrics.jsonl            training and evaluation records (codis_lib.train.metrics)
+      metrics.jsonl            training and evaluation records (codis_lib.metrics_log)
       eval_new_drawings.json   the retrieval evaluation at the end, one file per split of train.eval.splits
       eval_test.json
       tensorboard/
@@ -26,11 +26,11 @@ import torch.distributed as dist
 from codis_lib import distributed as cdist
 from codis_lib.checkpoint import (FINAL_CHECKPOINT_NAME, capture_rng_state, checkpoint_path, find_latest_checkpoint,
                                   link_or_copy, make_checkpoint, prune_checkpoints, save_atomic)
+from codis_lib.metrics_log import MetricsLogger
 from codis_lib.run_config import RunConfig
 from codis_lib.train.guards import check_state
 from codis_lib.train.lock import RunFolderLockedError, RunLock, pid_alive
-from codis_lib.train.metrics import MetricsLogger
-from codis_lib.train.setup import RunContext
+from codis_lib.train.process import RunContext
 
 __all__ = ["RUN_FILES", "lock_output_dir", "remove_stale_temporaries", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
            "write_final_evaluations"]

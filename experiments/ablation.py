@@ -16,9 +16,9 @@ the equal-steps runs, so both sets share the machine's conditions), reported wit
 Runs go `--parallel` at a time, one CPU thread each; a finished run (its eval JSONs exist) is reused
 unless --fresh is given, so an interrupted ablation continues where it stopped.
 
-    python benchmarks/ablation.py --seeds 0 1 2 3 4 --equal-time --time-seeds 0 1 2   # the tables of docs/results.md
-    python benchmarks/ablation.py --modes albef codis --steps 100 --seeds 0   # a quick look
-    python benchmarks/ablation.py --split test --out-dir /tmp/codis_ablation_test
+    python experiments/ablation.py --seeds 0 1 2 3 4 --equal-time --time-seeds 0 1 2   # the tables of docs/results.md
+    python experiments/ablation.py --modes albef codis --steps 100 --seeds 0   # a quick look
+    python experiments/ablation.py --split test --out-dir /tmp/codis_ablation_test
 
 Time on 2 CPU cores, 2 runs at a time, 300 steps: a codis run ~3-4 min, albef ~2.5, clip ~1; the command of
 docs/results.md (5 seeds, both budgets) took the time printed beside its tables.

@@ -42,7 +42,7 @@ def _weights_problem(source: str | None, field: str) -> str | None:
     if repo is not None and _hub_cached(repo):
         return None
     return (f"model.{field}.pretrained = {source!r}: not a local file and not in the Hugging Face cache "
-            f"(needs internet access once, or a local copy: see codis_lib/model/init.py)")
+            f"(needs internet access once, or a local copy: see codis_lib/model/pretrained.py)")
 
 
 def launch_requirements(run_config, nproc_per_node: int, *, gpus: bool = True, nnodes: int = 1) -> list[str]:

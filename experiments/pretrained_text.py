@@ -13,8 +13,8 @@ ALBEF's protocol on new_drawings (new pictures of training concepts) and test (c
 codebook and distillation diagnostics of the last logged step are printed (hard-code perplexity, dead codes,
 ITM and MLM accuracy, the loss terms).
 
-    python benchmarks/pretrained_text.py                      # the comparison in docs/results.md (3 seeds, ~35 min)
-    python benchmarks/pretrained_text.py --scratch-steps 300 --seeds 0   # a quick look
+    python experiments/pretrained_text.py                      # the comparison in docs/results.md (3 seeds, ~35 min)
+    python experiments/pretrained_text.py --scratch-steps 300 --seeds 0   # a quick look
 
 A finished run (its eval JSONs exist for the same steps) is reused unless --fresh is given.
 """
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
               f"(x{per_step['minilm'] / per_step['scratch']:.1f}) -> minilm {steps} steps", flush=True)
     jobs = [job for seed in args.seeds for job in (("scratch", seed, args.scratch_steps), ("minilm", seed, steps))]
     runs = side_by_side(jobs, out_dir, args.fresh)
-    # What the codebook and the alignment look like at the end (benchmarks/diagnose.py's measurements).
+    # What the codebook and the alignment look like at the end (experiments/diagnose.py's measurements).
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import diagnose  # noqa: PLC0415 (the sibling script)
 
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         rows = [r["diagnostics"] for r in runs if r["arm"] == arm]
         print(f"| {arm} | " + " | ".join(f"{statistics.mean(row[key] for row in rows):.3f}" for key in DIAGNOSTICS)
               + " |")
-    print("\nCodebook and alignment on 256 training pairs (benchmarks/diagnose.py), mean over seeds:")
+    print("\nCodebook and alignment on 256 training pairs (experiments/diagnose.py), mean over seeds:")
     keys = ("target_entropy_image", "target_entropy_text", "hard_perplexity_image", "hard_perplexity_text",
             "random_perplexity", "agreement", "agreement_chance")
     print("| arm | " + " | ".join(keys) + " | i2t gap | t2i gap | train1k mean |\n|---|" + "---:|" * (len(keys) + 3))

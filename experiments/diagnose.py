@@ -22,9 +22,9 @@ checkpoint (`load_trained_model`) and records:
 Then a table per variant (mean +- std over seeds) and a paired comparison against `codis` seed by seed
 (difference of new_drawings mean recall, or test recall when the corpus has no new_drawings split).
 
-    python benchmarks/diagnose.py                                     # every built-in variant, 3 seeds
-    python benchmarks/diagnose.py --steps 60 --seeds 0 --variants clip codis codis_no_code
-    python benchmarks/diagnose.py --variants codis --variant teacher_view=model.some_key=true,model.alpha=0.2
+    python experiments/diagnose.py                                    # every built-in variant, 3 seeds
+    python experiments/diagnose.py --steps 60 --seeds 0 --variants clip codis codis_no_code
+    python experiments/diagnose.py --variants codis --variant teacher_view=model.some_key=true,model.alpha=0.2
 
 Time on 2 CPU cores, 2 runs at a time: on an idle machine a codis step costs ~0.8 s, a clip step ~0.3 s,
 measuring a run ~30 s, so the defaults (24 variants x 3 seeds x 300 steps) take about 3-3.5 hours, and

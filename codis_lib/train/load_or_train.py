@@ -1,15 +1,16 @@
-"""Reuse a trained model, or pretrain a small one when it is missing.
+"""The notebooks' starting model: a run's final checkpoint, or a short training run that writes one.
 
 Notebook 04 pretrains tiny CODIS on the emoji corpus and saves `outputs/04/checkpoint_final.pt`
 (relative to notebooks/); notebooks 05-06 start from it:
 
-    >>> trained = pretrain_or_load("outputs/04/checkpoint_final.pt")
+    >>> trained = load_or_train("outputs/04/checkpoint_final.pt")   # codis_lib.pretrain_or_load is this function
     >>> trained.model, trained.tokenizer, trained.model_config
 
-When the file is missing (notebook 04 not run yet, or a CI run in a fresh folder), `pretrain_or_load`
+When the file is missing (notebook 04 not run yet, or a CI run in a fresh folder), `load_or_train`
 runs a short pretraining with the same recipe into the checkpoint's folder first, so those notebooks
 always work; they are just better after notebook 04 (or `codis-pretrain`) has trained longer. Loading
-alone is `codis_lib.evaluation.models.load_trained_model`.
+alone is `codis_lib.evaluation.models.load_trained_model`; initialising a model from pretrained
+weights (DeiT, BERT, train.init_from) is `codis_lib.model.pretrained`.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from codis_lib.checkpoint import FINAL_CHECKPOINT_NAME
 from codis_lib.evaluation.models import TrainedModel, load_trained_model
 from codis_lib.run_config import load_run_config, parse_overrides
 
-__all__ = ["pretrain_or_load"]
+__all__ = ["load_or_train"]
 
 
-def pretrain_or_load(checkpoint: str | os.PathLike = "outputs/04/checkpoint_final.pt", *,
+def load_or_train(checkpoint: str | os.PathLike = "outputs/04/checkpoint_final.pt", *,
                      config: str | os.PathLike = "pretrain_emoji",
                      overrides: Sequence[str] | Mapping[str, Any] = (), fallback_steps: int = 150,
                      device: str | torch.device = "cpu", progress: bool = False) -> TrainedModel:
@@ -42,7 +43,7 @@ def pretrain_or_load(checkpoint: str | os.PathLike = "outputs/04/checkpoint_fina
     from codis_lib.train.engine import train  # noqa: PLC0415 (the loop's imports only when training)
 
     if path.name != FINAL_CHECKPOINT_NAME:
-        raise FileNotFoundError(f"no checkpoint {path}; pretrain_or_load can only create a run's "
+        raise FileNotFoundError(f"no checkpoint {path}; load_or_train can only create a run's "
                                 f"{FINAL_CHECKPOINT_NAME}")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))

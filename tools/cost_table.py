@@ -22,9 +22,9 @@ Each config runs in a fresh process, so one config's memory does not count for t
   FLOPs at an assumed sustained throughput, --gpu-peak-tflops x --gpu-mfu (by default an H100's 989 dense
   bf16 TFLOP/s at 35 %), for the config's per-GPU batch.
 
-    python benchmarks/cost_table.py                               # every config, the markdown table
-    python benchmarks/cost_table.py --configs pretrain_emoji --steps 10 --json costs.json
-    python benchmarks/cost_table.py --from-json costs.json       # the table again, measuring nothing
+    python tools/cost_table.py                          # every config, the markdown table
+    python tools/cost_table.py --configs pretrain_emoji --steps 10 --json costs.json
+    python tools/cost_table.py --from-json costs.json   # the table again, measuring nothing
 """
 from __future__ import annotations
 

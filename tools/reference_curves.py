@@ -1,13 +1,13 @@
 """Measure a packaged config's reference loss curves: codis_lib/configs/reference/<config>.json.
 
     # pretrain_emoji, its own 120-step schedule (train.max_steps=120), seeds 0, 1, 2:
-    python benchmarks/reference_curves.py --config pretrain_emoji --name max_steps=120 --schedule max_steps \\
+    python tools/reference_curves.py --config pretrain_emoji --name max_steps=120 --schedule max_steps \\
         --steps 120 --seeds 0 1 2
     # the start of the full 1,500-step schedule (stopped after 60 steps), plus a finished full run's log:
-    python benchmarks/reference_curves.py --config pretrain_emoji --name full_schedule --schedule full \\
+    python tools/reference_curves.py --config pretrain_emoji --name full_schedule --schedule full \\
         --steps 60 --seeds 0 1 --add-run runs/pretrain_emoji
     # a config nobody could measure here (GPU recipes):
-    python benchmarks/reference_curves.py --config pretrain_4m --not-measured "needs 8 GPUs and the 4M corpus"
+    python tools/reference_curves.py --config pretrain_4m --not-measured "needs 8 GPUs and the 4M corpus"
 
 Each seed trains on 1 CPU thread without evaluation into --work-dir/<name>/seed<N> (a folder that already
 reached the steps with the same settings is reused). The curve (bins of --bin-steps steps, per loss term:
@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from codis_lib.run_config import load_run_config
-from codis_lib.train.metrics import read_jsonl
+from codis_lib.metrics_log import read_jsonl
 from codis_lib.train.reference import REFERENCE_DIR
 from codis_lib.train.reference_runs import (build_curve, comparable_config, curve_settings, run_reference_seed,
                                             write_reference)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a 'not yet measured' file saying why (turns the check off with one line)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else REFERENCE_DIR / f"{args.config}.json"
-    command = "python benchmarks/reference_curves.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python tools/reference_curves.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.not_measured is not None:
         write_reference(out, config=args.config, curve=None, bin_steps=args.bin_steps, k_std=args.k_std,
                         rel=args.rel, generated_by=command, status="not yet measured", note=args.not_measured)

@@ -1,4 +1,4 @@
-"""Training logs: one JSON object per line (`metrics.jsonl`), TensorBoard scalars, and loss-curve plots.
+"""The training log: one JSON object per line (`metrics.jsonl`) and TensorBoard scalars, written and read back.
 
 The JSON-lines file is the source of truth: plain text, appendable across resumed runs, readable
 without TensorBoard (`read_jsonl`). Each training record has `step`, `epoch`, `lr`, `alpha`,
@@ -6,17 +6,20 @@ without TensorBoard (`read_jsonl`). Each training record has `step`, `epoch`, `l
 codebook diagnostics (`codebook_perplexity`, `dead_codes`) when the model reports them. Evaluation
 records carry `"kind": "eval"` and the `split` evaluated (TensorBoard: eval/<split>/<metric>). A training file
 cleaned by `codis-check-data` adds one `"kind": "data_check"` record at the start (its manifest's path and
-sha256, and whether the file still matches it). Only rank 0 writes.
+sha256, and whether the file still matches it). Only rank 0 writes (`MetricsLogger`, used by the
+trainer); the loss-curve figures drawn from these records are `codis_lib.viz.plot_loss_curves` and
+`plot_series`.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-LOSS_PREFIX = "loss/"
+__all__ = ["LOSS_PREFIX", "MetricsLogger", "read_jsonl", "loss_terms"]
+
+LOSS_PREFIX = "loss/"  # a loss term's key in a record: loss/<term>
 
 
 class MetricsLogger:
@@ -89,75 +92,3 @@ def loss_terms(records: Sequence[dict]) -> list[str]:
             if key.startswith(LOSS_PREFIX) and key[len(LOSS_PREFIX):] not in terms:
                 terms.append(key[len(LOSS_PREFIX):])
     return terms
-
-
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Return the trailing moving average of `values` over `window` points (window 1 = unchanged)."""
-    out, total, queue = [], 0.0, []
-    for value in values:
-        queue.append(value)
-        total += value
-        if len(queue) > window:
-            total -= queue.pop(0)
-        out.append(total / len(queue))
-    return out
-
-
-def plot_loss_curves(records: Sequence[dict] | str | os.PathLike, *, terms: Iterable[str] | None = None,
-                     smooth_window: int = 1, axes=None, title: str | None = None):
-    """Return a matplotlib Figure with one panel per loss term (and the total) against the optimizer step.
-
-    `records` is a list of training records or the path of a metrics.jsonl file.
-    """
-    import matplotlib.pyplot as plt
-
-    if not isinstance(records, (list, tuple)):
-        records = read_jsonl(records)
-    terms = list(terms) if terms is not None else loss_terms(records)
-    panels = ["total"] + terms
-    if axes is None:
-        columns = min(3, len(panels))
-        rows = math.ceil(len(panels) / columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
-        axes = axes.ravel()
-    else:
-        fig = axes[0].figure
-    for ax, name in zip(axes, panels):
-        key = "loss" if name == "total" else LOSS_PREFIX + name
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, smooth(values, smooth_window), lw=1.5)
-        ax.set_title("L (weighted total)" if name == "total" else f"L_{name}")
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes)[len(panels):]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_series(records: Sequence[dict] | str | os.PathLike, keys: Sequence[str], *, axes=None,
-                ylabels: Sequence[str] | None = None):
-    """Return a Figure plotting the logged scalars `keys` (e.g. codebook_perplexity, lr) against the step."""
-    import matplotlib.pyplot as plt
-
-    if not isinstance(records, (list, tuple)):
-        records = read_jsonl(records)
-    if axes is None:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 2.8), squeeze=False)
-        axes = axes.ravel()
-    else:
-        fig = axes[0].figure
-    for i, (ax, key) in enumerate(zip(axes, keys)):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, lw=1.5)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabels[i] if ylabels else key)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig

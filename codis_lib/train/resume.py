@@ -1,0 +1,89 @@
+"""Where a run starts: its own latest checkpoint (`--resume`, checked first), `train.init_from`, or scratch.
+
+A resume restores everything a checkpoint holds (weights, teacher, queues, optimizer, schedule, grad
+scaler, RNG states, the position in the epoch), after two checks that refuse in one line: the model
+config must be the one the checkpoint was trained with (`model_config_differences`) and so must the
+data order (`codis_lib.train.data_order`). A fresh run claims its output folder first, then loads
+`train.init_from` if set (`codis_lib.model.pretrained.init_from_checkpoint`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoint, load_checkpoint,
+                                  restore_training_state)
+from codis_lib.config import ModelConfig
+from codis_lib.train.data_order import check_resume_data_order
+from codis_lib.train.run_dir import claim_output_dir
+from codis_lib.train.setup import TrainingRun
+
+__all__ = ["StartPosition", "start_position", "model_config_differences"]
+
+
+@dataclass
+class StartPosition:
+    """Where the loop starts: optimizer steps done, the epoch and the steps done in it, the last checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    last_checkpoint: Path | None = None
+
+
+def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartPosition:
+    """Return the loop's starting position: from a checkpoint of this run, from train.init_from, or from scratch.
+
+    A fresh run claims its output folder first (refusing, or with train.overwrite deleting, an earlier run's files).
+    """
+    tc, ctx, output_dir = run.config.train, run.ctx, run.output_dir
+    resume_path = None
+    if resume:
+        resume_path = Path(resume) if not isinstance(resume, bool) else find_latest_checkpoint(output_dir)
+        if resume_path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint_*.pt in {output_dir} to resume from; start the run "
+                                    f"without --resume")
+    if resume_path is None:
+        claim_output_dir(output_dir, overwrite=tc.overwrite, ctx=ctx)
+        if tc.init_from:
+            from codis_lib.model.pretrained import init_from_checkpoint  # noqa: PLC0415 (the model package: lazily)
+
+            init_from_checkpoint(run.model, tc.init_from)
+        return StartPosition()
+    checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
+    check_resume_data_order(checkpoint, run.data_order, resume_path,
+                            log=lambda line: print(line, flush=True) if ctx.is_main else None)
+    differences = model_config_differences(checkpoint["config"]["model"], run.model_config.to_dict())
+    if differences:
+        raise CheckpointMismatchError(f"{resume_path} was trained with another model config:\n  "
+                                      + "\n  ".join(differences))
+    restore_training_state(checkpoint, model=run.model, optimizer=run.optimizer, scheduler=run.schedule,
+                           scaler=run.scaler, rank=ctx.rank, world_size=ctx.world_size, source=str(resume_path))
+    start = StartPosition(step=checkpoint["step"], epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
+                          last_checkpoint=find_latest_checkpoint(output_dir))
+    if ctx.is_main:
+        print(f"[codis] resumed from {resume_path}: step {start.step}, epoch {start.epoch}, step "
+              f"{start.step_in_epoch} of the epoch", flush=True)
+    return start
+
+
+def model_config_differences(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Return the dotted keys whose values differ between two nested config dicts (a resume must match).
+
+    A key the saved config lacks (a checkpoint written before that option existed) counts as its default
+    value, `ModelConfig()`'s at the top level: the older code behaved as the default does.
+    """
+    if defaults is None and not prefix:
+        defaults = ModelConfig().to_dict()
+    defaults = defaults or {}
+    keys = sorted(set(saved) | set(current))
+    differences = []
+    for key in keys:
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            nested = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            differences += model_config_differences(a, b, f"{prefix}{key}.", nested)
+        elif a != b:
+            differences.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return differences
