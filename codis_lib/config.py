@@ -1,12 +1,10 @@
 """Typed configuration of the CODIS model: dataclasses, presets and validated YAML loading.
 
-A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder (`VisionConfig`),
-the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" | "codis"), the loss switches and weights
+A `ModelConfig` describes what `codis_lib.model.build_model` needs: the image encoder (`VisionConfig`), the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" | "codis"), the loss switches and weights
 (`LossConfig`) and the scalars of docs/METHOD.md (temperature, momentum, queue, codebook, Sinkhorn, MLM masking).
 
 Presets ship as YAML files beside this module (`codis_lib/configs/tiny.yaml`, `base.yaml`):
-    >>> cfg = ModelConfig.preset("tiny")
-    >>> cfg = load_model_config("my_model.yaml")              # a full or partial config
+    >>> cfg = ModelConfig.preset("tiny"); cfg = load_model_config("my_model.yaml")  # a full or partial config
     >>> cfg = ModelConfig.from_dict({"preset": "tiny", "mode": "albef"})
     >>> cfg = cfg.with_overrides({"losses.itm": False, "queue_size": 256})
 
@@ -75,8 +73,13 @@ class VisionConfig:
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
     # None: random init (offline). "deit_base_patch16_224": timm weights from the hub (online only).
-    # Any other string: a local file (.pth/.pt/.bin/.safetensors) holding a timm/DeiT state dict.
+    # Else a local file (.pth/.pt/.bin/.safetensors) of a timm/DeiT state dict; efficientnet_lite0: "imagenet".
     pretrained: str | None = None
+    # "efficientnet_lite0": its stride-16 map as image tokens (codis_lib.model.efficientnet; no patch_size, depth)
+    backbone: Literal["vit", "efficientnet_lite0"] = "vit"
+    backbone_size: int | None = None  # efficientnet: images resized to this side (None: image_size)
+    freeze_blocks: int = 0  # efficientnet: stem + first N of 5 stages frozen; 5: fixed trunk, maps cached if
+    cache_trunk: bool = True
 
     @property
     def grid_size(self) -> int:

@@ -169,6 +169,10 @@ def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
             manifest = build_emoji_corpus(root, image_size=data.emoji_image_size, limit=data.emoji_limit)
             counts = manifest["counts"]
             print(f"[codis] emoji corpus: {counts['emoji']} emoji, {counts['images']} images", flush=True)
+        elif ctx.is_main and not (root / "new_style_manifest.json").is_file():
+            from codis_lib.data.emoji_new_style import ensure_new_style
+
+            ensure_new_style(root)  # a corpus built before the held-out style existed, or before the font was
     ctx.barrier()
     return root
 
@@ -306,6 +310,7 @@ class TrainingRun:
     train_model: torch.nn.Module | None = None  # the model, or its DDP wrapper, once `wrap_model` ran
     data_order: dict | None = None  # what the data order and schedule depend on (`train.data_order`), checkpointed
     autocast: Any = None  # the autocast context of every forward, once `wrap_model` ran
+    eval_splits: list = field(default_factory=list)  # train.eval.splits less an optional one the corpus lacks
 
     @property
     def output_dir(self) -> Path:
