@@ -59,7 +59,7 @@ class WordQueryResult:
     hit_at_k: float  # % of scored words with an answering image in their top k
     chance: float  # % expected from a random ranking
     hits: dict[str, bool]
-    top_names: dict[str, list[str]]  # each scored word's top-k images, by CLDR name
+    top_names: dict[str, list[str]]  # each word's top-k images, by CLDR name (unanswered words too)
 
     def to_dict(self) -> dict:
         return {key: getattr(self, key) for key in self.__dataclass_fields__}
@@ -123,14 +123,13 @@ def word_query_benchmark(model, tokenizer, image_feat: torch.Tensor, names: list
     answers = {word: set(answering_images(word, names)) for word in words}
     scored = [word for word in words if answers[word]]
     unanswered = [word for word in words if not answers[word]]
-    if not scored:
-        raise ValueError(f"{gallery}: no word of the list is answered by any image of this gallery")
-    order = rank_images_for_text(model, tokenizer, image_feat, scored)[:, :k].tolist()
-    hits = {word: any(i in answers[word] for i in top) for word, top in zip(scored, order)}
-    chance = sum(_chance_hit(len(names), len(answers[w]), k) for w in scored) / len(scored)
+    order = dict(zip(words, rank_images_for_text(model, tokenizer, image_feat, list(words))[:, :k].tolist()))
+    hits = {word: any(i in answers[word] for i in order[word]) for word in scored}
+    chance = sum(_chance_hit(len(names), len(answers[w]), k) for w in scored) / max(len(scored), 1)
     return WordQueryResult(gallery=gallery, k=k, words_scored=len(scored), words_unanswered=unanswered,
-                           hit_at_k=100.0 * sum(hits.values()) / len(scored), chance=100.0 * chance, hits=hits,
-                           top_names={word: [names[i] for i in top] for word, top in zip(scored, order)})
+                           hit_at_k=100.0 * sum(hits.values()) / len(scored) if scored else float("nan"),
+                           chance=100.0 * chance, hits=hits,
+                           top_names={word: [names[i] for i in order[word]] for word in words})
 
 
 def format_word_table(results: list[WordQueryResult]) -> str:
@@ -162,7 +161,8 @@ def gallery_image_features(model, dataset, *, batch_size: int = 128, device=None
         model.train(was_training)
 
 
-def word_query_report(model, tokenizer, config, splits, *, k: int = 5, device=None) -> list[WordQueryResult]:
+def word_query_report(model, tokenizer, config, splits, *, words=EVERYDAY_WORDS, k: int = 5,
+                      device=None) -> list[WordQueryResult]:
     """Return the word benchmark on each emoji gallery of ``splits`` that is one of ``WORD_GALLERIES``."""
     from codis_lib.evaluation.report import retrieval_split_dataset
 
@@ -173,5 +173,5 @@ def word_query_report(model, tokenizer, config, splits, *, k: int = 5, device=No
         dataset = retrieval_split_dataset(config, split)
         names = gallery_names(dataset, Path(config.data.root) / "manifest.json")
         feats = gallery_image_features(model, dataset, batch_size=config.train.eval.batch_size, device=device)
-        results.append(word_query_benchmark(model, tokenizer, feats, names, gallery=split, k=k))
+        results.append(word_query_benchmark(model, tokenizer, feats, names, gallery=split, words=words, k=k))
     return results
