@@ -1,7 +1,7 @@
 """Typed configuration of the CODIS model: dataclasses, presets and validated YAML loading.
 
-A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the ViT image encoder
-(`VisionConfig`), the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" |
+A `ModelConfig` describes everything `codis_lib.model.build_model` needs: the image encoder
+(`VisionConfig`: ALBEF's ViT, or ImageNet EfficientNet-Lite0), the BERT text + fusion encoder (`TextConfig`), the mode ("clip" | "albef" |
 "codis"), the loss switches and weights (`LossConfig`) and the scalars of docs/METHOD.md (temperature,
 momentum, queue, codebook, Sinkhorn, MLM masking).
 
@@ -77,7 +77,14 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     # None: random init (offline). "deit_base_patch16_224": timm weights from the hub (online only).
     # Any other string: a local file (.pth/.pt/.bin/.safetensors) holding a timm/DeiT state dict.
+    # With backbone efficientnet_lite0: "imagenet" (the packaged ImageNet weights, offline) or such a file.
     pretrained: str | None = None
+    # "vit": ALBEF's ViT. "efficientnet_lite0": the stride-16 map of EfficientNet-Lite0 as image tokens
+    # (codis_lib.model.efficientnet); patch_size, depth, num_heads and mlp_ratio then do not apply.
+    backbone: Literal["vit", "efficientnet_lite0"] = "vit"
+    backbone_size: int | None = None  # efficientnet: images resized to this side first (None: image_size)
+    freeze_blocks: int = 0  # efficientnet: the stem and the first N of its 5 stages keep ImageNet's weights
+    cache_trunk: bool = True  # efficientnet with all 5 stages frozen: each image's feature map computed once
 
     @property
     def grid_size(self) -> int:

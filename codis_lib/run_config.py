@@ -93,7 +93,7 @@ class DataConfig:
 # The evaluation splits a run may name in train.eval.splits. Emoji: the files of the corpus
 # (codis_lib.data.emoji_split_file; tests/test_train_config.py checks the two lists agree).
 # ALBEF JSON: the data key holding each split's file.
-EMOJI_EVAL_SPLITS = ("val", "test", "new_drawings")
+EMOJI_EVAL_SPLITS = ("val", "test", "new_drawings", "new_style", "new_style_test")
 ALBEF_JSON_EVAL_FILES = {"val": "val_file", "test": "test_file"}
 
 

@@ -21,6 +21,10 @@ DEFAULT_TEST_IMAGES = 1000  # like Flickr30K's 1K test split
 DEFAULT_VAL_IMAGES = 500
 NEW_DRAWINGS = "new_drawings"
 EVAL_SPLITS = ("val", "test", NEW_DRAWINGS)  # the files <split>.json in the evaluation format
+# Evaluation emoji drawn in an art family no training image comes from (codis_lib.data.emoji_new_style;
+# built only where the Noto Color Emoji font is installed).
+STYLE_SPLITS = ("new_style", "new_style_test")
+ALL_EVAL_SPLITS = (*EVAL_SPLITS, *STYLE_SPLITS)
 IMAGE_SPLITS = (*SPLITS, NEW_DRAWINGS)  # where an image goes: its concept's split, or new_drawings
 NEW_DRAWINGS_SALT = "codis-emoji-new-drawings-v1"  # changing it reshuffles which drawings are held out
 DEFAULT_NEW_DRAWINGS_IMAGES = 1000

@@ -254,6 +254,10 @@ def build_emoji_corpus(
     tokenizer_info, tokenizer_reused = _tokenizer(out, tokenizer_captions(plan), previous, vocab_size)
     manifest = manifest_of(plan, config, records, file_hashes, tokenizer_info, image_hashes)
     write_json(manifest_path, manifest)
+    from codis_lib.data.emoji_new_style import build_new_style
+
+    new_style = build_new_style(out)  # the held-out art style; None (one warning) without the Noto font
+    manifest["new_style"] = new_style["counts"] if new_style else None
     manifest["last_build"] = {
         "seconds": round(time.perf_counter() - started, 2),
         "render_seconds": round(render_seconds, 2),
@@ -303,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         styles = ", ".join(f"{s} {n}" for s, n in c["images_per_style"].items())
         print(f"  {split:5s}: {c['images']:5d} images ({styles}), {c['emoji']} emoji, "
               f"{c['base_concepts']} concepts, {c['records']} records")
+    if manifest["new_style"]:
+        for split, c in manifest["new_style"].items():
+            print(f"  {split}: {c['images']:5d} images (noto), {c['of'] - c['images']} of the {c['drawn_from']} "
+                  f"emoji not drawn by the font")
+    else:
+        print("  new_style, new_style_test: skipped (no Noto Color Emoji font: apt-get install fonts-noto-color-emoji)")
     build = manifest["last_build"]
     print(f"  built in {build['seconds']:.1f} s: {build['images_rendered']} rendered, "
           f"{build['images_reused']} reused, tokenizer {'reused' if build['tokenizer_reused'] else 'trained'} "

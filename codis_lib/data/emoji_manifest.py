@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from codis_lib.data.emoji_concepts import EVAL_SPLITS, IMAGE_SPLITS
+from codis_lib.data.emoji_concepts import ALL_EVAL_SPLITS, EVAL_SPLITS, IMAGE_SPLITS, STYLE_SPLITS
 from codis_lib.data.emoji_render import RENDER_RECIPE
 from codis_lib.data.emoji_sources import ART_STYLES, source_versions
 
@@ -120,17 +120,21 @@ def manifest_of(plan: dict, config: dict, records: dict[str, list], file_hashes:
 
 
 def emoji_split_file(root: str | os.PathLike, split: str) -> Path:
-    """Return ``root/<split>.json``, the evaluation file of ``split`` ("val", "test" or "new_drawings").
+    """Return ``root/<split>.json``, the evaluation file of ``split`` (one of ``ALL_EVAL_SPLITS``).
 
     Raises ValueError for another split name and FileNotFoundError, saying how to rebuild, when
     the corpus in ``root`` lacks the file (a folder built before new_drawings existed).
     """
-    if split not in EVAL_SPLITS:
-        raise ValueError(f"split={split!r}: the emoji corpus's evaluation splits are {', '.join(EVAL_SPLITS)}")
+    if split not in ALL_EVAL_SPLITS:
+        raise ValueError(f"split={split!r}: the emoji corpus's evaluation splits are {', '.join(ALL_EVAL_SPLITS)}")
     root = Path(root)
     path = root / f"{split}.json"
     if path.is_file():
         return path
+    if split in STYLE_SPLITS:
+        raise FileNotFoundError(
+            f"{path}: the emoji corpus in {root} has no {split!r} split (it needs the Noto Color Emoji font: "
+            f"apt-get install fonts-noto-color-emoji, then `codis-build-emoji --out-dir {root}` adds it)")
     older = ""
     try:
         found = json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("format")

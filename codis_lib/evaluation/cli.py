@@ -222,6 +222,10 @@ def _parser() -> argparse.ArgumentParser:
                              "size, --k, test file) is an error (exit 2) before evaluating, not a warning; what "
                              "cannot be told stays a warning")
     output.add_argument("--json", default=None, help="also write the result dict to this file")
+    output.add_argument("--queries", nargs="?", const="everyday", default=None, metavar="WORDS",
+                        help="instead of the retrieval tables: everyday word queries on the new_drawings and "
+                             "new_style galleries of our checkpoint's emoji corpus (hit@5 against chance); "
+                             "WORDS: comma-separated words of your own, each printed with its top 5 images")
     return parser
 
 
@@ -324,6 +328,32 @@ def _one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _word_queries(args: argparse.Namespace) -> int:
+    """Print the everyday-word benchmark (or the given words' top images) for our checkpoint; return 0."""
+    from codis_lib.evaluation.word_queries import EVERYDAY_WORDS, WORD_GALLERIES, format_word_table, word_query_report
+
+    if args.checkpoint is None or args.albef_checkpoint is not None or args.annotation is not None:
+        raise ValueError("--queries needs one of our emoji checkpoints (and neither --albef-checkpoint nor --annotation)")
+    words = EVERYDAY_WORDS if args.queries == "everyday" else tuple(w.strip() for w in args.queries.split(",") if w.strip())
+    if not words:
+        raise ValueError(f"--queries {args.queries!r}: no word in it")
+    loaded, device = _load_model(args.checkpoint, None, albef_config=None, bert_config=None, tokenizer=args.tokenizer,
+                                 image_size=args.image_size, device=args.device, allow_download=False,
+                                 weights=args.weights)
+    splits = args.splits or [s for s in WORD_GALLERIES if s in loaded.run_config.train.eval.splits] or ["new_drawings"]
+    results = word_query_report(loaded.model, loaded.tokenizer, loaded.run_config, splits, words=words, device=device)
+    if not results:
+        raise ValueError(f"--queries: no word gallery among {splits} (use --split new_drawings or new_style)")
+    print(format_word_table(results))
+    if args.queries != "everyday":
+        for result in results:
+            for word, names in result.top_names.items():
+                print(f"  {result.gallery}: {word!r} -> " + " | ".join(names))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `codis-eval`; returns the exit status (2 for bad input, with one line on stderr)."""
     args = _parser().parse_args(argv)
@@ -340,6 +370,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.strict and mismatches:
             raise ValueError(f"--strict: {len(mismatches)} difference(s) from the protocol of the poster's "
                              f"{args.setting} --paper {args.paper} row (listed above); nothing was evaluated")
+        if args.queries is not None:
+            return _word_queries(args)
         created_group = _init_distributed(_device(args.device))  # under torchrun: one group for the whole run
         by_split, single = _evaluations(args)
     except (OSError, ValueError, RuntimeError) as error:

@@ -22,13 +22,16 @@ from codis_lib.run_config import ALBEF_JSON_EVAL_FILES, RunConfig, eval_split_er
 from codis_lib.typed_config import ConfigError
 
 __all__ = ["RANKING_NAMES", "EMOJI_SPLIT_DESCRIPTIONS", "retrieval_split_file", "retrieval_split_dataset",
+           "available_eval_splits",
            "split_description", "split_title", "retrieval_report", "format_evaluation_table",
            "format_retrieval_table"]
 
 RANKING_NAMES = {"itm": "ITM re-ranked", "itc": "contrastive only"}
 EMOJI_SPLIT_DESCRIPTIONS = {"new_drawings": "new drawings of training concepts",
                             "test": "concepts never seen in training",
-                            "val": "concepts never seen in training"}
+                            "val": "concepts never seen in training",
+                            "new_style": "training concepts in an art style never trained on",
+                            "new_style_test": "unseen concepts in an art style never trained on"}
 
 
 def retrieval_split_file(config: RunConfig, split: str) -> Path:
@@ -45,6 +48,27 @@ def retrieval_split_file(config: RunConfig, split: str) -> Path:
     if config.data.dataset == "emoji":
         return emoji_split_file(config.data.root, split)
     return Path(getattr(config.data, ALBEF_JSON_EVAL_FILES[split]))
+
+
+def available_eval_splits(config: RunConfig, splits, log=None) -> list[str]:
+    """Return `splits` less the held-out-style ones the corpus cannot have (no Noto font), saying so in one line each.
+
+    Any other missing split file raises (FileNotFoundError, saying how to rebuild), before training starts.
+    """
+    from codis_lib.data.emoji_concepts import STYLE_SPLITS
+
+    found = []
+    for split in splits:
+        try:
+            retrieval_split_file(config, split)
+        except FileNotFoundError as error:
+            if config.data.dataset != "emoji" or split not in STYLE_SPLITS:
+                raise
+            if log:
+                log(f"{split} split skipped: {error}")
+            continue
+        found.append(split)
+    return found
 
 
 def retrieval_split_dataset(config: RunConfig, split: str):

@@ -47,6 +47,7 @@ from codis_lib.model.bert import TextFusionEncoder
 from codis_lib.model.inputs import check_inputs, check_teacher_inputs
 from codis_lib.model.masking import mask_tokens
 from codis_lib.model.output import CODISOutput, Details, Diagnostics
+from codis_lib.model.efficientnet import EfficientNetTokens
 from codis_lib.model.vit import build_vit
 
 __all__ = ["CODIS", "CODISOutput", "Diagnostics", "Details"]
@@ -99,7 +100,7 @@ class CODIS(nn.Module):
         vision, text, dim = config.vision, config.text, config.embed_dim
 
         # Student.
-        self.visual_encoder = build_vit(vision)
+        self.visual_encoder = EfficientNetTokens(vision) if vision.backbone == "efficientnet_lite0" else build_vit(vision)
         self.text_encoder = TextFusionEncoder(text, encoder_width=vision.width)
         self.vision_proj = nn.Linear(vision.width, dim)
         self.text_proj = nn.Linear(text.hidden_size, dim)
@@ -234,6 +235,8 @@ class CODIS(nn.Module):
         for student, teacher in self.teacher_pairs():
             for param, param_m in zip(student.parameters(), teacher.parameters()):
                 param_m.copy_(param)
+            for buffer, buffer_m in zip(student.buffers(), teacher.buffers()):  # e.g. frozen batch-norm statistics
+                buffer_m.copy_(buffer)
 
     @torch.no_grad()
     def copy_teacher_to_student(self) -> None:
@@ -246,6 +249,8 @@ class CODIS(nn.Module):
         for student, teacher in self.teacher_pairs():
             for param, param_m in zip(student.parameters(), teacher.parameters()):
                 param.copy_(param_m)
+            for buffer, buffer_m in zip(student.buffers(), teacher.buffers()):
+                buffer.copy_(buffer_m)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,

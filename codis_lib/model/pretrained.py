@@ -82,6 +82,16 @@ def load_vit_weights(vit: torch.nn.Module, source: str) -> LoadReport:
                              resample=True)
 
 
+def load_imagenet_weights(encoder: torch.nn.Module, source: str) -> LoadReport:
+    """Load the packaged ImageNet EfficientNet-Lite0 ("imagenet") or a file of it into an EfficientNetTokens."""
+    from codis_lib.model.efficientnet import load_efficientnet_lite0  # noqa: PLC0415
+
+    if source != "imagenet" and not Path(source).is_file():
+        raise ValueError(f"model.vision.pretrained={source!r}: with backbone efficientnet_lite0 use 'imagenet' "
+                         f"(the packaged weights) or a path to efficientnet-lite0-57934424.pth")
+    return load_efficientnet_lite0(encoder, None if source == "imagenet" else source)
+
+
 def load_bert_weights(text_encoder: torch.nn.Module, source: str) -> LoadReport:
     """Load BERT weights (hub name, save_pretrained directory or file) into our text + fusion encoder.
 
@@ -140,7 +150,8 @@ def initialise_pretrained(model: torch.nn.Module, config: ModelConfig) -> dict[s
     The reports ({config key: LoadReport}) are also kept as `model.pretrained_loads`. A source that does
     not fit raises CheckpointMismatchError prefixed with the config key (one line in the CLIs).
     """
-    loaders = {"model.vision.pretrained": (load_vit_weights, model.visual_encoder, config.vision.pretrained),
+    vision_loader = load_vit_weights if config.vision.backbone == "vit" else load_imagenet_weights
+    loaders = {"model.vision.pretrained": (vision_loader, model.visual_encoder, config.vision.pretrained),
                "model.text.pretrained": (load_bert_weights, model.text_encoder, config.text.pretrained)}
     reports = {}
     for config_key, (loader, module, source) in loaders.items():

@@ -112,6 +112,10 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
         print(f"  logs:       {result.output_dir / 'metrics.jsonl'} (TensorBoard: {result.output_dir / 'tensorboard'})")
         for split, evaluation in (result.evaluations or {}).items():  # one table per split, in config order
             print(format_retrieval_table(evaluation, title="\n" + split_title(config, split)))
+        if result.word_queries:
+            from codis_lib.evaluation.word_queries import format_word_table
+
+            print("\n" + format_word_table(result.word_queries))
     return 0
 
 

@@ -59,6 +59,10 @@ def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
             manifest = build_emoji_corpus(root, image_size=data.emoji_image_size, limit=data.emoji_limit)
             counts = manifest["counts"]
             print(f"[codis] emoji corpus: {counts['emoji']} emoji, {counts['images']} images", flush=True)
+    elif ctx.is_main and not (root / "new_style_manifest.json").is_file():
+        from codis_lib.data.emoji_new_style import ensure_new_style
+
+        ensure_new_style(root)  # a corpus built before the held-out style existed, or before the font was installed
     ctx.barrier()
     return root
 

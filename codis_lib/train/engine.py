@@ -53,7 +53,8 @@ import torch
 import torch.distributed as dist
 
 from codis_lib import distributed as cdist
-from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, retrieval_split_file,
+from codis_lib.evaluation.word_queries import word_query_report
+from codis_lib.evaluation.report import (retrieval_report, retrieval_split_dataset, available_eval_splits,
                                          split_description)
 from codis_lib.metrics_log import LOSS_PREFIX, MetricsLogger
 from codis_lib.run_config import RunConfig
@@ -93,6 +94,7 @@ class TrainResult:
     records: list[dict] = field(default_factory=list)  # training log records of this invocation (rank 0)
     # {split: retrieval report (`RetrievalEvaluation.to_dict()`)} in train.eval.splits order, when evaluated
     evaluations: dict[str, dict] | None = None
+    word_queries: list | None = None  # WordQueryResult per word gallery (codis_lib.evaluation.word_queries)
     wall_s: float = 0.0
     train_s: float = 0.0
     model: Any = field(default=None, repr=False)  # the trained CODIS (unwrapped from DDP), for notebooks
@@ -260,8 +262,8 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     run.data_order = data_order_record(run)  # checkpointed; a resume must match it
     evaluate_at_end = tc.eval.at_end if evaluate is None else evaluate
     if evaluate_at_end or tc.eval.every_epochs:
-        for split in tc.eval.splits:  # fail now, not after training, when the corpus lacks a split's file
-            retrieval_split_file(config, split)
+        # fail now, not after training, when the corpus lacks a split's file (an optional style split: skipped)
+        run.eval_splits = available_eval_splits(config, tc.eval.splits, log=_warn if ctx.is_main else None)
     start = start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
     state = LoopState(step=start.step, epoch=start.epoch, step_in_epoch=start.step_in_epoch,
                       last_checkpoint=start.last_checkpoint)
@@ -289,15 +291,17 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
 
     # ---- the end: final checkpoint and evaluation
     finished = state.step >= run.total_steps
-    evaluations = None
+    evaluations, words = None, []
     if finished:
         state.last_checkpoint = link_final_checkpoint(ctx, run.output_dir, state.last_checkpoint)
         if evaluate_at_end:
-            evaluations = {split: _report_eval_split(run, split) for split in tc.eval.splits}
+            evaluations = {split: _report_eval_split(run, split) for split in run.eval_splits}
+            words = word_query_report(run.model, run.data.tokenizer, config, run.eval_splits, device=ctx.device)
             if ctx.is_main:
-                write_final_evaluations(run.output_dir, evaluations, step=state.step, tensorboard=tc.tensorboard)
+                write_final_evaluations(run.output_dir, evaluations, step=state.step, tensorboard=tc.tensorboard, words=words)
     return TrainResult(output_dir=run.output_dir, steps=state.step, total_steps=run.total_steps, finished=finished,
                        checkpoint=state.last_checkpoint, records=state.records, evaluations=evaluations,
+                       word_queries=words if evaluations is not None else None,
                        wall_s=time.perf_counter() - started, train_s=train_s, model=run.model,
                        stopped_by=state.stopped_by, reference_settings=state.curve_check.settings,
                        reference_status=state.curve_check.status, reference_warnings=state.curve_check.warnings)
@@ -340,7 +344,7 @@ def _train_epoch(run: TrainingRun, state: LoopState, logger: MetricsLogger, *, s
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
     every = tc.eval.every_epochs
     if every and state.epoch % every == 0 and state.step < run.total_steps:
-        for split in tc.eval.splits:
+        for split in run.eval_splits:
             result = _report_eval_split(run, split)
             logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, "split": split, **result["headline"]},
                        state.step)

@@ -139,15 +139,22 @@ def link_final_checkpoint(ctx: RunContext, output_dir: Path, last_checkpoint: Pa
     return final
 
 
-def write_final_evaluations(output_dir: Path, evaluations: dict[str, dict], *, step: int, tensorboard: bool) -> None:
+def write_final_evaluations(output_dir: Path, evaluations: dict[str, dict], *, step: int, tensorboard: bool,
+                            words: list | None = None) -> None:
     """Append the end-of-run evaluation of each split to metrics.jsonl (and TensorBoard) and write eval_<split>.json.
 
     `evaluations` is {split: retrieval report}, in the order of train.eval.splits; rank 0 calls this.
+    `words`: the everyday-word benchmark's results (`WordQueryResult`), written to eval_words.json.
     """
     logger = MetricsLogger(output_dir, enabled=True, tensorboard=tensorboard)
     try:
         for split, evaluation in evaluations.items():
             logger.log({"kind": "eval", "step": step, "split": split, **evaluation["headline"]}, step)
             (output_dir / f"eval_{split}.json").write_text(json.dumps(evaluation, indent=2))
+        for result in words or []:
+            logger.log({"kind": "eval_words", "step": step, "split": result.gallery, "hit_at_k": result.hit_at_k,
+                        "chance": result.chance, "k": result.k}, step)
+        if words:
+            (output_dir / "eval_words.json").write_text(json.dumps([w.to_dict() for w in words], indent=2))
     finally:
         logger.close()

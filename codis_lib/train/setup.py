@@ -11,7 +11,7 @@ The training data is `codis_lib.train.data`'s, the per-step batch handling `codi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class TrainingRun:
     train_model: torch.nn.Module | None = None  # the model, or its DDP wrapper, once `wrap_model` ran
     data_order: dict | None = None  # what the data order and schedule depend on (`train.data_order`), checkpointed
     autocast: Any = None  # the autocast context of every forward, once `wrap_model` ran
+    eval_splits: list = field(default_factory=list)  # train.eval.splits less an optional one the corpus lacks
 
     @property
     def output_dir(self) -> Path:

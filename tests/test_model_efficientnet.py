@@ -1,0 +1,94 @@
+"""The ImageNet image encoder that installs offline: EfficientNet-Lite0 from its PyPI wheel, as image tokens."""
+import pytest
+import torch
+
+from codis_lib.config import VisionConfig
+from codis_lib.model.efficientnet import (EfficientNetTokens, build_efficientnet_lite0, load_efficientnet_lite0,
+                                          read_efficientnet_lite0)
+
+MILITARY_UNIFORM = 652  # ImageNet class index
+
+
+def _photo(size: int) -> torch.Tensor:
+    """Matplotlib's bundled photograph of Grace Hopper, resized, in Lite0's input range (mean = std = 0.5)."""
+    import matplotlib.cbook
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((size, size))
+    pixels = torch.tensor(np.asarray(image) / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
+    return (pixels - 0.5) / 0.5
+
+
+def test_the_packaged_weights_still_classify_a_real_photo():
+    network = build_efficientnet_lite0().eval()
+    network.load_state_dict(read_efficientnet_lite0())
+    with torch.no_grad():
+        probabilities = network(_photo(224)).softmax(-1)[0]
+    assert probabilities.argmax().item() == MILITARY_UNIFORM
+    assert probabilities[MILITARY_UNIFORM] > 0.3
+    random_network = build_efficientnet_lite0().eval()  # the same photo means nothing to random weights
+    with torch.no_grad():
+        assert random_network(_photo(224)).softmax(-1)[0].max() < 0.05
+
+
+def _tokens(**settings) -> EfficientNetTokens:
+    return EfficientNetTokens(VisionConfig(image_size=64, width=128, backbone="efficientnet_lite0", **settings))
+
+
+def test_image_tokens_have_the_vit_shape_and_load_strictly():
+    encoder = _tokens()
+    report = load_efficientnet_lite0(encoder)
+    trunk_keys = {k for k in encoder.state_dict() if k.split(".")[0] in ("conv_stem", "bn1", "blocks")}
+    assert set(report.loaded) == trunk_keys
+    assert set(report.fresh) == {k for k in encoder.state_dict() if k not in trunk_keys}
+    assert any(k.startswith("classifier.") for k in report.dropped)
+    tokens = encoder(torch.randn(3, 3, 64, 64))
+    assert tokens.shape == (3, 1 + 4 * 4, 128)  # the stride-16 map of a 64-px image: 16 tokens + CLS
+    big = _tokens(backbone_size=128)(torch.randn(2, 3, 64, 64))
+    assert big.shape == (2, 1 + 8 * 8, 128)
+
+
+def test_a_fixed_trunk_trains_nothing_keeps_imagenet_statistics_and_caches_exactly():
+    encoder = _tokens(freeze_blocks=5)
+    load_efficientnet_lite0(encoder)
+    encoder.train()
+    assert not any(m.training for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    trainable = {name.split(".")[0] for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"cls_proj", "token_proj", "pos_embed", "norm"}
+    images = torch.randn(4, 3, 64, 64)
+    first = encoder(images)
+    assert len(encoder._trunk_cache) == 4
+    maps = encoder._cached_trunk(images)
+    torch.testing.assert_close(encoder._cached_trunk(images[[2, 0]]), maps[[2, 0]], rtol=0, atol=0)  # from the cache
+    assert len(encoder._trunk_cache) == 4
+    # the projections after the map are not batch-invariant to the last bit on CPU, hence a tolerance here
+    torch.testing.assert_close(encoder(images[[2, 0]]), first[[2, 0]], rtol=0, atol=1e-5)
+    encoder.cache_trunk = False
+    torch.testing.assert_close(encoder(images), first, rtol=0, atol=0)
+    first.sum().backward()
+    assert encoder.token_proj.weight.grad is not None
+
+
+def test_a_damaged_weights_file_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "lite0.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=str(bad)):
+        read_efficientnet_lite0(bad)
+    torch.save({"conv_stem.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 state dict"):
+        read_efficientnet_lite0(bad)
+
+
+def test_codis_with_the_imagenet_tower_starts_its_teacher_equal_and_verified():
+    from codis_lib import build_model
+    from codis_lib.config import ModelConfig
+    from codis_lib.model.verify import verify_pretrained
+
+    config = ModelConfig.preset("tiny").with_overrides({"vision.backbone": "efficientnet_lite0",
+                                                        "vision.pretrained": "imagenet", "vision.freeze_blocks": 5})
+    model = build_model(config)
+    assert verify_pretrained(model, config) > 0  # student and teacher hold the wheel's tensors, buffers included
+    for (name, a), (_, b) in zip(model.visual_encoder.state_dict().items(),
+                                 model.visual_encoder_m.state_dict().items()):
+        assert torch.equal(a, b), name
