@@ -3,8 +3,8 @@
 A notebook's first code cell is its `parameters` cell (papermill overrides `size`, `output_dir`,
 `figure_dir`); the set-up cell after it reads
 
-    >>> run = start_notebook(size, output_dir, figure_dir, seed=seed, num_threads=num_threads)
-    >>> output_dir, figure_dir = run.output_dir, run.figure_dir
+    >>> notebook = start_notebook(size, output_dir, figure_dir, seed=seed, num_threads=num_threads)
+    >>> output_dir, figure_dir = notebook.output_dir, notebook.figure_dir
 
 and the last cell `write_metrics(metrics, output_dir)`: the `metrics.json` that the notebook's test
 (tests/test_nb_NN_*.py) asserts on. Notebooks 05 and 06 score the main command's model:
@@ -15,7 +15,7 @@ and the last cell `write_metrics(metrics, output_dir)`: the `metrics.json` that 
 
 `codis-pretrain`'s checkpoint when it exists, else notebook 04's, else a short pretraining with the same
 recipe (`pretrain_or_load`); at size "ci" a 40-step model on a ~120-emoji corpus in the output folder.
-Figures are saved with `codis_lib.viz.save_figure`.
+Figures go through `codis_lib.viz.save_figure` (notebooks 04-06).
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def _not_json(value: Any, where: str) -> str | None:
 def write_metrics(metrics: Mapping[str, Any], output_dir: str | os.PathLike, *, hide: Sequence[str] = ()) -> None:
     """Write `metrics` to `<output_dir>/metrics.json` (indent 2) and print it, less the keys in `hide`.
 
-    A value json cannot write (a tensor, a Path, a numpy number) is a TypeError naming its key.
+    A value json cannot write (a tensor, a Path, a numpy integer) is a TypeError naming its key.
     """
     try:
         text = json.dumps(metrics, indent=2)
