@@ -85,3 +85,16 @@ def test_a_run_with_its_lr_100x_off_is_warned_and_a_reference_seed_is_not(tmp_pa
     assert "check off" in longer.reference_status and "total_steps: reference 24, this run 8" in longer.reference_status
     assert longer.reference_warnings == []
     assert json.loads(path.read_text())["curves"][0]["seeds"] == [0, 1]
+
+
+def test_a_model_setting_newer_than_the_reference_matches_only_at_its_default():
+    from codis_lib.train.reference import settings_differences
+
+    reference = {"model": {"vision": {"width": 128}}, "task": "pretrain"}  # measured before `backbone` existed
+    same = {"model": {"vision": {"width": 128, "backbone": "vit", "freeze_blocks": 0}}, "task": "pretrain"}
+    assert settings_differences(reference, same) == []
+    other = {"model": {"vision": {"width": 128, "backbone": "efficientnet_lite0"}}, "task": "pretrain"}
+    assert settings_differences(reference, other) == [
+        "model.vision.backbone: reference 'vit', this run 'efficientnet_lite0'"]
+    assert settings_differences({"task": "pretrain"}, {"task": "finetune"}) == [
+        "task: reference 'pretrain', this run 'finetune'"]

@@ -106,13 +106,23 @@ def reference_settings(run: TrainingRun) -> dict[str, Any]:
     }
 
 
-def settings_differences(reference: Mapping[str, Any], run: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Return "key: reference X, run Y" for every setting that differs (nested dicts compared key by key)."""
+def settings_differences(reference: Mapping[str, Any], run: Mapping[str, Any], prefix: str = "",
+                         defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """Return "key: reference X, run Y" for every setting that differs (nested dicts compared key by key).
+
+    A model setting that a reference predates (absent from it) counts as its default, as a checkpoint's
+    does on resume: a curve measured before the setting existed was measured with that default.
+    """
+    if defaults is None and not prefix:
+        from codis_lib.config import ModelConfig
+
+        defaults = {"model": ModelConfig().to_dict()}
+    defaults = defaults or {}
     differences = []
     for key in sorted(set(reference) | set(run)):
-        a, b = reference.get(key), run.get(key)
+        a, b = reference.get(key, defaults.get(key)), run.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            differences += settings_differences(a, b, f"{prefix}{key}.")
+            differences += settings_differences(a, b, f"{prefix}{key}.", defaults.get(key) or {})
         elif normalise(a) != normalise(b):
             differences.append(f"{prefix}{key}: reference {a!r}, this run {b!r}")
     return differences
