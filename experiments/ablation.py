@@ -35,7 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from codis_lib.data.emoji_corpus import EVAL_SPLITS, emoji_split_file
+from codis_lib.data.emoji_concepts import ALL_EVAL_SPLITS
+from codis_lib.data.emoji_corpus import emoji_split_file
 from codis_lib.evaluation.report import EMOJI_SPLIT_DESCRIPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-k", type=int, default=16, help="ITM re-ranking depth of the zero-shot evaluation")
     parser.add_argument("--data-root", default=str(REPO_ROOT / "data" / "emoji"))
-    parser.add_argument("--split", dest="splits", action="append", choices=EVAL_SPLITS, default=None,
+    parser.add_argument("--split", dest="splits", action="append", choices=ALL_EVAL_SPLITS, default=None,
                         help="evaluation split of the emoji corpus, repeatable (default: new_drawings and test; "
                              "each run writes eval_<split>.json)")
     parser.add_argument("--equal-time", action="store_true",
