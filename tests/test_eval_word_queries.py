@@ -72,3 +72,20 @@ def _ids(tokenizer, text):
 
     tokens = tokenize_captions(tokenizer, [text])
     return tokens["input_ids"], tokens["attention_mask"]
+
+
+def test_gallery_names_are_the_cldr_names_of_the_split_images_in_order():
+    from codis_lib import RetrievalEvalDataset
+    from codis_lib.evaluation.word_queries import gallery_names
+    from tests.fixtures_data.corpus import small_emoji_corpus
+
+    out, manifest = small_emoji_corpus()
+    dataset = RetrievalEvalDataset(out / "new_drawings.json", None, image_size=32)
+    names = gallery_names(dataset, out / "manifest.json")
+    by_key = {e["key"]: e["name"] for e in manifest["emoji"]}
+    assert names == [by_key[record.image.rsplit("/", 1)[1][:-4]] for record in dataset.records]
+    assert names and all(name == name.strip() and name for name in names)
+    broken = out.parent / "other_manifest.json"
+    broken.write_text('{"emoji": []}')
+    with pytest.raises(ValueError, match="other_manifest.json"):
+        gallery_names(dataset, broken)

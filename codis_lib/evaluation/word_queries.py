@@ -84,9 +84,9 @@ def gallery_names(dataset, manifest_path: str | Path) -> list[str]:
         raise ValueError(f"{manifest_path}: not a readable emoji corpus manifest ({error})") from None
     names = []
     for record in dataset.records:
-        key = Path(record["image"]).stem
+        key = Path(record.image).stem
         if key not in by_key:
-            raise ValueError(f"{manifest_path}: no emoji {key!r} (image {record['image']}): a manifest of another corpus")
+            raise ValueError(f"{manifest_path}: no emoji {key!r} (image {record.image}): a manifest of another corpus")
         names.append(by_key[key])
     return names
 
