@@ -1,4 +1,4 @@
-"""Helpers shared by several test modules: a tiny training run's overrides, a free port.
+"""Helpers shared by several test modules: a tiny training run's overrides, a free port, a stand-in BERT release.
 
 They live here rather than in one test module so that importing them does not also collect (or run the
 module-level setup of) another module's tests.
@@ -28,3 +28,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def hf_bert_like(text, num_layers: int | None = None):
+    """Return a Hugging Face BertForMaskedLM (seed 0) with the sizes of TextConfig ``text``: a stand-in BERT release.
+
+    ``num_layers`` overrides ``text.num_layers`` (a release with fewer or more layers than our encoder).
+    """
+    import torch  # here, not at the top: most users of this module never build a BERT
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                                      num_hidden_layers=text.num_layers if num_layers is None else num_layers,
+                                      num_attention_heads=text.num_heads, intermediate_size=text.intermediate_size,
+                                      max_position_embeddings=text.max_position_embeddings))

@@ -94,16 +94,22 @@ def test_queue_pointer_wraps_fifo():
         {tuple(r.tolist()) for r in many[-12:].round(decimals=5)}
 
 
+def _assert_queues_start_with_teacher_features(model: CODIS, image: torch.Tensor, input_ids: torch.Tensor,
+                                               attention_mask: torch.Tensor) -> None:
+    """Assert that the first len(image) columns of both queues are the teacher's features of these inputs."""
+    with torch.no_grad():
+        _, image_feat_m = model.encode_image_teacher(image)
+        _, text_feat_m = model.encode_text_teacher(input_ids, attention_mask)
+    torch.testing.assert_close(model.image_queue[:, :len(image)].t(), image_feat_m)
+    torch.testing.assert_close(model.text_queue[:, :len(image)].t(), text_feat_m)
+
+
 def test_training_forward_enqueues_the_teacher_features():
     model = _model(queue_size=8).train()
     image, input_ids, attention_mask = _batch(model.config)
     model(image, input_ids, attention_mask, alpha=0.4)
     assert int(model.queue_ptr) == 4
-    with torch.no_grad():
-        _, image_feat_m = model.encode_image_teacher(image)
-        _, text_feat_m = model.encode_text_teacher(input_ids, attention_mask)
-    torch.testing.assert_close(model.image_queue[:, :4].t(), image_feat_m)
-    torch.testing.assert_close(model.text_queue[:, :4].t(), text_feat_m)
+    _assert_queues_start_with_teacher_features(model, image, input_ids, attention_mask)
 
 
 def test_teacher_never_receives_gradients_and_the_student_does():
@@ -372,11 +378,7 @@ def test_the_teacher_encodes_its_own_views_everywhere_it_reads_them():
     # In training the queues receive the teacher features of its own views.
     model.train()
     model(image, input_ids, attention_mask, alpha=0.4, sample_seeds=seeds, **views)
-    with torch.no_grad():
-        _, image_feat_m = model.encode_image_teacher(image_teacher)
-        _, text_feat_m = model.encode_text_teacher(teacher_ids, teacher_mask)
-    torch.testing.assert_close(model.image_queue[:, :4].t(), image_feat_m)
-    torch.testing.assert_close(model.text_queue[:, :4].t(), text_feat_m)
+    _assert_queues_start_with_teacher_features(model, image_teacher, teacher_ids, teacher_mask)
 
 
 def test_clip_mode_ignores_teacher_views_and_bad_ones_are_named():

@@ -14,6 +14,7 @@ from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
 from codis_lib.model.pretrained import load_bert_weights, load_vit_weights
 from codis_lib.model.vit import interpolate_pos_embed
+from tests.helpers import hf_bert_like
 
 TINY = ModelConfig.preset("tiny")
 
@@ -38,12 +39,7 @@ def test_vit_from_a_deit_style_file_with_another_image_size(tmp_path):
 
 
 def test_bert_from_a_save_pretrained_directory(tmp_path):
-    text = TINY.text
-    torch.manual_seed(0)
-    bert = BertForMaskedLM(BertConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-                                      num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
-                                      intermediate_size=text.intermediate_size,
-                                      max_position_embeddings=text.max_position_embeddings))
+    bert = hf_bert_like(TINY.text)
     bert.save_pretrained(tmp_path / "bert")
     model = build_model(TINY)
     cross_before = model.text_encoder.bert.encoder.layer[3].crossattention.self.key.weight.detach().clone()

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
-from transformers import BertConfig, BertForMaskedLM
 
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
@@ -18,6 +17,7 @@ from codis_lib.model.loading import (QUEUE_KEYS, CheckpointMismatchError, adapt_
                                      load_albef_state_dict, load_codis_weights, load_state_strict, read_state_dict,
                                      unwrap_state_dict)
 from codis_lib.model.vit import interpolate_pos_embed
+from tests.helpers import hf_bert_like
 
 SMALL = ModelConfig.preset("tiny").with_overrides({"vision.image_size": 32, "queue_size": 16})
 
@@ -117,11 +117,7 @@ def test_keys_left_fresh_by_an_adapter_are_not_missing_and_carry_their_reason():
 
 def test_bert_weights_leave_cross_attention_fresh_and_drop_what_we_do_not_use():
     text = SMALL.text
-    torch.manual_seed(0)
-    bert = BertForMaskedLM(BertConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-                                      num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
-                                      intermediate_size=text.intermediate_size,
-                                      max_position_embeddings=text.max_position_embeddings))
+    bert = hf_bert_like(text)
     state = dict(bert.state_dict())
     state["bert.embeddings.LayerNorm.gamma"] = state.pop("bert.embeddings.LayerNorm.weight")  # an old release's name
     state["bert.pooler.dense.weight"] = torch.zeros(text.hidden_size, text.hidden_size)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
-from transformers import BertConfig, BertForMaskedLM
 
 from codis_lib.config import ModelConfig
 from codis_lib.model import build_model
@@ -15,7 +14,7 @@ from codis_lib.model.pretrained import load_vit_weights
 from codis_lib.model.loading import LoadReport, load_codis_weights
 from codis_lib.model.verify import InitialisationError, verify_load, verify_pretrained
 from codis_lib.train.cli import pretrain_main
-from tests.helpers import tiny_run_overrides
+from tests.helpers import hf_bert_like, tiny_run_overrides
 
 TINY = ModelConfig.preset("tiny")
 
@@ -32,12 +31,7 @@ def _vit_file(tmp_path, depth: int = TINY.vision.depth, img_size: int = 32):
 
 
 def _bert_dir(tmp_path, layers: int):
-    text = TINY.text
-    torch.manual_seed(0)
-    bert = BertForMaskedLM(BertConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-                                      num_hidden_layers=layers, num_attention_heads=text.num_heads,
-                                      intermediate_size=text.intermediate_size,
-                                      max_position_embeddings=text.max_position_embeddings))
+    bert = hf_bert_like(TINY.text, num_layers=layers)
     bert.save_pretrained(tmp_path / f"bert{layers}")
     return tmp_path / f"bert{layers}"
 

@@ -259,6 +259,21 @@ class _Reader:
             return None
         return captions
 
+    def read(self, paths: list[str], image_root, make_record, own_fields) -> ReadResult:
+        """Return the records of ``paths``: ``own_fields(path, index, record)`` checks a record's own fields
+        (captions, image_id) and returns them as keyword arguments of ``make_record``, or None after reporting
+        the record bad; the image is checked after them, then ``make_record(image=, source=, index=, **fields)``."""
+        records = []
+        for path, index, record in self.records_with_caption(paths):
+            fields = own_fields(path, index, record)
+            if fields is None:
+                continue
+            image = self.image_of(record, path, index, image_root)
+            if image is None:
+                continue
+            records.append(make_record(image=image, source=path, index=index, **fields))
+        return self.finish(records, paths)
+
     def image_of(self, record, path: str, index: int, image_root) -> str | None:
         """Return the resolved image path of ``record``, or None after reporting it bad."""
         image = record.get("image")
@@ -316,18 +331,13 @@ def read_pretrain_annotations(
     AnnotationError ("raise"), or accepted silently ("allow", e.g. ALBEF's absolute 4M lists).
     """
     reader = _Reader("pretrain", on_error, check_images, outside_root)
-    records: list[PretrainRecord] = []
-    paths = _as_list(files)
-    for path, index, record in reader.records_with_caption(paths):
+
+    def own_fields(path: str, index: int, record: dict) -> dict | None:
         raw = record["caption"]
         captions = reader.captions_of(raw if isinstance(raw, list) else [raw], path, index, max_words)
-        if captions is None:
-            continue
-        image = reader.image_of(record, path, index, image_root)
-        if image is None:
-            continue
-        records.append(PretrainRecord(image=image, captions=tuple(captions), source=path, index=index))
-    return reader.finish(records, paths)
+        return None if captions is None else {"captions": tuple(captions)}
+
+    return reader.read(_as_list(files), image_root, PretrainRecord, own_fields)
 
 
 def read_retrieval_train(
@@ -341,22 +351,19 @@ def read_retrieval_train(
 ) -> ReadResult:
     """Return the records of ALBEF retrieval training files (``image``, ``caption``, ``image_id``), captions cleaned."""
     reader = _Reader("retrieval-train", on_error, check_images, outside_root)
-    records: list[RetrievalTrainRecord] = []
-    paths = _as_list(files)
-    for path, index, record in reader.records_with_caption(paths):
+
+    def own_fields(path: str, index: int, record: dict) -> dict | None:
         cleaned, problem = _clean_one_caption(record["caption"], max_words)
         if problem:
             reader.bad(path, index, _problem_kind(problem), problem)
-            continue
+            return None
         image_id = record.get("image_id")
         if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
             reader.bad(path, index, "missing_image_id", "record has no 'image_id' (string or integer)")
-            continue
-        image = reader.image_of(record, path, index, image_root)
-        if image is None:
-            continue
-        records.append(RetrievalTrainRecord(image=image, caption=cleaned, image_id=image_id, source=path, index=index))
-    return reader.finish(records, paths)
+            return None
+        return {"caption": cleaned, "image_id": image_id}
+
+    return reader.read(_as_list(files), image_root, RetrievalTrainRecord, own_fields)
 
 
 def read_retrieval_eval(
@@ -374,18 +381,13 @@ def read_retrieval_eval(
     surviving images keep all the captions the benchmark gives them.
     """
     reader = _Reader("retrieval-eval", on_error, check_images, outside_root)
-    records: list[RetrievalEvalRecord] = []
-    path = str(file)
-    for _, index, record in reader.records_with_caption([path]):
+
+    def own_fields(path: str, index: int, record: dict) -> dict | None:
         raw = record["caption"]
         if not isinstance(raw, list):
             reader.bad(path, index, "bad_caption", f"retrieval test records need a list of captions, found {type(raw).__name__}")
-            continue
+            return None
         captions = reader.captions_of(raw, path, index, max_words)
-        if captions is None:
-            continue
-        image = reader.image_of(record, path, index, image_root)
-        if image is None:
-            continue
-        records.append(RetrievalEvalRecord(image=image, captions=tuple(captions), source=path, index=index))
-    return reader.finish(records, [path])
+        return None if captions is None else {"captions": tuple(captions)}
+
+    return reader.read([str(file)], image_root, RetrievalEvalRecord, own_fields)

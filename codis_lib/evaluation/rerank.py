@@ -200,6 +200,32 @@ def _check_fill(scores: torch.Tensor, fill_value: float) -> None:
                          "candidates outside the top k would tie with it: pass a lower fill_value")
 
 
+@dataclass
+class _RerankStart:
+    """What both re-ranking loops set up before scoring: the clock, the model's mode, this rank's queries."""
+
+    start_time: float
+    was_training: bool  # the model's mode before the call, restored after scoring
+    all_reduce: bool  # sum the score matrices over ranks afterwards
+    sims_i2t: torch.Tensor  # (num_images, num_texts) contrastive similarity
+    images_owned: slice  # the image queries this rank re-ranks
+    texts_owned: slice  # the caption queries this rank re-ranks
+
+
+def _start_rerank(model, features: RetrievalFeatures, score_mode: str, distributed: bool,
+                  query_split: tuple[int, int] | None) -> _RerankStart:
+    """Check score_mode, start the clock, put the model in eval mode and return this rank's share of queries."""
+    _check_score_mode(score_mode)
+    start_time = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    rank, world_size, all_reduce = _split_of_this_process(distributed, query_split)
+    sims_i2t = features.similarity_i2t()
+    return _RerankStart(start_time=start_time, was_training=was_training, all_reduce=all_reduce, sims_i2t=sims_i2t,
+                        images_owned=query_slice(features.num_images, rank, world_size),
+                        texts_owned=query_slice(features.num_texts, rank, world_size))
+
+
 @torch.no_grad()
 def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch_size: int = 1024,
                        score_mode: str = "itm", fill_value: float = -100.0, deduplicate: bool = True,
@@ -213,16 +239,10 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
     `query_split=(rank, world_size)` re-ranks only that rank's share of queries and returns it without
     any all-reduce (other rows are 0), so the shares of all ranks sum to the full matrices.
     """
-    _check_score_mode(score_mode)
-    start_time = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    start = _start_rerank(model, features, score_mode, distributed, query_split)
+    sims_i2t, images_owned, texts_owned = start.sims_i2t, start.images_owned, start.texts_owned
     num_images, num_texts = features.num_images, features.num_texts
     device = features.image_feat.device
-    rank, world_size, all_reduce = _split_of_this_process(distributed, query_split)
-    sims_i2t = features.similarity_i2t()  # (num_images, num_texts)
-    images_owned = query_slice(num_images, rank, world_size)
-    texts_owned = query_slice(num_texts, rank, world_size)
     topk_sim_i2t, topk_text = contrastive_topk(sims_i2t[images_owned], k)  # (Qi, k_i2t)
     topk_sim_t2i, topk_image = contrastive_topk(sims_i2t.t()[texts_owned], k)  # (Qt, k_t2i)
     query_images = torch.arange(num_images, device=device)[images_owned]
@@ -241,7 +261,7 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
         unique_scores = itm_pair_scores(model, features, unique_image, unique_text, pair_batch_size, trim_padding,
                                         share_image_tokens, share_text_work, first_token_only)
     finally:
-        model.train(was_training)
+        model.train(start.was_training)
     pair_scores = unique_scores[inverse]
     _check_fill(pair_scores, fill_value)
     num_i2t = topk_text.numel()
@@ -254,12 +274,12 @@ def itm_rerank_batched(model, features: RetrievalFeatures, k: int, *, pair_batch
     scores_i2t[images_owned].scatter_(1, topk_text, score_i2t)
     scores_t2i = _fill_rows(num_texts, num_images, texts_owned, fill_value, score_t2i.dtype, device)
     scores_t2i[texts_owned].scatter_(1, topk_image, score_t2i)
-    if all_reduce:
+    if start.all_reduce:
         all_reduce_sum_(scores_i2t)
         all_reduce_sum_(scores_t2i)
     return RerankResult(scores_i2t=scores_i2t, scores_t2i=scores_t2i, k_i2t=topk_text.shape[1],
                         k_t2i=topk_image.shape[1], pairs_requested=len(pair_image),
-                        pairs_scored=len(unique_image), seconds=time.perf_counter() - start_time)
+                        pairs_scored=len(unique_image), seconds=time.perf_counter() - start.start_time)
 
 
 @torch.no_grad()
@@ -272,16 +292,10 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
     no sharing of pairs between the two directions or of work between pairs, and the whole fusion
     encoder on every token, as ALBEF's `itm_eval` runs it.
     """
-    _check_score_mode(score_mode)
-    start_time = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    start = _start_rerank(model, features, score_mode, distributed, query_split)
+    sims_i2t, images_owned, texts_owned = start.sims_i2t, start.images_owned, start.texts_owned
     num_images, num_texts = features.num_images, features.num_texts
     device = features.image_feat.device
-    rank, world_size, all_reduce = _split_of_this_process(distributed, query_split)
-    sims_i2t = features.similarity_i2t()
-    images_owned = query_slice(num_images, rank, world_size)
-    texts_owned = query_slice(num_texts, rank, world_size)
     dtype = features.image_feat.dtype
     scores_i2t = _fill_rows(num_images, num_texts, images_owned, fill_value, dtype, device)
     scores_t2i = _fill_rows(num_texts, num_images, texts_owned, fill_value, dtype, device)
@@ -306,11 +320,11 @@ def itm_rerank_one_query_at_a_time(model, features: RetrievalFeatures, k: int, *
             _check_fill(score, fill_value)
             scores_t2i[text, topk_image] = score + topk_sim if score_mode == "itm_plus_sim" else score
     finally:
-        model.train(was_training)
-    if all_reduce:
+        model.train(start.was_training)
+    if start.all_reduce:
         all_reduce_sum_(scores_i2t)
         all_reduce_sum_(scores_t2i)
     num_pairs = (images_owned.stop - images_owned.start) * k_i2t + (texts_owned.stop - texts_owned.start) * k_t2i
     return RerankResult(scores_i2t=scores_i2t, scores_t2i=scores_t2i, k_i2t=k_i2t, k_t2i=k_t2i,
                         pairs_requested=num_pairs, pairs_scored=num_pairs,
-                        seconds=time.perf_counter() - start_time)
+                        seconds=time.perf_counter() - start.start_time)
