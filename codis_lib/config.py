@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from codis_lib.typed_config import ConfigError, build_dataclass, deep_merge, read_yaml
+from codis_lib.typed_config import ConfigError, build_dataclass, deep_merge, read_yaml_mapping
 
 # ConfigError (defined in codis_lib.typed_config) is what every loader here raises.
 __all__ = ["VisionConfig", "TextConfig", "LossConfig", "ModelConfig", "ConfigError", "load_model_config",
@@ -352,9 +352,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model config file {path} does not exist")
-    data = read_yaml(path)
-    if data is None:
-        data = {}
+    data = read_yaml_mapping(path)
     return config_from_dict(data, source=str(path))
 
 

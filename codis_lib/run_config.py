@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from codis_lib.config import CONFIG_DIR, ModelConfig, config_from_dict
-from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml
+from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml_mapping
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
@@ -209,7 +209,7 @@ def load_run_config(name_or_path: str | os.PathLike = "pretrain_emoji",
     that the queue length is a multiple of the global batch.
     """
     path = resolve_config_path(name_or_path)
-    data = apply_overrides(read_yaml(path) or {}, overrides or [])
+    data = apply_overrides(read_yaml_mapping(path), overrides or [])
     config = run_config_from_dict(data, source=str(path))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,7 +13,8 @@ number (and a string that is a float literal, since PyYAML reads `1e-6` as a str
 Literal its listed values, `X | None` None or an X, a union of several types the first alternative
 that accepts the value, lists item by item, and a nested dataclass key by key (its keys dotted
 under the parent's). `deep_merge` lays a partial mapping over a full one (a preset), section by
-section; `read_yaml` reads a file, naming it when the YAML is broken.
+section; `read_yaml` reads a file, naming it when the YAML is broken (one line, with the position), and
+`read_yaml_mapping` also when it holds no mapping.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "read_yaml", "deep_merge", "build_dataclass", "check_type"]
+__all__ = ["ConfigError", "read_yaml", "read_yaml_mapping", "deep_merge", "build_dataclass", "check_type"]
 
 
 class ConfigError(ValueError):
@@ -34,11 +35,35 @@ class ConfigError(ValueError):
 
 
 def read_yaml(path: Path) -> Any:
-    """Return the parsed contents of the YAML file `path` (None for an empty file); ConfigError naming it if broken."""
+    """Return the parsed contents of the YAML file `path` (None for an empty file); ConfigError naming it if broken.
+
+    The error is one line: the file, the line and column PyYAML stopped at, and what it expected there.
+    """
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        raise ConfigError(f"{path}: not valid YAML{_yaml_position(error)}") from error
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """Return the mapping in the YAML file `path` ({} for an empty file); ConfigError naming the file otherwise."""
+    data = read_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        shown = " ".join(repr(data).split())
+        raise ConfigError(f"{path}: a config file must hold a mapping of sections (key: value), found "
+                          f"{type(data).__name__} {shown[:60]}{'...' if len(shown) > 60 else ''}")
+    return dict(data)
+
+
+def _yaml_position(error: yaml.YAMLError) -> str:
+    """Return " at line L, column C: what went wrong" (1-based) for a PyYAML error, in one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    context = getattr(error, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}" + (f" ({' '.join(str(context).split())})" if context else "")
 
 
 def deep_merge(base: dict, update: Mapping) -> dict:

@@ -180,3 +180,19 @@ def test_num_threads_is_a_number_auto_or_null_and_auto_measures_the_idle_cores(m
     for idle, threads in ((0.02, 1), (1.1, 1), (1.9, 2), (7.5, 4)):
         monkeypatch.setattr(process, "idle_cores", lambda interval_s=0.5, idle=idle: idle)
         assert process.resolve_num_threads("auto") == threads
+
+
+@pytest.mark.parametrize("text, found", [("- just a list\n", "found list"), ("42\n", "found int"),
+                                         ("a: [1, 2\nb: 3\n", "not valid YAML at line 2, column 2")])
+def test_a_config_file_without_a_mapping_or_with_broken_yaml_is_one_line_naming_it(tmp_path, capsys, text, found):
+    from codis_lib.config import load_model_config
+    from codis_lib.train.cli import pretrain_main
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    assert pretrain_main(["--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and found in err, err
+    with pytest.raises(ConfigError, match=found) as error:  # the model config reads YAML the same way
+        load_model_config(path)
+    assert "\n" not in str(error.value)
