@@ -67,9 +67,15 @@ def albef_config(task_config: str | os.PathLike | Mapping | None = None,
     config = dict(ALBEF_RETRIEVAL_CONFIG)
     if task_config is not None:
         config.update(task_config if isinstance(task_config, Mapping) else _read_mapping(task_config, "ALBEF config"))
+    from codis_lib.model.albef_checkpoint import check_albef_bert_config
+
     bert = config.get("bert") if isinstance(config.get("bert"), Mapping) else None
+    if bert is not None and task_config is not None and not isinstance(task_config, Mapping):
+        check_albef_bert_config(bert, f"ALBEF config {task_config}: bert")
     if bert_config is not None:
         bert = bert_config if isinstance(bert_config, Mapping) else _read_mapping(bert_config, "ALBEF BERT config")
+        if not isinstance(bert_config, Mapping):
+            check_albef_bert_config(bert, f"ALBEF BERT config {bert_config}")
     config["bert"] = dict(bert if bert is not None else ALBEF_BERT_CONFIG)
     if image_res is not None:
         config["image_res"] = int(image_res)

@@ -15,7 +15,25 @@ from typing import Any
 from codis_lib.config import ModelConfig, TextConfig, VisionConfig
 from codis_lib.model.loading import load_albef_checkpoint, load_albef_state_dict
 
-__all__ = ["model_config_from_albef", "load_albef_state_dict", "load_albef_checkpoint"]
+__all__ = ["ALBEF_BERT_REQUIRED", "check_albef_bert_config", "model_config_from_albef", "load_albef_state_dict",
+           "load_albef_checkpoint"]
+
+# The keys of ALBEF's configs/config_bert.json the model's shape is read from (the others have defaults).
+ALBEF_BERT_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings", "fusion_layer")
+
+
+def check_albef_bert_config(bert: Any, where: str) -> None:
+    """Raise a one-line ValueError naming ``where`` (a file, or a config key) and the first missing or non-integer key."""
+    if not isinstance(bert, Mapping):
+        raise ValueError(f"{where}: must hold a mapping (ALBEF's config_bert.json), found {type(bert).__name__}")
+    missing = [key for key in ALBEF_BERT_REQUIRED if key not in bert]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (ALBEF's configs/config_bert.json has "
+                         f"{', '.join(ALBEF_BERT_REQUIRED)})")
+    for key in ALBEF_BERT_REQUIRED:
+        if isinstance(bert[key], bool) or not isinstance(bert[key], int):
+            raise ValueError(f"{where}: {key} must be an integer, found {bert[key]!r}")
 
 
 def model_config_from_albef(albef_config: Mapping[str, Any], *, mode: str = "albef",
@@ -26,6 +44,10 @@ def model_config_from_albef(albef_config: Mapping[str, Any], *, mode: str = "alb
     mlm_probability, image_res) plus 'bert' (the BERT config, with fusion_layer) and optionally 'vit'
     (timm VisionTransformer arguments; ALBEF's ViT-B/16 when absent).
     """
+    for key in ("bert", "embed_dim", "queue_size"):
+        if key not in albef_config:
+            raise ValueError(f"ALBEF config: missing key {key!r}")
+    check_albef_bert_config(albef_config["bert"], "ALBEF config: bert")
     bert = dict(albef_config["bert"])
     vit = dict(albef_config.get("vit") or {"img_size": albef_config.get("image_res", 256), "patch_size": 16,
                                             "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4,
