@@ -50,7 +50,7 @@ from codis_lib.data.emoji_concepts import (
     base_concepts, eval_art_style, select_new_drawings,
 )
 from codis_lib.data.emoji_manifest import (
-    MANIFEST_FORMAT, emoji_split_file, manifest_of, reusable_manifest, sha256_file, write_json,
+    MANIFEST_FORMAT, claim_corpus_folder, emoji_split_file, manifest_of, reusable_manifest, sha256_file, write_json,
 )
 from codis_lib.data.emoji_render import RENDER_RECIPE, render_images, render_openmoji, render_twemoji
 from codis_lib.data.emoji_sources import (
@@ -234,14 +234,19 @@ def build_emoji_corpus(
     are (re)rendered; the JSON files are rewritten deterministically; the tokenizer is retrained
     only when the training captions changed. A corpus built with other settings (image size,
     limit, split sizes, vocabulary) or by an older builder (an older manifest format) is refused
-    unless ``force=True``, because other runs may be reading it.
+    unless ``force=True``, because other runs may be reading it. A folder that holds files this
+    builder did not write is always refused (ValueError naming one): only a new or empty folder,
+    or one of its own, is built in.
     """
     if image_size < 8:
         raise ValueError(f"image_size={image_size}: too small to draw an emoji (use >= 8)")
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
+    if limit is not None and limit < 3:
+        raise ValueError(f"limit={limit}: need at least 3 emoji (one per split)")
     started = time.perf_counter()
     out = Path(out_dir)
+    claim_corpus_folder(out)  # a new, empty or earlier corpus folder only: never a user's files
     config = {"image_size": image_size, "limit": limit, "test_images": test_images, "val_images": val_images,
               "vocab_size": vocab_size, "split_salt": SPLIT_SALT, "new_drawings_images": new_drawings_images,
               "new_drawings_salt": NEW_DRAWINGS_SALT}
@@ -277,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Render the offline emoji image-text corpus (Twemoji + OpenMoji art, Unicode CLDR names) "
                     "in ALBEF's JSON formats, with splits by base concept and a WordPiece tokenizer.",
     )
-    parser.add_argument("--out-dir", default="data/emoji", help="output folder (default: data/emoji)")
+    parser.add_argument("--out-dir", default="data/emoji",
+                        help="output folder: new, empty, or an earlier build's (default: data/emoji); a folder "
+                             "holding other files is refused")
     parser.add_argument("--image-size", type=int, default=64,
                         help="side of the square images in pixels (default 64: CPU-friendly; the art is 72 px)")
     parser.add_argument("--force", action="store_true",
@@ -295,11 +302,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="WordPiece vocabulary size (default 4096; the training captions need about that)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = build_emoji_corpus(
-        args.out_dir, args.image_size, force=args.force, limit=args.limit, workers=args.workers,
-        test_images=args.test_images, val_images=args.val_images, vocab_size=args.vocab_size,
-        new_drawings_images=args.new_drawings_images,
-    )
+    try:
+        manifest = build_emoji_corpus(
+            args.out_dir, args.image_size, force=args.force, limit=args.limit, workers=args.workers,
+            test_images=args.test_images, val_images=args.val_images, vocab_size=args.vocab_size,
+            new_drawings_images=args.new_drawings_images,
+        )
+    except (ValueError, OSError) as error:  # bad arguments, a folder it may not build in, a full disk
+        print(f"codis-build-emoji: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
     counts = manifest["counts"]
     print(f"emoji corpus in {args.out_dir}: {counts['emoji']} emoji, {counts['base_concepts']} base concepts, "
           f"{counts['images']} images")

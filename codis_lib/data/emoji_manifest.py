@@ -2,7 +2,8 @@
 
 The manifest is what a later build trusts (images whose bytes match are reused) and refuses
 (a folder built with other settings or by an older builder); it is written last, so a folder with
-a manifest is complete. ``emoji_split_file`` is how readers find an evaluation split, with an error
+a manifest is complete. A build goes only into a folder that is new, empty, or this builder's
+(`check_corpus_folder`): it never overwrites a user's files. ``emoji_split_file`` is how readers find an evaluation split, with an error
 that says how to rebuild a folder that lacks it.
 """
 from __future__ import annotations
@@ -19,6 +20,11 @@ from codis_lib.data.emoji_sources import ART_STYLES, source_versions
 # 1: train / val / test by base concept. 2: adds new_drawings (held-out drawings of training emoji),
 # taken out of pretrain.json and train.json.
 MANIFEST_FORMAT = 2
+BUILDER = "codis-build-emoji"  # manifest.json's "builder": a folder the builder may rebuild
+BUILD_MARKER = ".codis-build-emoji"  # written first into the folder it took, so an interrupted build can continue
+# What a build writes at the top of its folder (the first one present is named when a foreign folder is refused).
+CORPUS_ENTRIES = ("manifest.json", "pretrain.json", "train.json", "val.json", "test.json", "new_drawings.json",
+                  "new_style.json", "new_style_test.json", "new_style_manifest.json", "tokenizer", "images")
 LICENCES = {
     "twemoji": "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0",
     "openmoji": "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0",
@@ -42,6 +48,57 @@ def write_json(path: Path, data) -> str:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_corpus_manifest(path: Path) -> bool:
+    """Return whether ``path`` is a manifest this builder wrote (any format, also before it named itself)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    older = isinstance(data.get("format"), int) and isinstance(data.get("config"), dict) and "split_salt" in data["config"]
+    return data.get("builder") == BUILDER or older
+
+
+def corpus_folder_is_ours(out: str | os.PathLike) -> bool:
+    """Return whether the folder ``out`` was made by this builder: its marker, or a manifest.json of its own."""
+    out = Path(out)
+    return (out / BUILD_MARKER).is_file() or _is_corpus_manifest(out / "manifest.json")
+
+
+def check_corpus_folder(out: str | os.PathLike, what: str = "--out-dir") -> None:
+    """Raise a one-line ValueError unless the corpus may be built in ``out``: absent, empty, or made by this builder.
+
+    The builder overwrites its JSON files and tokenizer and deletes PNGs it did not plan, so a folder
+    holding anything else is refused, naming a file it would overwrite (or the first it holds).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out}: is a file, not a folder; give a new or empty folder (or an emoji corpus)")
+    if not out.is_dir() or corpus_folder_is_ours(out):
+        return
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    clash = next((name for name in CORPUS_ENTRIES if name in entries), entries[0])
+    raise ValueError(f"{out / clash}: would be overwritten: {what} {out} holds files that codis-build-emoji did not "
+                     f"write (no manifest.json of its own); give a new or empty folder")
+
+
+def claim_corpus_folder(out: str | os.PathLike, what: str = "--out-dir") -> None:
+    """Check ``out`` (`check_corpus_folder`), create it, and mark it as this builder's before anything is written.
+
+    The marker lets a build that was interrupted before its manifest was written be run again in place.
+    """
+    check_corpus_folder(out, what)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / BUILD_MARKER
+    if not marker.is_file():
+        marker.write_text(json.dumps({"builder": BUILDER, "what": "the emoji corpus folder codis-build-emoji "
+                                                                  "made; it rebuilds only such folders"}) + "\n")
 
 
 def reusable_manifest(manifest_path: Path, config: dict, force: bool) -> dict | None:
@@ -95,6 +152,7 @@ def manifest_of(plan: dict, config: dict, records: dict[str, list], file_hashes:
     """Return the manifest written next to the corpus: format, settings, sources, counts, hashes, emoji table."""
     return {
         "format": MANIFEST_FORMAT,
+        "builder": BUILDER,
         "render_recipe": RENDER_RECIPE,
         "config": config,
         "sources": {**source_versions(), "unicode_emoji": plan["unicode_version"]},

@@ -45,13 +45,20 @@ class TrainData:
 
 
 def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
-    """Return the emoji corpus directory, building it on rank 0 first when it is missing and allowed."""
+    """Return the emoji corpus directory, building it on rank 0 first when it is missing and allowed.
+
+    It is built only into a new or empty folder, or one the builder made; a folder of the user's own
+    files (no manifest.json of the builder's) is refused in one line, and nothing is added to one.
+    """
+    from codis_lib.data.emoji_manifest import check_corpus_folder, corpus_folder_is_ours
+
     data = config.data
     root = Path(data.root)
     if not (root / "manifest.json").is_file():
         if not data.build_if_missing:
             raise FileNotFoundError(f"no emoji corpus in {root} (data.root) and data.build_if_missing is false; "
                                     f"build it with `codis-build-emoji --out-dir {root}`")
+        check_corpus_folder(root, "data.root")  # on every rank: a folder of the user's files is refused by all
         if ctx.is_main:
             from codis_lib.data.emoji_corpus import build_emoji_corpus
 
@@ -59,7 +66,7 @@ def ensure_emoji_corpus(config: RunConfig, ctx: RunContext) -> Path:
             manifest = build_emoji_corpus(root, image_size=data.emoji_image_size, limit=data.emoji_limit)
             counts = manifest["counts"]
             print(f"[codis] emoji corpus: {counts['emoji']} emoji, {counts['images']} images", flush=True)
-    elif ctx.is_main and not (root / "new_style_manifest.json").is_file():
+    elif ctx.is_main and not (root / "new_style_manifest.json").is_file() and corpus_folder_is_ours(root):
         from codis_lib.data.emoji_new_style import ensure_new_style
 
         ensure_new_style(root)  # a corpus built before the held-out style existed, or before the font was installed

@@ -1,0 +1,111 @@
+"""Nothing of the user's is overwritten or lost (issue 25): the corpus builder refuses a folder of the user's files,
+codis-check-data never writes over an input, and every bad input is one line with exit status 2."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from codis_lib.data import emoji_corpus as ec
+from codis_lib.data.emoji_manifest import BUILD_MARKER, check_corpus_folder, corpus_folder_is_ours
+from tests.fixtures_data.corpus import small_emoji_corpus
+from tests.helpers import tiny_run_overrides
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _one_line_exit_2(status: int, capsys) -> str:
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, (status, err)
+    return err
+
+
+@pytest.fixture()
+def user_folder(tmp_path) -> Path:
+    folder = tmp_path / "userdir"
+    folder.mkdir()
+    (folder / "pretrain.json").write_text(json.dumps([{"image": "mine.png", "caption": "my own data"}]))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- the corpus folder
+def test_build_emoji_refuses_a_folder_of_the_users_files_naming_the_file(user_folder, capsys):
+    before = _sha(user_folder / "pretrain.json")
+    status = ec.main(["--out-dir", str(user_folder), "--limit", "30", "--image-size", "16", "--workers", "1"])
+    err = _one_line_exit_2(status, capsys)
+    assert str(user_folder / "pretrain.json") in err and "would be overwritten" in err
+    assert _sha(user_folder / "pretrain.json") == before
+    assert sorted(p.name for p in user_folder.iterdir()) == ["pretrain.json"]  # nothing added either
+
+
+def test_a_folder_without_the_builders_files_is_refused_too(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt: would be overwritten"):
+        check_corpus_folder(folder)
+    check_corpus_folder(tmp_path / "new")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_corpus_folder(tmp_path / "empty")  # empty: fine
+
+
+def test_pretraining_with_data_root_on_the_users_folder_refuses_it(user_folder, tmp_path, capsys):
+    from codis_lib.train.cli import pretrain_main
+
+    before = _sha(user_folder / "pretrain.json")
+    overrides = [o for o in tiny_run_overrides(tmp_path / "run", 1) if not o.startswith("data.root=")]
+    argv = [arg for item in overrides + [f"data.root={user_folder}"] for arg in ("--set", item)]
+    err = _one_line_exit_2(pretrain_main(argv), capsys)
+    assert str(user_folder / "pretrain.json") in err and "data.root" in err
+    assert _sha(user_folder / "pretrain.json") == before
+    assert sorted(p.name for p in user_folder.iterdir()) == ["pretrain.json"]
+
+
+def test_a_corpus_of_this_builder_is_its_own_with_or_without_the_marker(tmp_path):
+    built, _ = small_emoji_corpus()
+    assert corpus_folder_is_ours(built) and (built / BUILD_MARKER).is_file()
+    older = tmp_path / "older"  # a corpus built before the manifest named its builder, and before the marker
+    older.mkdir()
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest.pop("builder") == "codis-build-emoji"
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    (older / "pretrain.json").write_text("[]")
+    assert corpus_folder_is_ours(older)
+    check_corpus_folder(older)
+    (older / "manifest.json").write_text(json.dumps({"mine": True}))  # the user's own manifest.json
+    assert not corpus_folder_is_ours(older)
+    with pytest.raises(ValueError, match="manifest.json: would be overwritten"):
+        check_corpus_folder(older)
+
+
+def test_an_interrupted_build_continues_in_its_folder(tmp_path, monkeypatch):
+    out = tmp_path / "emoji"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ec, "_write_annotations", interrupted)  # images rendered, no manifest yet
+    with pytest.raises(KeyboardInterrupt):
+        ec.build_emoji_corpus(out, 16, limit=8, vocab_size=300, workers=1)
+    assert not (out / "manifest.json").exists() and any((out / "images").rglob("*.png"))
+    monkeypatch.undo()
+    manifest = ec.build_emoji_corpus(out, 16, limit=8, vocab_size=300, workers=1)
+    assert (out / "manifest.json").is_file() and manifest["builder"] == "codis-build-emoji"
+
+
+@pytest.mark.parametrize("argv, named", [(["--limit", "-5"], "limit=-5"), (["--workers", "0"], "workers=0")])
+def test_build_emoji_bad_arguments_are_one_line(tmp_path, capsys, argv, named):
+    err = _one_line_exit_2(ec.main(["--out-dir", str(tmp_path / "new")] + argv), capsys)
+    assert named in err and not (tmp_path / "new").exists()
+
+
+def test_build_emoji_into_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "file.json"
+    target.write_text("[1]")
+    err = _one_line_exit_2(ec.main(["--out-dir", str(target), "--limit", "8"]), capsys)
+    assert str(target) in err and "not a folder" in err and target.read_text() == "[1]"
