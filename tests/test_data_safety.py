@@ -109,3 +109,103 @@ def test_build_emoji_into_a_file_is_one_line(tmp_path, capsys):
     target.write_text("[1]")
     err = _one_line_exit_2(ec.main(["--out-dir", str(target), "--limit", "8"]), capsys)
     assert str(target) in err and "not a folder" in err and target.read_text() == "[1]"
+
+
+# ---------------------------------------------------------------------------------------------- codis-check-data
+@pytest.fixture()
+def small_list(tmp_path) -> Path:
+    """A pretraining list of three images, with a null and a numeric caption after them."""
+    from PIL import Image
+
+    folder = tmp_path / "m3"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    records = [{"image": f"{i}.png", "caption": f"a red square {i}"} for i in range(3)]
+    (folder / "m3.json").write_text(json.dumps(records + [{"image": "0.png", "caption": None},
+                                                          {"image": "1.png", "caption": 5}]))
+    return folder / "m3.json"
+
+
+def _check(argv):
+    from codis_lib.data.check import main
+
+    return main([str(a) for a in argv] + ["--no-progress", "--workers", "1"])
+
+
+@pytest.mark.parametrize("target", ["m3.json", "link.json", "0.png"])
+def test_check_data_never_writes_its_cache_over_an_input(small_list, capsys, target):
+    folder = small_list.parent
+    (folder / "link.json").symlink_to("m3.json")
+    before = {p.name: _sha(p) for p in folder.iterdir() if p.is_file()}
+    err = _one_line_exit_2(_check([small_list, "--out", folder / "m3c.json", "--cache", folder / target]),
+                           capsys)
+    assert "--cache" in err and "would overwrite" in err
+    assert {p.name: _sha(p) for p in folder.iterdir() if p.is_file()} == before
+    err = _one_line_exit_2(_check([small_list, "--out", folder / "link.json"]), capsys)
+    assert "--out" in err and _sha(small_list) == before["m3.json"]
+
+
+def test_check_data_refuses_a_cache_path_that_is_someone_elses_file(small_list, capsys):
+    notes = small_list.parent / "notes.jsonl"
+    notes.write_text('{"mine": 1}\n')
+    err = _one_line_exit_2(_check([small_list, "--cache", notes]), capsys)
+    assert str(notes) in err and notes.read_text() == '{"mine": 1}\n'
+
+
+def test_check_data_cache_in_a_folder_leaves_no_tmp(small_list, capsys):
+    cache_dir = small_list.parent / "cache"
+    cache_dir.mkdir()
+    assert _check([small_list, "--out", small_list.parent / "m3c.json", "--cache", cache_dir]) == 0
+    assert [p.name for p in cache_dir.iterdir()] == [".codis-check-cache.jsonl"]
+    assert not list(small_list.parent.glob("*.tmp"))
+
+
+def test_check_data_drops_null_and_numeric_captions_with_a_reason(small_list, capsys):
+    assert _check([small_list, "--out", small_list.parent / "m3c.json"]) == 0
+    report = json.loads((small_list.parent / "m3c.report.json").read_text())
+    assert report["counts"]["bad_caption"] == 2 and report["kept"] == 3
+    assert [r["index"] for r in report["dropped_records"]] == [3, 4]
+    assert report["format"] == "caption_strings"
+
+
+def _unwritable_folder(tmp_path) -> Path:
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    probe = Path("/sys") / ".codis-probe"  # root writes anywhere but in such kernel folders
+    try:
+        probe.touch()
+    except OSError:
+        return probe.parent
+    probe.unlink()
+    pytest.skip("no folder this user cannot write")
+
+
+def test_check_data_refuses_an_unwritable_out_before_decoding_any_image(small_list, tmp_path, capsys, monkeypatch):
+    from codis_lib.data import check
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("images were decoded before the output was found unwritable")
+
+    monkeypatch.setattr(check, "check_image_files", no_decoding)
+    locked = _unwritable_folder(tmp_path)
+    err = _one_line_exit_2(_check([small_list, "--out", locked / "m3c.json", "--cache", tmp_path / "c.jsonl"]),
+                           capsys)
+    assert str(locked / "m3c.json") in err and "cannot write" in err
+
+
+def test_a_latin1_annotation_file_is_named(tmp_path, capsys):
+    from codis_lib.data.albef_json import AnnotationError, read_retrieval_eval
+
+    path = tmp_path / "latin.json"
+    path.write_bytes('[{"image": "caf\u00e9.png", "caption": ["x"]}]'.encode("latin-1"))
+    with pytest.raises(AnnotationError, match="not UTF-8") as error:
+        read_retrieval_eval(path)
+    assert str(path) in str(error.value)
+    err = _one_line_exit_2(_check([path]), capsys)
+    assert str(path) in err and "UTF-8" in err

@@ -120,7 +120,7 @@ class ReadResult:
 
 
 def load_json_list(path: str | os.PathLike) -> list:
-    """Return the parsed JSON list in ``path``; raise AnnotationError if it is missing, not JSON, or not a list."""
+    """Return the parsed JSON list in ``path``; raise AnnotationError if it is missing, not UTF-8 JSON, or not a list."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(path, None, "annotation file not found")
@@ -129,6 +129,9 @@ def load_json_list(path: str | os.PathLike) -> list:
             data = json.load(handle)
     except json.JSONDecodeError as err:
         raise AnnotationError(path, None, f"not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:  # its own message names no file
+        raise AnnotationError(path, None, f"not UTF-8 text (byte {err.start}: {err.reason}); annotation JSON "
+                                          f"files must be UTF-8") from err
     if not isinstance(data, list):
         raise AnnotationError(path, None, f"expected a JSON list of records, found {type(data).__name__}")
     return data

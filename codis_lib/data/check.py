@@ -11,6 +11,7 @@ problem drops the record, for one reason, checked in this order:
 
 - ``outside_root``: the image path is absolute outside the image root, or climbs out of it with ``..``
   (kept, and its image checked, with ``--allow-outside-root``: ALBEF's 4M lists use absolute paths);
+- ``bad_caption``: a caption that is not a string or a list of strings (a number, ``null``, a list holding one);
 - ``empty_caption``: a caption (any caption of a list; or an empty list) that is empty after ALBEF's
   cleaning (`pre_caption`): empty, whitespace only, or only the punctuation it deletes;
 - ``long_caption``: a caption of more than ``--max-words`` whitespace-separated words (default 100) or
@@ -52,13 +53,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from codis_lib.data.albef_json import AnnotationError, load_json_list, outside_root, pre_caption, resolve_image_path
+from codis_lib.data.check_outputs import cache_location, check_writable, refuse_overwriting_inputs
 from codis_lib.data.image_check import (CHECKER_VERSION, IMAGE_REASONS, ImageCheckStats, check_image_files,
                                         default_workers)
 
 __all__ = ["REASONS", "DEFAULT_MAX_WORDS", "DEFAULT_MAX_CHARS", "MANIFEST_TOOL", "CheckResult", "output_paths",
            "check_annotations", "format_summary", "data_check_of", "describe_data_checks", "file_sha256", "main"]
 
-REASONS = ("outside_root", "empty_caption", "long_caption") + IMAGE_REASONS + ("duplicate",)
+REASONS = ("outside_root", "bad_caption", "empty_caption", "long_caption") + IMAGE_REASONS + ("duplicate",)
 DEFAULT_MAX_WORDS = 100
 DEFAULT_MAX_CHARS = 1000
 MANIFEST_TOOL = "codis-check-data"
@@ -129,18 +131,13 @@ def _validate(path: str, data: list) -> str:
             raise AnnotationError(path, index, "record has no 'image' string")
         if "caption" not in record:
             raise AnnotationError(path, index, "record has no 'caption'")
-        caption = record["caption"]
-        if not isinstance(caption, (str, list)) or (isinstance(caption, list)
-                                                    and not all(isinstance(c, str) for c in caption)):
-            raise AnnotationError(path, index, f"caption must be a string or a list of strings, found "
-                                               f"{json.dumps(caption)[:80]}")
         image_id = record.get("image_id")
         if with_id is not None and (not isinstance(image_id, (str, int)) or isinstance(image_id, bool)):
             raise AnnotationError(path, index, f"record has no 'image_id' (string or integer), which record {with_id} "
                                                f"has: a retrieval training file needs one on every record")
     if with_id is not None:
         return "retrieval_train"
-    kinds = {type(r["caption"]) for r in data}
+    kinds = {type(r["caption"]) for r in data if _caption_type_problem(r["caption"]) is None}
     return {frozenset({list}): "caption_lists", frozenset({str}): "caption_strings"}.get(frozenset(kinds), "mixed")
 
 
@@ -149,8 +146,18 @@ def _captions(record: dict) -> list[str]:
     return caption if isinstance(caption, list) else [caption]
 
 
-def _text_problem(captions: list[str], max_words: int, max_chars: int) -> tuple[str, str] | None:
-    """Return (reason, problem) for the first empty or over-long caption of a record, else None."""
+def _caption_type_problem(caption) -> str | None:
+    """Return why a record's caption is neither a string nor a list of strings (a number, null...), else None."""
+    if isinstance(caption, str) or (isinstance(caption, list) and all(isinstance(c, str) for c in caption)):
+        return None
+    return f"caption must be a string or a list of strings, found {json.dumps(caption)[:80]}"
+
+
+def _text_problem(caption, max_words: int, max_chars: int) -> tuple[str, str] | None:
+    """Return (reason, problem) for a caption that is not text, or the first empty or over-long one, else None."""
+    if (problem := _caption_type_problem(caption)) is not None:
+        return "bad_caption", problem
+    captions = caption if isinstance(caption, list) else [caption]
     if not captions:
         return "empty_caption", "caption list is empty"
     for caption in captions:
@@ -163,16 +170,16 @@ def _text_problem(captions: list[str], max_words: int, max_chars: int) -> tuple[
     return None
 
 
-def _find_defects(path: str, data: list, image_root, *, max_words: int, max_chars: int, allow_outside_root: bool,
-                  cache, workers: int, progress: bool) -> tuple[dict[int, tuple[str, str]], dict, ImageCheckStats]:
-    """Return ({index: (reason, problem)} of the records to drop, notes, image stats)."""
+def _find_defects(path: str, data: list, image_root, resolved: list[str], *, max_words: int, max_chars: int,
+                  allow_outside_root: bool, cache, workers: int,
+                  progress: bool) -> tuple[dict[int, tuple[str, str]], dict, ImageCheckStats]:
+    """Return ({index: (reason, problem)} of the records to drop, notes, image stats); ``resolved``: the image paths."""
     dropped: dict[int, tuple[str, str]] = {}
-    resolved = [os.path.normpath(os.path.abspath(resolve_image_path(r["image"], image_root, path))) for r in data]
     for index, record in enumerate(data):
         root = outside_root(record["image"], resolved[index], image_root, path)
         if root is not None and not allow_outside_root:
             dropped[index] = ("outside_root", f"image {record['image']!r} is outside the image root {root}")
-        elif (problem := _text_problem(_captions(record), max_words, max_chars)) is not None:
+        elif (problem := _text_problem(record["caption"], max_words, max_chars)) is not None:
             dropped[index] = problem
     images, stats = check_image_files([resolved[i] for i in range(len(data)) if i not in dropped], cache=cache,
                                       workers=workers, progress=progress)
@@ -217,12 +224,6 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(temporary, path)
 
 
-def _refuse_overwriting_input(source: Path, outputs: tuple[Path, ...]) -> None:
-    for output in outputs:
-        if os.path.abspath(output) == os.path.abspath(source) or (output.exists() and os.path.samefile(output, source)):
-            raise ValueError(f"--out {output}: this would overwrite the input {source}; the input is never modified")
-
-
 def check_annotations(annotation: str | os.PathLike, image_root: str | os.PathLike | None = None,
                       out: str | os.PathLike | None = None, *, workers: int | None = None,
                       max_words: int = DEFAULT_MAX_WORDS, max_chars: int = DEFAULT_MAX_CHARS,
@@ -241,16 +242,18 @@ def check_annotations(annotation: str | os.PathLike, image_root: str | os.PathLi
     if max_words < 1 or max_chars < 1:
         raise ValueError(f"--max-words {max_words} / --max-chars {max_chars}: must be at least 1")
     cleaned, report_path, manifest_path = output_paths(source, out)
-    _refuse_overwriting_input(source, (cleaned, report_path, manifest_path))
-    try:
-        data = load_json_list(source)
-    except UnicodeDecodeError as error:  # its message does not name the file
-        raise AnnotationError(source, None, f"not UTF-8 text (byte {error.start}: {error.reason})") from error
+    cache_path = cache_location(cache, cleaned, CACHE_NAME)
+    outputs = {"--out": cleaned, "--out's report": report_path, "--out's manifest": manifest_path,
+               "--cache": cache_path}
+    refuse_overwriting_inputs(source, outputs, ())  # the images once the records are read
+    data = load_json_list(source)
     file_format = _validate(str(source), data)
-    cleaned.parent.mkdir(parents=True, exist_ok=True)
-    cache_path = cleaned.parent / CACHE_NAME if cache is True else (cache or None)
+    resolved = [os.path.normpath(os.path.abspath(resolve_image_path(r["image"], image_root, str(source))))
+                for r in data]
+    refuse_overwriting_inputs(source, outputs, resolved)
+    check_writable(outputs)  # before decoding any image, not after
     dropped, notes, stats = _find_defects(
-        str(source), data, image_root, max_words=max_words, max_chars=max_chars,
+        str(source), data, image_root, resolved, max_words=max_words, max_chars=max_chars,
         allow_outside_root=allow_outside_root, cache=cache_path, workers=workers or default_workers(),
         progress=progress)
     kept = [record for index, record in enumerate(data) if index not in dropped]
@@ -348,7 +351,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="longest caption kept, in characters")
     parser.add_argument("--allow-outside-root", action="store_true",
                         help="keep records whose image is outside the image root (absolute paths, '..')")
-    parser.add_argument("--cache", default=None, help=f"image-check cache (default: {CACHE_NAME} beside the output)")
+    parser.add_argument("--cache", default=None, help=f"image-check cache file, or a folder to keep {CACHE_NAME} in "
+                                                      f"(default: {CACHE_NAME} beside the output)")
     parser.add_argument("--no-cache", action="store_true", help="decode every image, keep no cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--fail-on-defects", action="store_true", help="exit 1 when any record is dropped")

@@ -77,7 +77,9 @@ def default_workers() -> int:
 class ImageCheckCache:
     """The results of earlier checks, {absolute path: (size, mtime_ns, reason, detail)}, appended to a JSON-lines file.
 
-    ``path=None`` keeps nothing (every file is decoded). A last line cut by an interruption is ignored.
+    ``path=None`` keeps nothing (every file is decoded). A last line cut by an interruption is ignored. A file
+    at ``path`` that is not a cache (its first line is not a cache header of any version) is refused
+    (ValueError naming it), never overwritten.
     """
 
     def __init__(self, path: str | os.PathLike | None):
@@ -104,8 +106,11 @@ class ImageCheckCache:
         try:
             header = json.loads(lines[0]) if lines else {}
         except json.JSONDecodeError:
-            header = {}
-        if not isinstance(header, dict) or header.get(_CACHE_HEADER) != CHECKER_VERSION:
+            header = None
+        if lines and not (isinstance(header, dict) and _CACHE_HEADER in header):  # someone's file, not a cache
+            raise ValueError(f"{self.path}: not an image-check cache (its first line is not one's header), and a "
+                             f"cache would overwrite it; give a new file or a folder for the cache")
+        if header.get(_CACHE_HEADER) != CHECKER_VERSION:
             return None, True
         for line in lines[1:]:
             try:
@@ -117,11 +122,14 @@ class ImageCheckCache:
 
     def _rewrite(self) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps({_CACHE_HEADER: CHECKER_VERSION}) + "\n")
-            for path, entry in self.entries.items():
-                handle.write(self._line(path, entry))
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps({_CACHE_HEADER: CHECKER_VERSION}) + "\n")
+                for path, entry in self.entries.items():
+                    handle.write(self._line(path, entry))
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)  # left only when the write or the rename failed
 
     @staticmethod
     def _line(path: str, entry: tuple) -> str:

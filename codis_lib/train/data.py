@@ -92,14 +92,11 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     dataset_class = PretrainDataset if train_config.task == "pretrain" else RetrievalTrainDataset
     own_image, other_caption = teacher_view_inputs(config.model)
     # With the cache every image is decoded (so checked) once; without it, verify the files up front.
-    try:
-        dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
-                                augmentation=augmentation_options(data),
-                                cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
-                                on_error=data.on_error,
-                                teacher_image=own_image, teacher_caption=other_caption)
-    except UnicodeDecodeError as error:  # the reader's message does not say which file
-        raise _not_utf8(files, error) from error
+    dataset = dataset_class(files, image_root, image_size=config.model.vision.image_size, augment=data.augment,
+                            augmentation=augmentation_options(data),
+                            cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
+                            on_error=data.on_error,
+                            teacher_image=own_image, teacher_caption=other_caption)
     seeded = SeededItems(dataset, train_config.seed)
     try:
         sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,
@@ -117,18 +114,6 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
     checks = [check for check in map(data_check_of, files) if check is not None]
     return TrainData(tokenizer=tokenizer, dataset=dataset, seeded=seeded, sampler=sampler, loader=loader,
                      files=[str(f) for f in files], data_checks=checks)
-
-
-def _not_utf8(files: list[str], error: UnicodeDecodeError) -> ValueError:
-    """Return the one-line error naming the first of `files` that is not UTF-8 text (read only on this error path)."""
-    for path in files:
-        try:
-            Path(path).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as bad:
-            return ValueError(f"{path}: not UTF-8 text (byte {bad.start}: {bad.reason}); JSON files must be UTF-8")
-        except OSError:
-            continue
-    return ValueError(f"{', '.join(map(str, files))}: not UTF-8 text ({error.reason})")
 
 
 def augmentation_options(data) -> dict[str, Any]:
