@@ -209,3 +209,92 @@ def test_a_latin1_annotation_file_is_named(tmp_path, capsys):
     assert str(path) in str(error.value)
     err = _one_line_exit_2(_check([path]), capsys)
     assert str(path) in err and "UTF-8" in err
+
+
+# ---------------------------------------------------------------------------------------------- decompression bombs
+def _write_bomb(path: Path, side: int = 20000) -> Path:
+    """Write a 1-bit palette PNG of side x side pixels (all zero): about 50 KB that Pillow refuses to decode."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte, then the row's bits
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 3, 0, 0, 0))
+                     + chunk(b"PLTE", b"\xff\xff\xff\0\0\0") + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return _write_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+def test_the_bomb_is_small_and_refused_by_the_one_opener(bomb):
+    from codis_lib.data.decode import ImageTooLargeError
+    from codis_lib.data.image_source import decode_image
+
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageTooLargeError, match="too large") as error:
+        decode_image(str(bomb))
+    assert str(bomb) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_check_data_drops_a_bomb_like_training_would(small_list, bomb, capsys):
+    records = json.loads(small_list.read_text())[:3] + [{"image": str(bomb), "caption": "a bomb"}]
+    small_list.write_text(json.dumps(records))
+    assert _check([small_list, "--allow-outside-root"]) == 0
+    report = json.loads(small_list.with_name("m3.clean.report.json").read_text())
+    assert report["counts"]["undecodable_image"] == 1
+    assert "too large to decode safely" in report["dropped_records"][0]["problem"]
+
+
+def _bombed_corpus(tmp_path, bomb) -> tuple[Path, str]:
+    """Return (a copy of the small corpus whose first pretraining image is the bomb, that image's path)."""
+    root, _ = small_emoji_corpus()
+    copy = tmp_path / "corpus"
+    shutil.copytree(root, copy)
+    victim = copy / json.loads((copy / "pretrain.json").read_text())[0]["image"]
+    shutil.copyfile(bomb, victim)
+    return copy, str(victim)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_training_refuses_or_drops_a_bomb_by_on_error(tmp_path, bomb, capsys, caplog, cache):
+    from codis_lib.train.cli import pretrain_main
+
+    corpus, victim = _bombed_corpus(tmp_path, bomb)
+    before = _sha(corpus / "pretrain.json")
+
+    def run(on_error: str, out: str) -> int:
+        overrides = tiny_run_overrides(tmp_path / out, 1, **{"data.root": str(corpus), "data.on_error": on_error,
+                                                              "data.cache_images": cache})
+        return pretrain_main([arg for item in overrides for arg in ("--set", item)])
+
+    err = _one_line_exit_2(run("raise", "refused"), capsys)
+    assert victim in err and "too large to decode safely" in err
+    with caplog.at_level("WARNING"):
+        assert run("skip", "dropped") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    # the cache names the problem; the readers' up-front check counts it (under corrupt_image)
+    assert any("too large to decode safely" in m or "corrupt_image: 1" in m for m in warnings), warnings
+    assert _sha(corpus / "pretrain.json") == before
+
+
+def test_evaluation_refuses_a_bomb_in_one_line(tmp_path, bomb, capsys):
+    from codis_lib.evaluation.cli import eval_main
+    from codis_lib.run_config import load_run_config
+    from codis_lib.train.engine import train
+
+    corpus, victim = _bombed_corpus(tmp_path, bomb)
+    train(load_run_config("pretrain_emoji", overrides=tiny_run_overrides(tmp_path / "run", 1)))
+    records = json.loads((corpus / "test.json").read_text())[:4] + [{"image": victim, "caption": ["a bomb"]}]
+    annotation = corpus / "bombed_test.json"
+    annotation.write_text(json.dumps(records))
+    status = eval_main([str(tmp_path / "run" / "checkpoint_final.pt"), "--annotation", str(annotation),
+                        "--device", "cpu", "--k", "2"])
+    err = _one_line_exit_2(status, capsys)
+    assert victim in err and "too large to decode safely" in err

@@ -174,11 +174,15 @@ def check_image(path: str, how: str) -> str | None:
     if not os.path.isfile(path):
         return f"image file not found: {path}"
     if how == "verify":
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
+
+        from codis_lib.data.decode import ImageTooLargeError, open_image
 
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 img.verify()  # parses the whole file (PNG chunks and CRCs) without decoding pixels
+        except ImageTooLargeError as err:
+            return str(err)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             return f"image file is corrupt or not an image: {path} ({err})"
     return None

@@ -23,14 +23,21 @@ Alpha, and a ``transparency`` colour key (PNG ``tRNS`` of an ``L``, ``I;16`` or 
 composited on ``background`` (white by default, the emoji corpus's background) with exact integer
 rounding: ``out = (c * a + bg * (255 - a) + 127) // 255``. Other modes (``LAB``, raw packings)
 raise a one-line ValueError naming the mode.
+
+Every image file the package reads (training, evaluation, `codis-check-data`) is opened by
+:func:`open_image`, which turns Pillow's decompression-bomb refusal (an image of more than twice
+``PIL.Image.MAX_IMAGE_PIXELS`` pixels, e.g. a 48 KB PNG of 20000 x 20000) into :class:`ImageTooLargeError`, a
+one-line ValueError naming the file: the readers then drop the record or refuse it like any other
+undecodable image (``on_error``), instead of a traceback.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["WHITE", "SUPPORTED_MODES", "pil_to_rgb_array", "composite_on"]
+__all__ = ["WHITE", "SUPPORTED_MODES", "ImageTooLargeError", "open_image", "pil_to_rgb_array", "composite_on"]
 
 WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -38,6 +45,23 @@ _CONVERTED_BY_PIL = {"P": "RGBA", "PA": "RGBA", "La": "LA", "RGBa": "RGBA", "HSV
 # Every mode pil_to_rgb_array converts (the table above); `codis-check-data` reports any other as wrong_mode.
 SUPPORTED_MODES = frozenset(("1", "L", "LA", "RGB", "RGBX", "RGBA", "CMYK", "YCbCr", "F") + _SIXTEEN_BIT_MODES
                             + tuple(_CONVERTED_BY_PIL))
+
+
+class ImageTooLargeError(ValueError):
+    """An image file over Pillow's decompression-bomb limit: refused before its pixels are decoded."""
+
+
+@contextmanager
+def open_image(path) -> Iterator:
+    """``PIL.Image.open(path)`` as a context, with the decompression-bomb limit as a one-line ImageTooLargeError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"image too large to decode safely (a decompression bomb?): {path} "
+                                 f"({' '.join(str(error).split())})") from None
 
 
 def composite_on(colour: np.ndarray, alpha: np.ndarray, background: Sequence[int] = WHITE) -> np.ndarray:

@@ -3,8 +3,9 @@
 `check_image_file` opens one file with Pillow, and classifies it as the datasets would meet it:
 
 - ``missing_image``: no regular file at the path;
-- ``undecodable_image``: not an image Pillow can identify, or a decode error that is not a truncation
-  (a corrupt PNG chunk, a broken data stream);
+- ``undecodable_image``: not an image Pillow can identify, a decode error that is not a truncation
+  (a corrupt PNG chunk, a broken data stream), or an image over Pillow's decompression-bomb limit
+  (`codis_lib.data.decode.open_image`, as the readers open it);
 - ``truncated_image``: the file ends early (Pillow's "image file is truncated" on decoding, or the
   "truncated PNG file" / "Truncated File Read" of ``verify()``, which parses the whole file: a PNG whose
   pixels are complete but whose end chunk is cut decodes, yet the readers' ``check_images="verify"``
@@ -40,24 +41,26 @@ _CACHE_HEADER = "codis_check_cache"
 
 def check_image_file(path: str) -> tuple[str | None, str]:
     """Return (None, "mode W x H") if the image at ``path`` decodes for training, else (reason, problem in words)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from codis_lib.data.decode import SUPPORTED_MODES, pil_to_rgb_array
+    from codis_lib.data.decode import SUPPORTED_MODES, ImageTooLargeError, open_image, pil_to_rgb_array
 
     if not os.path.isfile(path):
         return "missing_image", f"image file not found: {path}"
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # the readers' opener: the same decompression-bomb limit
             mode, size = img.mode, img.size
             if mode not in SUPPORTED_MODES:
                 return "wrong_mode", (f"image mode {mode!r} has no conversion to RGB in codis_lib.data.decode "
                                       f"(supported: {', '.join(sorted(SUPPORTED_MODES))}): {path}")
             img.verify()  # the whole file: chunk structure, CRCs, the end marker
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             pil_to_rgb_array(img)
     except UnidentifiedImageError as err:
         return "undecodable_image", f"not an image Pillow can identify: {path} ({err})"
+    except ImageTooLargeError as err:
+        return "undecodable_image", str(err)
     except Exception as err:  # noqa: BLE001 - one odd file must not stop a scan of millions
         words = str(err) or type(err).__name__
         reason = "truncated_image" if "truncated" in words.lower() else "undecodable_image"

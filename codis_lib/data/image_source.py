@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from codis_lib.data.albef_json import AnnotationError
-from codis_lib.data.decode import WHITE
+from codis_lib.data.decode import WHITE, open_image
 from codis_lib.data.transforms import to_uint8_tensor
 
 logger = logging.getLogger("codis_lib.data.datasets")  # the datasets' log lines keep their logger name
@@ -29,9 +29,7 @@ def decode_image(path: str, background: Sequence[int] = WHITE) -> torch.Tensor:
     Every PIL mode is converted exactly (`codis_lib.data.decode`): 16-bit grey scaled to 8 bits,
     transparency composited on ``background`` (white, the emoji corpus's background, by default).
     """
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with open_image(path) as img:  # Pillow's bomb limit: a one-line ImageTooLargeError (a ValueError)
         img.load()
         return to_uint8_tensor(img, background)
 
