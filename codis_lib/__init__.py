@@ -19,7 +19,9 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
 - evaluate: evaluate_retrieval and its parts (dataset_features, evaluate_features, the ITM re-rankers,
   ranks_of_best_match, retrieval_metrics), retrieval_split_dataset, retrieval_split_file, split_title,
   EMOJI_SPLIT_DESCRIPTIONS, retrieval_report, run_evaluation, format_retrieval_table,
-  format_evaluation_table, paper_rows, format_poster_markdown and word-level Grad-CAM on the fusion
+  format_evaluation_table, paper_rows, format_poster_markdown, your own words against a gallery
+  (rank_images_for_text, gallery_image_features, gallery_names, answering_images: the everyday-word
+  benchmark's pieces, notebook 05's `query`) and word-level Grad-CAM on the fusion
   encoder (gradcam, gradcam_by_layer, GradCAM, normalise_map, blank_canvas, paste_scaled);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
   loop, the readable reference), Codebook, transport_assignments (T_i2p, T_t2p), loss_code (L_code),
@@ -99,6 +101,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "split_title": ("codis_lib.evaluation.report", "split_title"),
     "EMOJI_SPLIT_DESCRIPTIONS": ("codis_lib.evaluation.report", "EMOJI_SPLIT_DESCRIPTIONS"),
     "run_evaluation": ("codis_lib.evaluation.cli", "run_evaluation"),
+    "rank_images_for_text": ("codis_lib.evaluation.word_queries", "rank_images_for_text"),
+    "gallery_image_features": ("codis_lib.evaluation.word_queries", "gallery_image_features"),
+    "gallery_names": ("codis_lib.evaluation.word_queries", "gallery_names"),
+    "answering_images": ("codis_lib.evaluation.word_queries", "answering_images"),
     "paper_rows": ("codis_lib.evaluation.paper", "paper_rows"),
     "format_poster_markdown": ("codis_lib.evaluation.paper", "format_poster_markdown"),
     "GradCAM": ("codis_lib.evaluation.gradcam", "GradCAM"),

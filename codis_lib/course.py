@@ -16,13 +16,21 @@ and the last cell `write_metrics(metrics, output_dir)`: the `metrics.json` that 
 `codis-pretrain`'s checkpoint when it exists, else notebook 04's, else a short pretraining with the same
 recipe (`load_or_train`); at size "ci" a 40-step model on a ~120-emoji corpus in the output folder.
 Figures go through `codis_lib.viz.save_figure` (notebooks 04-06).
+
+A notebook writes only under its `output_dir` (`notebooks/outputs/NN`, ignored by git) and its
+`figure_dir` (None: `<output_dir>/figures`): running the course never changes a tracked file. The
+figures the README and docs show live in docs/figures/, written only by `python tools/regenerate_figures.py`
+from a reading-size run, which it recognises by the `notebook_run.json` that start_notebook leaves in
+the output folder (RUN_RECORD).
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,7 +39,7 @@ import torch
 from codis_lib.evaluation.models import TrainedModel
 from codis_lib.train.load_or_train import load_or_train
 
-__all__ = ["SIZES", "CI_MODEL_SETTINGS", "CI_MODEL_STEPS", "NotebookRun", "start_notebook", "MainModelSource",
+__all__ = ["SIZES", "RUN_RECORD", "CI_MODEL_SETTINGS", "CI_MODEL_STEPS", "NotebookRun", "start_notebook", "MainModelSource",
            "main_model_source", "load_main_model", "write_metrics"]
 
 SIZES = ("full", "ci")  # "full": the reading run behind the figures; "ci": the quick run the tests execute
@@ -39,6 +47,7 @@ SIZES = ("full", "ci")  # "full": the reading run behind the figures; "ci": the 
 CI_MODEL_SETTINGS = {"data.emoji_limit": 120, "data.emoji_image_size": 32, "model.vision.image_size": 32,
                      "train.batch_size": 16, "model.queue_size": 64}
 CI_MODEL_STEPS = 40
+RUN_RECORD = "notebook_run.json"  # in the output folder: the run's size and figure folder (tools/regenerate_figures.py)
 
 
 @dataclass(frozen=True)
@@ -55,12 +64,14 @@ class NotebookRun:
         return time.perf_counter() - self.started
 
 
-def start_notebook(size: str, output_dir: str | os.PathLike, figure_dir: str | os.PathLike, *,
+def start_notebook(size: str, output_dir: str | os.PathLike, figure_dir: str | os.PathLike | None = None, *,
                    seed: int | None = None, num_threads: int | None = None) -> NotebookRun:
     """Return the run's folders (both created) after setting torch's threads and seed, each when given.
 
-    `num_threads` goes to `torch.set_num_threads`, `seed` to `torch.manual_seed`, in that order; None
-    leaves torch's setting as it is (a notebook whose draws use their own generators passes no seed).
+    `figure_dir` None means `<output_dir>/figures`. `num_threads` goes to `torch.set_num_threads`,
+    `seed` to `torch.manual_seed`, in that order; None leaves torch's setting as it is (a notebook whose
+    draws use their own generators passes no seed). Writes `<output_dir>/notebook_run.json` (RUN_RECORD):
+    the size, the figure folder, the start time and the git commit, which tools/regenerate_figures.py reads.
     """
     if size not in SIZES:
         raise ValueError(f"size={size!r}: expected one of {', '.join(map(repr, SIZES))}")
@@ -68,10 +79,27 @@ def start_notebook(size: str, output_dir: str | os.PathLike, figure_dir: str | o
         torch.set_num_threads(num_threads)
     if seed is not None:
         torch.manual_seed(seed)
-    output_dir, figure_dir = Path(output_dir), Path(figure_dir)
+    output_dir = Path(output_dir)
+    figure_dir = output_dir / "figures" if figure_dir is None else Path(figure_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     figure_dir.mkdir(parents=True, exist_ok=True)
+    record = {"size": size, "figure_dir": str(figure_dir.resolve()),
+              "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_source_version()}
+    (output_dir / RUN_RECORD).write_text(json.dumps(record, indent=2))
     return NotebookRun(size, output_dir, figure_dir, time.perf_counter())
+
+
+def _source_version() -> dict[str, Any]:
+    """Return the git commit of this package's checkout and whether tracked files differ from it ({} outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "uncommitted_changes": bool(changed)}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ def run_notebook(name: str, extra_parameters: dict | None = None, timeout_s: int
     """Run notebooks/<name>.ipynb with size="ci" in a temporary directory; return its metrics.json.
 
     The executed copy stays in the temporary directory (reported in the error on failure). The
-    returned dict gains `_wall_s`, the notebook's wall time.
+    returned dict gains `_wall_s`, the notebook's wall time, and `_executed`, the executed copy's path. `extra_parameters` may move the output
+    folder (a relative `output_dir` is relative to notebooks/, where the notebook runs) and pass
+    `figure_dir=None`, the notebook's own default (`<output_dir>/figures`).
     """
     import papermill as pm
 
@@ -30,6 +32,7 @@ def run_notebook(name: str, extra_parameters: dict | None = None, timeout_s: int
     output_dir = work_dir / "outputs"
     parameters = {"size": "ci", "output_dir": str(output_dir), "figure_dir": str(work_dir / "figures")}
     parameters.update(extra_parameters or {})
+    output_dir = NOTEBOOK_DIR / parameters["output_dir"]  # an absolute output_dir stays as it is
     executed = work_dir / f"{name}.executed.ipynb"
     start = time.perf_counter()
     pm.execute_notebook(str(notebook_path(name)), str(executed), parameters=parameters, cwd=str(NOTEBOOK_DIR),
@@ -40,4 +43,5 @@ def run_notebook(name: str, extra_parameters: dict | None = None, timeout_s: int
         raise AssertionError(f"{name} ran but wrote no {metrics_file} (executed copy: {executed})")
     metrics = json.loads(metrics_file.read_text())
     metrics["_wall_s"] = wall
+    metrics["_executed"] = str(executed)  # the executed copy, for tests that read what the notebook printed
     return metrics

@@ -94,3 +94,14 @@ def test_load_main_model_trains_the_fallback_once_then_loads_it_and_prefers_the_
     scored = load_main_model(source, num_threads=1)
     assert scored.checkpoint == main and not scored.trained_now
     assert "not found" not in capsys.readouterr().out
+
+
+def test_figures_default_to_the_output_folder_and_the_run_is_recorded(tmp_path):
+    run = start_notebook("full", tmp_path / "out")
+    assert run.figure_dir == tmp_path / "out" / "figures" and run.figure_dir.is_dir()
+    record = json.loads((tmp_path / "out" / "notebook_run.json").read_text())
+    assert record["size"] == "full" and record["figure_dir"] == str(run.figure_dir.resolve())
+    assert set(record) >= {"started_at"} and set(record) - {"size", "figure_dir", "started_at"} in (
+        set(), {"commit", "uncommitted_changes"})  # the commit only inside a git checkout
+    assert start_notebook("ci", tmp_path / "out", tmp_path / "figs").figure_dir == tmp_path / "figs"
+    assert json.loads((tmp_path / "out" / "notebook_run.json").read_text())["size"] == "ci"

@@ -51,3 +51,23 @@ def test_notebook_05_retrieval_evaluation():
     assert metrics["query_box_interactive"] is False
     assert metrics["query_box_vs_evaluation_max_abs"] < 1e-4
     assert len(metrics["query_top_images"]) == len(metrics["query_top_captions"]) == 5
+
+
+def test_notebook_05_answers_your_words_under_papermill():
+    """`-p query "cat"`: the top images of the gallery are printed and recorded; no widget text is printed."""
+    import nbformat
+
+    metrics = run_notebook("05_retrieval_evaluation", {"query": "cat"})  # interactive stays True, as a student runs it
+    assert metrics["query"] == "cat" and metrics["query_gallery"] == "new_drawings"
+    names = metrics["query_top_names"]
+    assert len(names) == 5 and all(isinstance(name, str) and name for name in names)
+    assert 0 <= metrics["query_answering_in_top"] <= min(5, metrics["query_answering_images"])
+    assert 0.0 <= metrics["query_chance_of_one_in_top"] <= 1.0
+    executed = nbformat.read(metrics["_executed"], as_version=4)
+    printed = "".join(output.get("text", "") + output.get("data", {}).get("text/plain", "")
+                      for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert all(f"#{rank + 1} image" in printed and name in printed for rank, name in enumerate(names))
+    assert '"cat" on new_drawings' in printed
+    assert "VBox(" not in printed  # the query box is drawn as a widget only, never as its text form
+    assert any("image/png" in output.get("data", {}) for cell in executed.cells if "query is not None" in cell.source
+               for output in cell.outputs)  # and the query's top images are drawn
