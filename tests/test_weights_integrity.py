@@ -273,3 +273,16 @@ def test_resume_with_overwrite_says_that_resume_wins(run, tmp_path, capsys):
     assert len(said) == 1 and "--resume" in said[0] and "nothing" in said[0], said
     assert f"resumed from {out / 'checkpoint_00000003.pt'}" in printed
     assert (out / "metrics.jsonl").read_text().startswith(metrics)  # the earlier records were not deleted
+
+
+def test_a_file_without_checksums_loads_with_one_warning_line(tmp_path):
+    from codis_lib.model.weights_file import read_weights, verify_digest
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": {"w": torch.arange(4.0)}}, legacy, _use_new_zipfile_serialization=False)
+    before = _sha256(tmp_path)
+    said = []
+    stored = read_weights(legacy, "old weights", log=said.append)
+    assert torch.equal(stored["model"]["w"], torch.arange(4.0)) and verify_digest(legacy) == "legacy"
+    assert len(said) == 1 and str(legacy) in said[0] and "without verifying" in said[0], said
+    assert _sha256(tmp_path) == before
