@@ -76,7 +76,7 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
     step = int(checkpoint["step"])
     own = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) <= step]
     start = StartPosition(step=step, epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
-                          last_checkpoint=own[-1] if own else resume_path,
+                          last_checkpoint=own[-1] if own else None,
                           abandoned=tuple(p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step))
     if ctx.is_main:
         print(f"[codis] resumed from {resume_path}: step {start.step}, epoch {start.epoch}, step "
