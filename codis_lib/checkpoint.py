@@ -15,35 +15,41 @@ Files are `checkpoint_<step:08d>.pt` in the run's output directory plus `checkpo
 end. Each is written to a temporary file in the same directory, then renamed with `os.replace`, which
 is atomic on POSIX: a crash mid-write leaves the previous checkpoint intact, never a truncated one.
 
-A file that cannot be read (truncated, or not a checkpoint at all) raises CheckpointReadError naming it
-and the newest intact earlier checkpoint beside it; a failed write (a full disk, a read-only folder)
-raises CheckpointWriteError naming the file and the free space, and leaves no temporary file behind.
+Every checkpoint carries a digest of its content: the CRC-32 of each record of the archive (the pickled
+structure and every tensor storage), which torch.save computes as it writes (switched on here even where
+torch was told not to). Every load checks all of them first (`codis_lib.model.weights_file`): a file
+whose bytes changed after the write, or that cannot be read at all (truncated, empty, not a checkpoint,
+holding pickled objects), raises CheckpointReadError in one line naming it and the newest intact earlier
+checkpoint beside it. A failed write (a full disk, a read-only folder) raises CheckpointWriteError
+naming the file and the free space, and leaves no temporary file behind.
 
 The model's tensors are loaded by `codis_lib.model.loading.load_state_strict`, the strict load that every
 weights path shares; this module keeps the files (save, find, read) and the rest of the training state.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import re
 import shutil
-import zipfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from codis_lib.model.loading import CheckpointMismatchError, load_state_strict
+from codis_lib.model.weights_file import WeightsFileError, read_weights
 
 FORMAT_VERSION = 1
 FINAL_CHECKPOINT_NAME = "checkpoint_final.pt"
 _NUMBERED = re.compile(r"^checkpoint_(\d{8})\.pt$")
 
 
-class CheckpointReadError(ValueError):
-    """A checkpoint file that cannot be read: truncated, damaged, or not a checkpoint; the message names it."""
+class CheckpointReadError(WeightsFileError):
+    """A checkpoint file that cannot be used: damaged (digest), truncated, or not a checkpoint; the message names it."""
 
 
 class CheckpointWriteError(OSError):
@@ -64,6 +70,14 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_NUMBERED.match(p.name).group(1)))
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """Return the optimizer step in a numbered checkpoint's name (checkpoint_00000076.pt -> 76)."""
+    match = _NUMBERED.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a numbered checkpoint (checkpoint_<step>.pt)")
+    return int(match.group(1))
+
+
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """Return the numbered checkpoint with the highest step in `output_dir`, or None if there is none."""
     checkpoints = list_checkpoints(output_dir)
@@ -76,7 +90,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        with open(tmp, "wb") as handle, _with_checksums():
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them visible
@@ -87,6 +101,20 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def _with_checksums():
+    """Have torch.save write the CRC-32 of every record (the checkpoint's digest) even if it was switched off."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None or get():  # older torch always writes them
+        yield
+        return
+    torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(False)
 
 
 def _write_failure(path: Path, error: BaseException) -> str:
@@ -105,22 +133,32 @@ def _write_failure(path: Path, error: BaseException) -> str:
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Return `target` after making it a hard link to `source` (a copy where links are unsupported), atomically."""
     source, target = Path(source), Path(target)
+    if target.exists() and os.path.samefile(source, target):
+        return target  # already linked (a finished run resumed): a rename onto the same file would keep the link
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if tmp.exists():
         tmp.unlink()
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Return the numbered checkpoints deleted so that only the newest `keep_last` remain (0 keeps all)."""
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, *, ignore: Collection[Path] = ()) -> list[Path]:
+    """Return the numbered checkpoints deleted so that only the newest `keep_last` remain (0 keeps all).
+
+    `ignore`: checkpoints neither counted nor deleted, the ones a resumed run left behind it (newer than
+    the one it resumed from, perhaps damaged): they never take the place of a checkpoint of this run.
+    """
     if keep_last <= 0:
         return []
-    doomed = list_checkpoints(output_dir)[:-keep_last]
+    ignored = {Path(p) for p in ignore}
+    doomed = [p for p in list_checkpoints(output_dir) if p not in ignored][:-keep_last]
     for path in doomed:
         path.unlink()
     return doomed
@@ -163,26 +201,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for a bad file
-        kind = ("a damaged checkpoint archive" if zipfile.is_zipfile(path)
-                else "not a checkpoint archive (truncated, or another kind of file)")
-        raise CheckpointReadError(f"{path}: {kind}; {_earlier_intact(path)}") from error
+        checkpoint = read_weights(path, "", map_location=map_location, noun="checkpoint archive")
+    except WeightsFileError as error:
+        raise CheckpointReadError(f"{path}: {error.reason}; {earlier_intact(path)}", error.reason) from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointMismatchError(f"{path} is not a CODIS training checkpoint (no 'model' entry)")
     return checkpoint
 
 
 def readable_checkpoint(path: str | os.PathLike) -> bool:
-    """Return whether `path` loads as a checkpoint dict with a 'model' entry (memory-mapped: cheap)."""
+    """Return whether `path` matches its digest and loads as a checkpoint dict with a 'model' entry (memory-mapped)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001
+        checkpoint = read_weights(path, "", mmap=True, log=None)
+    except (WeightsFileError, OSError):
         return False
     return isinstance(checkpoint, dict) and "model" in checkpoint
 
 
-def _earlier_intact(path: Path) -> str:
+def earlier_intact(path: Path) -> str:
     """Return a clause naming the newest readable numbered checkpoint older than `path` in its folder."""
     match = _NUMBERED.match(path.name)
     older = [p for p in list_checkpoints(path.parent)

@@ -322,10 +322,17 @@ def check_writable(path: str | os.PathLike, what: str = "--json") -> Path:
     return path
 
 
-def _one_line(error: BaseException) -> str:
-    """Return the first line of an error's message (tracebacks and multi-line advice left out)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _error_lines(error: BaseException) -> list[str]:
+    """Return what stderr gets for an input error: its first line, then a mismatch's detail lines.
+
+    A checkpoint that does not fit the model lists its missing, unexpected and misshapen keys on the
+    lines after the first (`codis_lib.model.loading`); they are the point of the message and are kept.
+    Other errors keep their first line only (tracebacks and multi-line advice left out).
+    """
+    from codis_lib.model.loading import CheckpointMismatchError
+
+    lines = [line.rstrip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    return lines if isinstance(error, CheckpointMismatchError) else lines[:1]
 
 
 def _word_queries(args: argparse.Namespace) -> int:
@@ -375,7 +382,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         created_group = _init_distributed(_device(args.device))  # under torchrun: one group for the whole run
         by_split, single = _evaluations(args)
     except (OSError, ValueError, RuntimeError) as error:
-        print(f"codis-eval: {_one_line(error)}", file=sys.stderr)
+        print("codis-eval: " + "\n".join(_error_lines(error)), file=sys.stderr)
         return 2
     finally:
         if created_group:

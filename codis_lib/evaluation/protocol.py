@@ -174,12 +174,10 @@ def read_run_config(checkpoint: Path):
 
 def _load_mapping(path: Path) -> Mapping[str, Any]:
     """Return the torch-saved dict at `path`, memory-mapped when the format allows (only the keys are read)."""
-    import torch
+    from codis_lib.model.weights_file import read_weights
 
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+    # the keys only: the digest is checked by the load that evaluates (every failure is one line naming the file)
+    stored = read_weights(path, "ALBEF checkpoint", verify=False, mmap=True, log=None)
     if not isinstance(stored, Mapping):
         raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(stored).__name__}")
     return stored

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from codis_lib.config import VisionConfig
 from codis_lib.model.loading import AdaptedState, LoadReport, load_state_strict
+from codis_lib.model.weights_file import read_weights
 
 __all__ = ["EfficientNetTokens", "load_efficientnet_lite0", "read_efficientnet_lite0", "adapt_efficientnet_lite0",
            "efficientnet_lite0_weights_path", "build_efficientnet_lite0", "LITE0_PACKAGE"]
@@ -69,10 +70,7 @@ def read_efficientnet_lite0(path: str | Path | None = None) -> dict[str, torch.T
     a file of another network is refused (ValueError naming the file and the first mismatch).
     """
     path = Path(path) if path else efficientnet_lite0_weights_path()
-    try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch/pickle raise many types for a damaged file
-        raise ValueError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
+    source = read_weights(path, "EfficientNet-Lite0 weights file")  # digest checked; any failure one line naming it
     target = build_efficientnet_lite0().state_dict()
     if not isinstance(source, dict) or len(source) != len(target):
         raise ValueError(f"{path}: not the EfficientNet-Lite0 state dict ({len(target)} tensors expected)")

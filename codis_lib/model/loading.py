@@ -25,12 +25,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from codis_lib.model.vit import interpolate_pos_embed
+from codis_lib.model.weights_file import WeightsFileError, read_weights
 
 __all__ = ["CheckpointMismatchError", "AdaptedState", "LoadReport", "QUEUE_KEYS", "read_state_dict",
            "unwrap_state_dict", "tensor_fingerprint", "adapt_codis", "adapt_albef", "adapt_timm_vit", "adapt_hf_bert",
@@ -105,18 +105,16 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint")
 
 
 def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """Return the tensors stored in a .safetensors or torch file (weights_only), unwrapped by `unwrap_state_dict`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
+    """Return the tensors stored in a .safetensors or torch file, unwrapped by `unwrap_state_dict`.
 
-        return load_file(str(path))
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    The file goes through the guarded reader (`codis_lib.model.weights_file.read_weights`): its CRC-32
+    digest is checked and every way it can fail is one line naming it (`what` first).
+    """
+    stored = read_weights(path, what)
     if not isinstance(stored, Mapping):
-        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(stored).__name__}")
-    return unwrap_state_dict(stored, str(path))
+        raise WeightsFileError(f"{what} {path}: expected a state dict or {{'model': state_dict}}, got "
+                               f"{type(stored).__name__}")
+    return unwrap_state_dict(stored, f"{what} {path}")
 
 
 # ------------------------------------------------------------------------------------------ adapters

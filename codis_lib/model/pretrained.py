@@ -38,6 +38,7 @@ from codis_lib.config import ModelConfig
 from codis_lib.model.loading import (CheckpointMismatchError, LoadReport, adapt_hf_bert, adapt_timm_vit,
                                      load_codis_weights, load_state_strict, read_state_dict)
 from codis_lib.model.verify import verify_load
+from codis_lib.model.weights_file import WeightsFileError, verify_digest
 
 __all__ = ["initialise_pretrained", "load_vit_weights", "load_bert_weights", "init_from_checkpoint"]
 
@@ -61,7 +62,7 @@ def load_vit_weights(vit: torch.nn.Module, source: str) -> LoadReport:
     from codis_lib.model.vit import DEIT_HUB_NAME  # noqa: PLC0415
 
     if Path(source).exists():
-        state = read_state_dict(source)
+        state = read_state_dict(source, "ViT weights file")
     else:
         import timm  # noqa: PLC0415
         from huggingface_hub import hf_hub_download  # noqa: PLC0415
@@ -104,12 +105,14 @@ def load_bert_weights(text_encoder: torch.nn.Module, source: str) -> LoadReport:
     if is_packaged_name(source):
         return _load_packaged_bert(text_encoder, source, packaged_bert_state)
     if path.is_file():
-        state = read_state_dict(path)
+        state = read_state_dict(path, "BERT weights file")
+    elif path.is_dir():
+        state = _read_bert_folder(path)
     else:
         from transformers import BertForMaskedLM  # noqa: PLC0415
 
         try:
-            state = BertForMaskedLM.from_pretrained(source, local_files_only=path.is_dir()).state_dict()
+            state = BertForMaskedLM.from_pretrained(source).state_dict()
         except Exception as error:  # noqa: BLE001
             raise _hub_error(f"BERT weights {source!r}", "text",
                              f"BertForMaskedLM.from_pretrained({source!r}).save_pretrained('weights/bert')",
@@ -117,6 +120,21 @@ def load_bert_weights(text_encoder: torch.nn.Module, source: str) -> LoadReport:
     return load_state_strict(text_encoder, adapt_hf_bert(state, text_encoder.state_dict()), f"BERT weights {source!r}",
                              target="the text encoder",
                              hint="check text.num_layers / hidden_size / vocab_size against the checkpoint")
+
+
+def _read_bert_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Return the state dict of a save_pretrained folder: its weight files' digests checked, any failure one line."""
+    from transformers import BertForMaskedLM  # noqa: PLC0415
+
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        if (folder / name).is_file():
+            verify_digest(folder / name, "BERT weights file")
+    try:
+        return BertForMaskedLM.from_pretrained(str(folder), local_files_only=True).state_dict()
+    except Exception as error:  # noqa: BLE001 - transformers and torch raise many kinds for a bad folder
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        reason = f"not a loadable BERT folder ({type(error).__name__}: {first[:300]})"
+        raise WeightsFileError(f"BERT weights folder {folder}: {reason}", reason) from error
 
 
 def _load_packaged_bert(text_encoder: torch.nn.Module, name: str, read) -> LoadReport:
@@ -160,6 +178,8 @@ def initialise_pretrained(model: torch.nn.Module, config: ModelConfig) -> dict[s
                 reports[config_key] = loader(module, source)
             except CheckpointMismatchError as error:
                 raise CheckpointMismatchError(f"{config_key}: {error}") from error
+            except WeightsFileError as error:  # damaged, truncated, empty or refused: one line naming key and file
+                raise WeightsFileError(f"{config_key}: {error}", error.reason) from error
     model.copy_student_to_teacher()
     model.pretrained_loads = reports
     return reports

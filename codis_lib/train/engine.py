@@ -114,6 +114,7 @@ class LoopState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     last_checkpoint: Path | None = None
+    abandoned: tuple[Path, ...] = ()  # checkpoints newer than the resumed one, until overwritten: never pruned
     stopped_early: bool = False  # stop_at_step reached (or SIGTERM received) before the end of the schedule
     stopped_by: str | None = None
     records: list[dict] = field(default_factory=list)  # training log records of this invocation
@@ -266,7 +267,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         run.eval_splits = available_eval_splits(config, tc.eval.splits, log=_warn if ctx.is_main else None)
     start = start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
     state = LoopState(step=start.step, epoch=start.epoch, step_in_epoch=start.step_in_epoch,
-                      last_checkpoint=start.last_checkpoint)
+                      last_checkpoint=start.last_checkpoint, abandoned=start.abandoned)
     wrap_model(run)  # DDP, torch.compile, autocast
     # Every rank sees the same (all-reduced) values; rank 0 prints.
     state.curve_check = CurveCheck.for_run(run, start_step=state.step, log=_warn if ctx.is_main else None)
@@ -384,7 +385,9 @@ def _checkpoint_if_due(run: TrainingRun, state: LoopState, *, force: bool) -> No
     state.last_checkpoint = save_checkpoint(run.ctx, run.output_dir, model=run.model, optimizer=run.optimizer,
                                             schedule=run.schedule, scaler=run.scaler, step=state.step, epoch=epoch,
                                             step_in_epoch=step_in_epoch, saved_config=run.saved_config,
-                                            keep_last=tc.keep_last, extra={DATA_ORDER_KEY: run.data_order})
+                                            keep_last=tc.keep_last, extra={DATA_ORDER_KEY: run.data_order},
+                                            ignore=state.abandoned)
+    state.abandoned = tuple(p for p in state.abandoned if p != state.last_checkpoint)  # overwritten: this run's now
 
 
 def _report_eval_split(run: TrainingRun, split: str) -> dict:

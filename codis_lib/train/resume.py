@@ -5,6 +5,13 @@ scaler, RNG states, the position in the epoch), after two checks that refuse in 
 config must be the one the checkpoint was trained with (`model_config_differences`) and so must the
 data order (`codis_lib.train.data_order`). A fresh run claims its output folder first, then loads
 `train.init_from` if set (`codis_lib.model.pretrained.init_from_checkpoint`).
+
+Every checkpoint is read through its digest check (`codis_lib.checkpoint.load_checkpoint`): a damaged
+one is refused in one line naming it and the newest intact earlier checkpoint to resume from instead.
+The weights it brings (resume or init_from) must be finite, or one line names the file and the tensors.
+A resumed run leaves the checkpoints newer than its start (`StartPosition.abandoned`) out of keep_last
+pruning until it overwrites them, so they never take the place of an intact checkpoint of its own.
+`--resume` wins over `train.overwrite=true`, and says so.
 """
 from __future__ import annotations
 
@@ -12,10 +19,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from codis_lib.checkpoint import (CheckpointMismatchError, find_latest_checkpoint, load_checkpoint,
-                                  restore_training_state)
+from codis_lib.checkpoint import (CheckpointMismatchError, CheckpointReadError, checkpoint_step, earlier_intact,
+                                  find_latest_checkpoint, list_checkpoints, load_checkpoint, restore_training_state)
 from codis_lib.config import ModelConfig
 from codis_lib.train.data_order import check_resume_data_order
+from codis_lib.train.guards import non_finite_names, state_tensors
 from codis_lib.train.run_dir import claim_output_dir
 from codis_lib.train.setup import TrainingRun
 
@@ -30,6 +38,7 @@ class StartPosition:
     epoch: int = 0
     step_in_epoch: int = 0
     last_checkpoint: Path | None = None
+    abandoned: tuple[Path, ...] = ()  # checkpoints newer than the one resumed from: not this run's, not pruned
 
 
 def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartPosition:
@@ -50,7 +59,10 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
             from codis_lib.model.pretrained import init_from_checkpoint  # noqa: PLC0415 (the model package: lazily)
 
             init_from_checkpoint(run.model, tc.init_from)
+            _refuse_non_finite(run, f"train.init_from: checkpoint file {tc.init_from}", "")
         return StartPosition()
+    if tc.overwrite and ctx.is_main:
+        print("[codis] --resume wins over train.overwrite=true: resuming, nothing deleted", flush=True)
     checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
     check_resume_data_order(checkpoint, run.data_order, resume_path,
                             log=lambda line: print(line, flush=True) if ctx.is_main else None)
@@ -60,12 +72,25 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
                                       + "\n  ".join(differences))
     restore_training_state(checkpoint, model=run.model, optimizer=run.optimizer, scheduler=run.schedule,
                            scaler=run.scaler, rank=ctx.rank, world_size=ctx.world_size, source=str(resume_path))
-    start = StartPosition(step=checkpoint["step"], epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
-                          last_checkpoint=find_latest_checkpoint(output_dir))
+    _refuse_non_finite(run, str(resume_path), f"; {earlier_intact(resume_path)}")
+    step = int(checkpoint["step"])
+    own = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) <= step]
+    start = StartPosition(step=step, epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
+                          last_checkpoint=own[-1] if own else None,
+                          abandoned=tuple(p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step))
     if ctx.is_main:
         print(f"[codis] resumed from {resume_path}: step {start.step}, epoch {start.epoch}, step "
               f"{start.step_in_epoch} of the epoch", flush=True)
     return start
+
+
+def _refuse_non_finite(run: TrainingRun, source: str, advice: str) -> None:
+    """Raise CheckpointReadError naming `source` when the weights or optimizer state it gave hold a NaN or inf."""
+    names, count = non_finite_names(state_tensors(run.model, run.optimizer))
+    if count:
+        shown = ", ".join(names) + (f" and {count - len(names)} more" if count > len(names) else "")
+        reason = f"holds non-finite values (NaN or inf) in {count} tensor(s): {shown}; training cannot start from it"
+        raise CheckpointReadError(f"{source}: {reason}{advice}", reason)
 
 
 def model_config_differences(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import torch.distributed as dist
@@ -105,11 +106,14 @@ def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:
 
 
 def save_checkpoint(ctx: RunContext, output_dir: Path, *, model, optimizer, schedule, scaler, step: int, epoch: int,
-                    step_in_epoch: int, saved_config: dict, keep_last: int, extra: dict | None = None) -> Path:
+                    step_in_epoch: int, saved_config: dict, keep_last: int, extra: dict | None = None,
+                    ignore: Collection[Path] = ()) -> Path:
     """Write the checkpoint of `step` (rank 0; RNG states gathered from every rank) and return its path.
 
-    `extra` entries are stored next to the state (the run's data-order record). Every rank first checks the model and optimizer state (identical on all ranks): a NaN/inf anywhere
-    raises NonFiniteStateError and nothing is written.
+    `extra` entries are stored next to the state (the run's data-order record). Every rank first checks the
+    model and optimizer state (identical on all ranks): a NaN/inf anywhere raises NonFiniteStateError and
+    nothing is written. Then the oldest checkpoints beyond `keep_last` are deleted, leaving `ignore` (the
+    checkpoints a resumed run left ahead of it) out of the count and in place.
     """
     path = checkpoint_path(output_dir, step)
     check_state(model, optimizer, step=step, epoch=epoch, what=f"{path.name} was not written",
@@ -124,7 +128,7 @@ def save_checkpoint(ctx: RunContext, output_dir: Path, *, model, optimizer, sche
         save_atomic(make_checkpoint(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, step=step,
                                     epoch=epoch, step_in_epoch=step_in_epoch, config=saved_config,
                                     rng_states=gathered, world_size=ctx.world_size, extra=extra), path)
-        prune_checkpoints(output_dir, keep_last)
+        prune_checkpoints(output_dir, keep_last, ignore=[p for p in ignore if p != path])
     ctx.barrier()
     return path
 
