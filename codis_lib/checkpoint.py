@@ -218,16 +218,21 @@ def readable_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(checkpoint, dict) and "model" in checkpoint
 
 
-def earlier_intact(path: Path) -> str:
-    """Return a clause naming the newest readable numbered checkpoint older than `path` in its folder."""
+def newest_intact_before(path: Path) -> Path | None:
+    """Return the newest readable (digest-verified) numbered checkpoint older than `path` in its folder, or None."""
     match = _NUMBERED.match(path.name)
     older = [p for p in list_checkpoints(path.parent)
              if p.resolve() != path.resolve() and (match is None or int(_NUMBERED.match(p.name).group(1))
                                                    < int(match.group(1)))]
-    for candidate in reversed(older):
-        if readable_checkpoint(candidate):
-            return f"the latest intact earlier checkpoint is {candidate} (resume from it with --resume {candidate})"
-    return f"no intact earlier checkpoint in {path.parent}"
+    return next((candidate for candidate in reversed(older) if readable_checkpoint(candidate)), None)
+
+
+def earlier_intact(path: Path) -> str:
+    """Return a clause naming the newest readable numbered checkpoint older than `path` in its folder."""
+    candidate = newest_intact_before(path)
+    if candidate is None:
+        return f"no intact earlier checkpoint in {path.parent}"
+    return f"the latest intact earlier checkpoint is {candidate} (resume from it with --resume {candidate})"
 
 
 def make_checkpoint(*, model: torch.nn.Module, optimizer, scheduler, scaler, step: int, epoch: int,

@@ -1,6 +1,8 @@
 """The training commands' guards: no update or checkpoint from non-finite state, resume checks, one error path."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -175,17 +177,26 @@ def _one_line_error(capsys) -> str:
 
 
 def test_unreadable_resume_files_are_named_and_the_intact_earlier_checkpoint_is_offered(tmp_path, capsys):
-    """issue case 11: a truncated or non-checkpoint --resume file is one line, exit 2, naming it and the earlier one."""
+    """A truncated checkpoint named with --resume PATH is one line, exit 2, naming it and the earlier intact one;
+    a plain --resume passes over a truncated latest checkpoint to the newest intact one, saying so in one line."""
     out = tmp_path / "run"
     overrides = tiny_run_overrides(out, 4, **{"train.ckpt_every": 1, "train.keep_last": 0})
     assert _cli(overrides, "--stop-at-step", "2") == 0
     first, second = list_checkpoints(out)
     second.write_bytes(second.read_bytes()[: second.stat().st_size // 2])  # truncated
     capsys.readouterr()
-    assert _cli(overrides, "--resume") == 2
+    assert _cli(overrides, "--resume", str(second)) == 2
     error = _one_line_error(capsys)
     assert f"{second}: not a checkpoint archive" in error
     assert f"the latest intact earlier checkpoint is {first} (resume from it with --resume {first})" in error
+    fallback_run = tmp_path / "fallback"
+    shutil.copytree(out, fallback_run)
+    moved = [o.replace(str(out), str(fallback_run)) for o in overrides]
+    assert _cli(moved, "--resume", "--stop-at-step", "2") == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "newest intact checkpoint" in line]
+    assert len(said) == 1 and "not a checkpoint archive" in said[0]
+    assert f"resuming from the newest intact checkpoint {fallback_run / first.name} instead" in said[0]
+    assert load_checkpoint(fallback_run / second.name)["step"] == 2  # the truncated file replaced by a good one
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
     assert _cli(overrides, "--resume", str(text)) == 2

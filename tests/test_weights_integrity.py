@@ -108,7 +108,7 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_the_intact_one(run, tmp_p
     flip_bytes(third)
     before = _sha256(out)
     capsys.readouterr()
-    assert _cli(overrides, "--resume") == 2
+    assert _cli(overrides, "--resume", str(third)) == 2  # named explicitly: refused, the intact one offered
     error = _one_line(capsys)
     assert str(third) in error and "CRC-32" in error
     assert f"the latest intact earlier checkpoint is {second}" in error
@@ -119,6 +119,20 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_the_intact_one(run, tmp_p
     names = [p.name for p in list_checkpoints(out)]
     assert names == ["checkpoint_00000002.pt", "checkpoint_00000003.pt", "checkpoint_00000004.pt"], names
     assert _sha256(out)[str(second)] == before[str(second)] and _sha256(out)[str(third)] == before[str(third)]
+
+
+def test_plain_resume_passes_over_a_damaged_latest_checkpoint_to_the_newest_intact_one(run, tmp_path, capsys):
+    out, overrides = _copy(run, tmp_path)
+    second, third = list_checkpoints(out)
+    flip_bytes(third)
+    kept = _sha256(out)[str(second)]
+    capsys.readouterr()
+    assert _cli(overrides, "--resume") == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "newest intact checkpoint" in line]
+    assert len(said) == 1 and str(third) in said[0] and "CRC-32" in said[0]
+    assert f"resuming from the newest intact checkpoint {second} instead" in said[0]
+    assert readable_checkpoint(third)  # rewritten by the resumed run at its step, from the intact state
+    assert _sha256(out).get(str(second), kept) == kept  # the intact one was never replaced by damaged bytes
 
 
 def test_init_from_and_finetune_refuse_bad_files_in_one_line(run, tmp_path, capsys):

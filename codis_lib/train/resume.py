@@ -16,10 +16,12 @@ pruning until it overwrites them, so they never take the place of an intact chec
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from codis_lib.checkpoint import (CheckpointMismatchError, CheckpointReadError, checkpoint_step, earlier_intact,
+                                  newest_intact_before,
                                   find_latest_checkpoint, list_checkpoints, load_checkpoint, restore_training_state)
 from codis_lib.config import ModelConfig
 from codis_lib.train.data_order import check_resume_data_order
@@ -63,7 +65,7 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
         return StartPosition()
     if tc.overwrite and ctx.is_main:
         print("[codis] --resume wins over train.overwrite=true: resuming, nothing deleted", flush=True)
-    checkpoint = load_checkpoint(resume_path, map_location=ctx.device)
+    resume_path, checkpoint = _load_resume_checkpoint(resume_path, latest=isinstance(resume, bool), ctx=ctx)
     check_resume_data_order(checkpoint, run.data_order, resume_path,
                             log=lambda line: print(line, flush=True) if ctx.is_main else None)
     differences = model_config_differences(checkpoint["config"]["model"], run.model_config.to_dict())
@@ -82,6 +84,24 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
         print(f"[codis] resumed from {resume_path}: step {start.step}, epoch {start.epoch}, step "
               f"{start.step_in_epoch} of the epoch", flush=True)
     return start
+
+
+def _load_resume_checkpoint(path: Path, *, latest: bool, ctx) -> tuple[Path, dict]:
+    """Return (path, checkpoint) to resume from: `path`, or with a plain --resume the newest intact one before it.
+
+    A damaged or truncated latest checkpoint (its digest or archive does not verify) is passed over with one
+    warning line naming it and the checkpoint used instead; a file named with --resume PATH is refused.
+    """
+    try:
+        return path, load_checkpoint(path, map_location=ctx.device)
+    except CheckpointReadError as error:
+        fallback = newest_intact_before(path) if latest else None
+        if fallback is None:
+            raise
+        if ctx.is_main:
+            print(f"[codis] WARNING: {' '.join(str(error).split())}; resuming from the newest intact checkpoint "
+                  f"{fallback} instead", file=sys.stderr, flush=True)
+        return fallback, load_checkpoint(fallback, map_location=ctx.device)
 
 
 def _refuse_non_finite(run: TrainingRun, source: str, advice: str) -> None:
