@@ -92,3 +92,18 @@ def test_codis_with_the_imagenet_tower_starts_its_teacher_equal_and_verified():
     for (name, a), (_, b) in zip(model.visual_encoder.state_dict().items(),
                                  model.visual_encoder_m.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_packaged_file_is_checked_by_its_sha256_and_a_changed_copy_is_not_trusted(tmp_path, capsys):
+    from codis_lib.model.efficientnet import LITE0_SHA256, _sha256, efficientnet_lite0_weights_path
+
+    packaged = efficientnet_lite0_weights_path()
+    assert _sha256(packaged) == LITE0_SHA256 and packaged.name.split("-")[-1][:8] == LITE0_SHA256[:8]
+    read_efficientnet_lite0()
+    assert "warning" not in capsys.readouterr().err  # verified by its digest: nothing to warn about
+    copy = tmp_path / "lite0.pth"
+    data = bytearray(packaged.read_bytes())
+    data[-100] ^= 0x01  # one bit of a tensor
+    copy.write_bytes(bytes(data))
+    read_efficientnet_lite0(copy)  # no CRCs to check in this legacy format: loaded, with one warning line
+    assert "carries no CRC-32 checksums" in capsys.readouterr().err
