@@ -95,10 +95,11 @@ def test_codis_with_the_imagenet_tower_starts_its_teacher_equal_and_verified():
 
 
 def test_the_packaged_file_is_checked_by_its_sha256_and_a_changed_copy_is_not_trusted(tmp_path, capsys):
-    from codis_lib.model.efficientnet import LITE0_SHA256, _sha256, efficientnet_lite0_weights_path
+    from codis_lib.data.check import file_sha256
+    from codis_lib.model.efficientnet import LITE0_SHA256, efficientnet_lite0_weights_path
 
     packaged = efficientnet_lite0_weights_path()
-    assert _sha256(packaged) == LITE0_SHA256 and packaged.name.split("-")[-1][:8] == LITE0_SHA256[:8]
+    assert file_sha256(packaged) == LITE0_SHA256 and packaged.name.split("-")[-1][:8] == LITE0_SHA256[:8]
     read_efficientnet_lite0()
     assert "warning" not in capsys.readouterr().err  # verified by its digest: nothing to warn about
     copy = tmp_path / "lite0.pth"

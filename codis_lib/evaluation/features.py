@@ -36,6 +36,19 @@ class RetrievalFeatures:
 
 
 @torch.no_grad()
+def encode_images(model, image_batches: Iterable[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (image_embeds (N, T, D), unit image_feat (N, d)) of image batches, in order (the model's mode as it is)."""
+    image_embeds, image_feat = [], []
+    for images in image_batches:
+        embeds, feat = model.encode_image(images.to(device))  # (B, T, D), (B, d)
+        image_embeds.append(embeds)
+        image_feat.append(feat)
+    if not image_feat:
+        raise ValueError("image_batches is empty: nothing to evaluate")
+    return torch.cat(image_embeds), torch.cat(image_feat)
+
+
+@torch.no_grad()
 def compute_features(model, image_batches: Iterable[torch.Tensor], text_input_ids: torch.Tensor,
                      text_attention_mask: torch.Tensor, *, text_batch_size: int = 256,
                      device: torch.device | str | None = None) -> RetrievalFeatures:
@@ -52,13 +65,7 @@ def compute_features(model, image_batches: Iterable[torch.Tensor], text_input_id
     was_training = model.training
     model.eval()
     try:
-        image_embeds, image_feat = [], []
-        for images in image_batches:
-            embeds, feat = model.encode_image(images.to(device))  # (B, N, D), (B, d)
-            image_embeds.append(embeds)
-            image_feat.append(feat)
-        if not image_feat:
-            raise ValueError("image_batches is empty: nothing to evaluate")
+        image_embeds, image_feat = encode_images(model, image_batches, device)
         text_embeds, text_feat = [], []
         for start in range(0, text_input_ids.shape[0], text_batch_size):
             ids = text_input_ids[start:start + text_batch_size].to(device)
@@ -69,7 +76,7 @@ def compute_features(model, image_batches: Iterable[torch.Tensor], text_input_id
     finally:
         model.train(was_training)
     return RetrievalFeatures(
-        image_embeds=torch.cat(image_embeds), image_feat=torch.cat(image_feat),
+        image_embeds=image_embeds, image_feat=image_feat,
         text_embeds=torch.cat(text_embeds), text_feat=torch.cat(text_feat),
         text_attention_mask=text_attention_mask.to(device))
 

@@ -150,13 +150,14 @@ def gallery_image_features(model, dataset, *, batch_size: int = 128, device=None
     from torch.utils.data import DataLoader
 
     from codis_lib.data.collate import collate_eval_images
+    from codis_lib.evaluation.features import encode_images
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval_images)
-        return torch.cat([model.encode_image(batch["image"].to(device))[1] for batch in loader])
+        return encode_images(model, (batch["image"] for batch in loader), device)[1]
     finally:
         model.train(was_training)
 

