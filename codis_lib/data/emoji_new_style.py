@@ -127,8 +127,8 @@ def build_new_style(root: str | os.PathLike, font_path: str | os.PathLike | None
     out_dir.mkdir(parents=True)
     files, skipped, counts = {}, {}, {}
     for split, source in NEW_STYLE_SPLITS.items():
-        rows = []
-        for record in _records(root, source):
+        rows, records = [], _records(root, source)
+        for record in records:
             key = Path(record["image"]).stem
             char = emoji_by_key[key]["char"]
             image, why = renderer.render(char)
@@ -140,7 +140,7 @@ def build_new_style(root: str | os.PathLike, font_path: str | os.PathLike | None
             files[rel] = sha256_file(root / rel)
             rows.append({"image": rel, "caption": list(record["caption"])})
         files[f"{split}.json"] = write_json(root / f"{split}.json", rows)
-        counts[split] = {"images": len(rows), "of": len(_records(root, source)), "drawn_from": source}
+        counts[split] = {"images": len(rows), "of": len(records), "drawn_from": source}
     manifest = {"identity": identity, "font": str(font), "licence": NOTO_LICENCE, "counts": counts,
                 "skipped": dict(sorted(skipped.items())), "files": files}
     write_json(root / NEW_STYLE_MANIFEST, manifest)
