@@ -22,7 +22,7 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   format_evaluation_table, paper_rows, format_poster_markdown, your own words against a gallery
   (rank_images_for_text, gallery_image_features, gallery_names, answering_images: the everyday-word
   benchmark's pieces, notebook 05's `query`) and word-level Grad-CAM on the fusion
-  encoder (gradcam, gradcam_by_layer, GradCAM, normalise_map, blank_canvas, paste_scaled);
+  encoder (gradcam, gradcam_by_layer, GradCAM, image_grid, normalise_map, blank_canvas, paste_scaled);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
   loop, the readable reference), Codebook, transport_assignments (T_i2p, T_t2p), loss_code (L_code),
   codebook_losses, codebook_usage; every poster term has its file in `codis_lib.objectives`;
@@ -110,6 +110,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "GradCAM": ("codis_lib.evaluation.gradcam", "GradCAM"),
     "gradcam": ("codis_lib.evaluation.gradcam", "gradcam"),
     "gradcam_by_layer": ("codis_lib.evaluation.gradcam", "gradcam_by_layer"),
+    "image_grid": ("codis_lib.evaluation.gradcam", "image_grid"),
     "normalise_map": ("codis_lib.evaluation.gradcam", "normalise_map"),
     "blank_canvas": ("codis_lib.evaluation.gradcam", "blank_canvas"),
     "paste_scaled": ("codis_lib.evaluation.gradcam", "paste_scaled"),

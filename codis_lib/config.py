@@ -83,8 +83,10 @@ class VisionConfig:
     # (codis_lib.model.efficientnet); patch_size, depth, num_heads and mlp_ratio then do not apply.
     backbone: Literal["vit", "efficientnet_lite0"] = "vit"
     backbone_size: int | None = None  # efficientnet: images resized to this side first (None: image_size)
-    freeze_blocks: int = 0  # efficientnet: the stem and the first N of its 5 stages keep ImageNet's weights
-    cache_trunk: bool = True  # efficientnet with all 5 stages frozen: each image's feature map computed once
+    trunk_stages: int = 5  # efficientnet: the first N of its 7 stages make the map (5: stride 16, 112 channels;
+                           # 7: stride 32, 320 channels, ImageNet's last stage before its classifier head)
+    freeze_blocks: int = 0  # efficientnet: the stem and the first N of its trunk stages keep ImageNet's weights
+    cache_trunk: bool = True  # efficientnet with every trunk stage frozen: each image's feature map computed once
 
     @property
     def grid_size(self) -> int:

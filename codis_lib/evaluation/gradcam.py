@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from codis_lib.model.bert import attention_bias
 
-__all__ = ["GradCAM", "gradcam", "gradcam_by_layer", "default_gradcam_layer", "caption_words", "normalise_map",
+__all__ = ["GradCAM", "gradcam", "gradcam_by_layer", "default_gradcam_layer", "caption_words", "image_grid", "normalise_map",
            "upsample_map", "paste_scaled", "blank_canvas"]
 
 
@@ -56,6 +56,12 @@ class GradCAM:
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.caption_map.shape)
+
+
+def image_grid(visual_encoder) -> tuple[int, int]:
+    """Return the (rows, columns) of the image-token map: a ViT's patch grid, or a CNN trunk's feature map."""
+    patch_embed = getattr(visual_encoder, "patch_embed", None)
+    return tuple(patch_embed.grid_size if patch_embed is not None else visual_encoder.grid_size)
 
 
 def default_gradcam_layer(fusion_layers: int) -> int:
@@ -158,7 +164,7 @@ def gradcam_by_layer(model, image: torch.Tensor, caption: str, tokenizer, *, lay
     input_ids = torch.tensor([encoding["input_ids"]], dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)
     vit = model.visual_encoder
-    grid_h, grid_w = vit.patch_embed.grid_size
+    grid_h, grid_w = image_grid(vit)
     prefix = getattr(vit, "num_prefix_tokens", 1)
     was_training = model.training
     model.eval()

