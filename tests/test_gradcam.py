@@ -18,7 +18,7 @@ from codis_lib import CLIP_MEAN, CLIP_STD, RetrievalEvalDataset
 from codis_lib.config import ModelConfig
 from codis_lib.data.tokenizer import load_tokenizer
 from codis_lib.evaluation.gradcam import (blank_canvas, caption_words, default_gradcam_layer, gradcam,
-                                          gradcam_by_layer, normalise_map, paste_scaled, upsample_map)
+                                          gradcam_by_layer, image_grid, normalise_map, paste_scaled, upsample_map)
 from codis_lib.model import build_model
 from codis_lib.model.bert import attention_bias
 from tests.fixtures_data.corpus import SMALL_CORPUS_SIZE, small_emoji_corpus
@@ -166,3 +166,18 @@ def test_the_drawing_has_a_panel_per_map(random_model, corpus):
     assert fig.axes[1].get_title().startswith("caption") and len(fig.axes[1].images) == 2  # image + map
     with pytest.raises(ValueError, match="one entry per row"):
         plot_gradcam_rows([image], ["a", "b"], [panels])
+
+
+def test_gradcam_reads_the_token_grid_of_the_imagenet_tower(corpus):
+    tokenizer, dataset = corpus
+    config = ModelConfig.preset("tiny").with_tokenizer(tokenizer).with_overrides(
+        {"vision.backbone": "efficientnet_lite0", "vision.image_size": CANVAS, "vision.backbone_size": 2 * CANVAS,
+         "vision.trunk_stages": 7})
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert image_grid(model.visual_encoder) == (CANVAS // 16, CANVAS // 16)  # twice the pixels at stride 32
+    image = paste_scaled(blank_canvas(CANVAS, CLIP_MEAN, CLIP_STD), dataset[0]["image"], 16, 0, 32)
+    cam = gradcam(model, image, _caption(dataset, 0), tokenizer)
+    assert cam.caption_map.shape == (CANVAS // 16, CANVAS // 16) and float(cam.caption_map.sum()) > 0
+    vit = _model(tokenizer).visual_encoder
+    assert image_grid(vit) == tuple(vit.patch_embed.grid_size)

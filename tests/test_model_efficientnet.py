@@ -108,3 +108,15 @@ def test_the_packaged_file_is_checked_by_its_sha256_and_a_changed_copy_is_not_tr
     copy.write_bytes(bytes(data))
     read_efficientnet_lite0(copy)  # no CRCs to check in this legacy format: loaded, with one warning line
     assert "carries no CRC-32 checksums" in capsys.readouterr().err
+
+
+def test_the_last_stage_gives_a_stride_32_map_and_a_bad_stage_count_is_one_line():
+    encoder = _tokens(trunk_stages=7, backbone_size=128)
+    report = load_efficientnet_lite0(encoder)
+    assert any(key.startswith("blocks.6.") for key in report.loaded)  # ImageNet's last stage is loaded, not fresh
+    assert encoder.blocks[-1][-1].conv_pwl.out_channels == 320 and encoder.grid_size == (4, 4)
+    assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, 1 + 4 * 4, 128)  # 128 px / 32: 16 tokens + CLS
+    assert _tokens().grid_size == (4, 4) and _tokens(trunk_stages=6).stride == 32
+    for bad in (0, 8):
+        with pytest.raises(ValueError, match=r"^model\.vision\.trunk_stages must be 1\.\.7 .*got " + str(bad) + "$"):
+            _tokens(trunk_stages=bad)

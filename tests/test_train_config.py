@@ -117,7 +117,7 @@ def test_eval_splits_are_named_and_checked_per_dataset():
 
     assert EMOJI_EVAL_SPLITS == ALL_EVAL_SPLITS  # the names emoji_split_file accepts, kept here below the data layer
     assert load_run_config("pretrain_emoji", world_size=1).train.eval.splits == ["new_drawings", "new_style", "test"]
-    assert load_run_config("finetune_emoji", world_size=1).train.eval.splits == ["new_drawings", "test"]
+    assert load_run_config("finetune_emoji", world_size=1).train.eval.splits == ["new_drawings", "new_style", "test"]
     for name in ("pretrain_4m", "finetune_coco", "finetune_flickr"):
         assert load_run_config(name, world_size=8).train.eval.splits == ["test"], name
     emoji = {"model": {"preset": "tiny"}}
