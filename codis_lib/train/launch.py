@@ -36,12 +36,33 @@ def _hub_cached(repo_id: str, filename: str = "config.json") -> bool:
     return isinstance(found, str) and os.path.isfile(found)
 
 
-def _weights_problem(source: str | None, field: str) -> str | None:
+def _packaged_problem(source: str, field: str, backbone: str) -> str | None | bool:
+    """Return what is missing for a packaged source ("imagenet" Lite0, "minilm"), None if installed, False if not one."""
+    try:
+        if field == "vision" and backbone == "efficientnet_lite0" and source == "imagenet":
+            from codis_lib.model.efficientnet import efficientnet_lite0_weights_path
+
+            efficientnet_lite0_weights_path()
+            return None
+        from codis_lib.data.packaged import is_packaged_name, packaged_model_dir
+
+        if field == "text" and is_packaged_name(source):
+            packaged_model_dir(source)
+            return None
+    except (OSError, ImportError) as error:  # the package or its file is missing; the message says how to install
+        return f"model.{field}.pretrained = {source!r}: {error}"
+    return False
+
+
+def _weights_problem(source: str | None, field: str, backbone: str = "vit") -> str | None:
     """Return what is missing for model.<field>.pretrained = source, or None when it is available."""
     if not source:
         return None
     if Path(source).exists():
         return None
+    packaged = _packaged_problem(source, field, backbone)
+    if packaged is not False:
+        return packaged
     if field == "vision":
         import timm
 
@@ -85,7 +106,7 @@ def launch_requirements(run_config, nproc_per_node: int, *, gpus: bool = True, n
                 and not _hub_cached(tokenizer, "vocab.txt"):
             missing.append(f"the tokenizer data.tokenizer = {tokenizer!r} (not in the Hugging Face cache)")
     for source, field in ((model.vision.pretrained, "vision"), (model.text.pretrained, "text")):
-        problem = _weights_problem(source, field)
+        problem = _weights_problem(source, field, model.vision.backbone)
         if problem:
             missing.append(problem)
     if nnodes > 1:
