@@ -15,7 +15,7 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   the schedules (lr_at_step, alpha_at_step, effective_warmup_steps), the per-sample seeds and teacher
   views of a batch (sample_seeds, teacher_batch_inputs), the logs (read_jsonl; their figures smooth,
   plot_loss_curves, plot_series, from codis_lib.viz) and the full-recipe launcher (launch_requirements,
-  torchrun_command, run_command, plan_run; notebook 07's run: launch_run, LiveProgress, latest_step,
+  torchrun_command, run_command, plan_run; notebook 07's run: launch_run, LiveProgress, latest_step, finished_run,
   read_evaluations, recall_chance, format_recall_with_chance, format_main_run_comparison);
 - evaluate: evaluate_retrieval and its parts (dataset_features, evaluate_features, the ITM re-rankers,
   ranks_of_best_match, retrieval_metrics), retrieval_split_dataset, retrieval_split_file, split_title,
@@ -82,6 +82,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "plan_run": ("codis_lib.train.launch", "plan_run"),
     "RunPlan": ("codis_lib.train.launch", "RunPlan"),
     "latest_step": ("codis_lib.train.full_run", "latest_step"),
+    "finished_run": ("codis_lib.train.full_run", "finished_run"),
     "LiveProgress": ("codis_lib.train.full_run", "LiveProgress"),
     "launch_run": ("codis_lib.train.full_run", "launch_run"),
     "LaunchOutcome": ("codis_lib.train.full_run", "LaunchOutcome"),

