@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 FIGURE_DIR = ROOT / "docs" / "figures"  # the tracked figures; only this command writes here
 RUN_RECORD = "notebook_run.json"  # codis_lib.course.RUN_RECORD (read here without importing torch)
-WITH_FIGURES = ("01", "02", "03", "04", "05", "06")  # 07 draws none
+WITH_FIGURES = ("01", "02", "03", "04", "05", "06")  # 07 draws only its run's loss curves, which no page shows
 MAIN_CHECKPOINT = "runs/pretrain_emoji/checkpoint_final.pt"  # README command 1
 
 
