@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from codis_lib.cli_args import OneLineParser
 from codis_lib.data.albef_json import AnnotationError, load_json_list, outside_root, pre_caption, resolve_image_path
 from codis_lib.data.check_outputs import cache_location, check_writable, refuse_overwriting_inputs
 from codis_lib.data.image_check import (CHECKER_VERSION, IMAGE_REASONS, ImageCheckStats, check_image_files,
@@ -337,7 +338,7 @@ def describe_data_checks(checks: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------ command line
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="codis-check-data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Check an ALBEF annotation JSON and its images (missing, undecodable, truncated, unsupported "
                     "mode, duplicate, empty or over-long caption, path outside the image root); write the cleaned "

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from codis_lib.cli_args import OneLineParser
 from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset, split_description
 
 __all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "protocol_check", "eval_main"]
@@ -166,7 +167,7 @@ def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="codis-eval", description="Image-text retrieval with ALBEF's protocol: contrastive ranking of all "
         "candidates, then ITM re-ranking of each query's top k. Prints TR/IR R@1/5/10 in the poster's layout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -22,19 +22,13 @@ import os
 import sys
 import time
 
+from codis_lib.cli_args import OneLineParser
 from codis_lib.typed_config import ConfigError
 
 # What bad input raises, all the way down: config errors and every file, record, checkpoint or folder
 # problem (ConfigError, AnnotationError, CheckpointMismatchError, CheckpointReadError and UnicodeDecodeError
 # are ValueErrors; FileNotFoundError, PermissionError, RunFolderLockedError, CheckpointWriteError OSErrors).
 INPUT_ERRORS = (ValueError, OSError)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (exit status 2), like every other input error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _step_number(text: str) -> int:
@@ -49,7 +43,7 @@ def _step_number(text: str) -> int:
 
 
 def _parser(prog: str, default_config: str, what: str) -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog, description=what,
         epilog="Configs: codis_lib/configs/ (pretrain_emoji, pretrain_4m, finetune_emoji, finetune_coco, "
                "finetune_flickr). Multi-GPU: torchrun --nproc_per_node N -m codis_lib.train.cli "
