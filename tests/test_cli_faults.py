@@ -42,3 +42,91 @@ def test_a_missing_positional_argument_is_one_line_too(capsys):
     with pytest.raises(SystemExit) as stopped:
         check_main([])
     assert "annotation" in _one_line_exit_2(stopped.value.code, capsys)
+
+
+# ---------------------------------------------------------------------------------------------- SIGTERM
+def _terminate_self_then(function):
+    """Return `function` wrapped to send this process SIGTERM first (the handler of the phase answers it)."""
+    import os
+    import signal
+
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def _pretrain(overrides, *flags) -> int:
+    from codis_lib.train.cli import pretrain_main
+
+    return pretrain_main([item for value in overrides for item in ("--set", value)] + list(flags))
+
+
+def test_sigterm_before_the_trainer_starts_is_one_line_and_exit_143(tmp_path, capsys, monkeypatch):
+    import codis_lib.run_config as run_config
+    from tests.helpers import tiny_run_overrides
+
+    monkeypatch.setattr(run_config, "load_run_config", _terminate_self_then(run_config.load_run_config))
+    assert _pretrain(tiny_run_overrides(tmp_path / "run", 2)) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SIGTERM before the first training step" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_setup_stops_at_once_and_releases_the_lock(tmp_path, capsys, monkeypatch):
+    import codis_lib.train.engine as engine
+    from tests.helpers import tiny_run_overrides
+
+    monkeypatch.setattr(engine, "build_training_run", _terminate_self_then(engine.build_training_run))
+    assert _pretrain(tiny_run_overrides(tmp_path / "run", 2)) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM before the first training step" in err.splitlines()[-1]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no lock, no checkpoint
+
+
+def test_sigterm_during_the_final_evaluation_skips_it_and_says_the_checkpoint_is_saved(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import codis_lib.train.engine as engine
+    from codis_lib.checkpoint import load_checkpoint
+    from tests.helpers import tiny_run_overrides
+
+    monkeypatch.setattr(engine, "_report_eval_split", _terminate_self_then(engine._report_eval_split))
+    out = tmp_path / "run"
+    assert _pretrain(tiny_run_overrides(out, 2, **{"train.eval.at_end": "true"})) == 143
+    last = capsys.readouterr().err.splitlines()[-1]
+    final = out / "checkpoint_final.pt"
+    assert "SIGTERM during the final evaluation" in last and str(final) in last and "skipped" in last
+    assert load_checkpoint(final)["step"] == 2
+    assert not list(out.glob("eval_*.json")) and not (out / ".run.lock").exists()
+
+
+def test_sigterm_in_training_still_stops_politely_at_the_step_boundary(tmp_path, capsys, monkeypatch):
+    import codis_lib.train.engine as engine
+    from codis_lib.checkpoint import list_checkpoints, load_checkpoint
+    from tests.helpers import tiny_run_overrides
+
+    monkeypatch.setattr(engine, "train_step", _terminate_self_then(engine.train_step))
+    out = tmp_path / "run"
+    assert _pretrain(tiny_run_overrides(out, 4)) == 0
+    captured = capsys.readouterr()
+    assert "stopped on SIGTERM after step 1, checkpoint saved" in captured.out
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(out)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------- a full disk at start
+def test_a_full_disk_at_start_names_the_lock_file_and_leaves_no_empty_lock(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import codis_lib.train.lock as lock_module
+    from tests.helpers import tiny_run_overrides
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lock_module.os, "pwrite", full)
+    out = tmp_path / "run"
+    err = _one_line_exit_2(_pretrain(tiny_run_overrides(out, 1)), capsys)
+    assert str(out / ".run.lock") in err and "No space left on device" in err
+    assert list(out.iterdir()) == []

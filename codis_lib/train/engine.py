@@ -230,7 +230,8 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
     resume: False, True (the latest checkpoint in train.output_dir; FileNotFoundError if there is none),
     or the path of a checkpoint. stop_at_step (>= 1): save a checkpoint and return after this optimizer
     step (to split a long run over several jobs; the schedule still spans the whole run); SIGTERM does
-    the same at the next step boundary. evaluate: override train.eval.at_end. The run folder is locked
+    the same at the next step boundary (before the loop, or during the final evaluation, it raises
+    `signals.Terminated` at once). evaluate: override train.eval.at_end. The run folder is locked
     for the whole call (`codis_lib.train.lock`): a second run into a live folder is refused.
     """
     if stop_at_step is not None and stop_at_step < 1:
@@ -243,7 +244,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
     lock = None
     try:
         lock = lock_output_dir(ctx, Path(config.train.output_dir))  # before anything reads or deletes run files
-        with stop_on_signals() as stop_request:
+        with stop_on_signals(phase="setup") as stop_request:  # a SIGTERM before the loop ends the run at once
             return _train(config, ctx, resume=resume, stop_at_step=stop_at_step, evaluate=evaluate,
                           stop_request=stop_request)
     finally:
@@ -281,6 +282,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         print(f"[codis] {state.curve_check.status}", flush=True)
 
     run.model.train()
+    stop_request.enter("training")  # from here a SIGTERM waits for the step boundary and its checkpoint
     train_started = state.interval_start = time.perf_counter()
     try:
         while state.step < run.total_steps and not state.stopped_early:
@@ -296,6 +298,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     if finished:
         state.last_checkpoint = link_final_checkpoint(ctx, run.output_dir, state.last_checkpoint)
         if evaluate_at_end:
+            stop_request.enter("evaluating", state.last_checkpoint)  # a SIGTERM skips the evaluation, not the run
             evaluations = {split: _report_eval_split(run, split) for split in run.eval_splits}
             words = word_query_report(run.model, run.data.tokenizer, config, run.eval_splits, device=ctx.device)
             if ctx.is_main:
