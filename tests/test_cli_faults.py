@@ -130,3 +130,60 @@ def test_a_full_disk_at_start_names_the_lock_file_and_leaves_no_empty_lock(tmp_p
     err = _one_line_exit_2(_pretrain(tiny_run_overrides(out, 1)), capsys)
     assert str(out / ".run.lock") in err and "No space left on device" in err
     assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- links out of the root
+@pytest.fixture()
+def linked_out(tmp_path):
+    """A corpus folder whose file imgs/link.png and folder imgs/outdir are links to images outside it."""
+    import json
+    import shutil
+
+    from tests.fixtures_data.corpus import small_emoji_corpus
+
+    root, _ = small_emoji_corpus()
+    sources = sorted((root / "images").rglob("*.png"))[:6]
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside"
+    (corpus / "imgs").mkdir(parents=True)
+    outside.mkdir()
+    for index, source in enumerate(sources[:5]):
+        shutil.copyfile(source, corpus / "imgs" / f"{index}.png")
+    shutil.copyfile(sources[5], outside / "private.png")
+    (corpus / "imgs" / "link.png").symlink_to(outside / "private.png")
+    (corpus / "imgs" / "outdir").symlink_to(outside)
+    records = [{"image": f"imgs/{i}.png", "caption": f"emoji number {i}"} for i in range(5)]
+    records += [{"image": "imgs/link.png", "caption": "a file linked out"},
+                {"image": "imgs/outdir/private.png", "caption": "through a linked folder"},
+                {"image": "imgs/../imgs/0.png", "caption": "dot dot that stays inside"}]
+    (corpus / "ann.json").write_text(json.dumps(records))
+    return corpus
+
+
+def test_check_data_drops_an_image_that_a_link_leads_out_of_the_root(linked_out, tmp_path):
+    from codis_lib.data.check import check_annotations
+
+    result = check_annotations(linked_out / "ann.json", out=tmp_path / "clean.json", cache=False, progress=False)
+    dropped = {r["index"]: r for r in result.report["dropped_records"]}
+    assert sorted(dropped) == [5, 6] and {r["reason"] for r in dropped.values()} == {"outside_root"}
+    assert "leads through a link to" in dropped[5]["problem"] and "private.png" in dropped[5]["problem"]
+    assert result.report["kept"] == 6  # '..' staying inside the root is kept
+
+
+def test_check_data_keeps_a_root_that_is_itself_a_link(linked_out, tmp_path):
+    from codis_lib.data.check import check_annotations
+
+    alias = tmp_path / "alias"
+    alias.symlink_to(linked_out)
+    result = check_annotations(alias / "ann.json", out=tmp_path / "clean.json", cache=False, progress=False)
+    assert result.report["counts"]["outside_root"] == 2 and result.report["kept"] == 6
+
+
+def test_training_readers_warn_about_links_out_of_the_root_or_refuse_them(linked_out, caplog):
+    from codis_lib.data.albef_json import AnnotationError, read_pretrain_annotations
+
+    with caplog.at_level("WARNING"):
+        result = read_pretrain_annotations(linked_out / "ann.json")
+    assert len(result.records) == 8
+    assert any("2 record(s) name an image outside the image root" in m for m in caplog.messages)
+    with pytest.raises(AnnotationError, match="record 5.*leads through a link to"):
+        read_pretrain_annotations(linked_out / "ann.json", outside_root="raise")
