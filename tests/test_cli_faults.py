@@ -187,3 +187,28 @@ def test_training_readers_warn_about_links_out_of_the_root_or_refuse_them(linked
     assert any("2 record(s) name an image outside the image root" in m for m in caplog.messages)
     with pytest.raises(AnnotationError, match="record 5.*leads through a link to"):
         read_pretrain_annotations(linked_out / "ann.json", outside_root="raise")
+
+
+# ---------------------------------------------------------------------------------------------- changed images
+def test_resume_names_an_image_file_that_changed_since_the_checkpoint(tmp_path, capsys):
+    import json
+    import os
+    import shutil
+
+    from tests.fixtures_data.corpus import small_emoji_corpus
+    from tests.helpers import tiny_run_overrides
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_emoji_corpus()[0], corpus)
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(out, 3, **{"data.root": corpus})
+    assert _pretrain(overrides, "--stop-at-step", "1") == 0
+    assert (out / "image_files.npy").is_file()
+    assert _pretrain(overrides, "--resume", "--stop-at-step", "2") == 0  # nothing changed: nothing said
+    assert "image files changed" not in capsys.readouterr().err
+    image = corpus / json.loads((corpus / "pretrain.json").read_text())[5]["image"]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert _pretrain(overrides, "--resume") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "image files changed" in line]
+    assert len(warnings) == 1 and str(image) in warnings[0] and "checkpoint_00000002.pt" in warnings[0]
+    assert warnings[0].startswith("[codis] WARNING: 1 of ")

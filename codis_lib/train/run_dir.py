@@ -7,6 +7,7 @@
       checkpoint_00000076.pt   numbered checkpoints, the last `train.keep_last` kept
       checkpoint_final.pt      a hard link to (or copy of) the last one, once the run is finished
       metrics.jsonl            training and evaluation records (codis_lib.metrics_log)
+      image_files.npy          size and modification time of each image, to name a changed one on resume
       eval_new_drawings.json   the retrieval evaluation at the end, one file per split of train.eval.splits
       eval_test.json
       tensorboard/
