@@ -297,7 +297,9 @@ def _validate_values(config: RunConfig) -> None:
     for key, value in (("lr", o.lr), ("warmup_lr", o.warmup_lr), ("min_lr", o.min_lr), ("eps", o.eps),
                        ("weight_decay", o.weight_decay), ("clip_grad_norm", o.clip_grad_norm), ("temp_lr", o.temp_lr)):
         need(value is None or math.isfinite(value), f"train.optimizer.{key}", f"must be a finite number, got {value}")
-    need(o.lr > 0, "train.optimizer.lr", f"must be > 0, got {o.lr}")
+    need(o.lr > 0 or math.isnan(o.lr), "train.optimizer.lr", f"must be > 0, got {o.lr}")  # NaN: said above
+    need(bool(str(t.output_dir).strip()), "train.output_dir",
+         "is empty; give a folder for the run (an empty path would write into the current folder)")
     need(0 <= o.warmup_lr and 0 <= o.min_lr, "train.optimizer.warmup_lr",
          f"warmup_lr and min_lr must be >= 0, got {o.warmup_lr}, {o.min_lr}")
     need(o.weight_decay >= 0, "train.optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")

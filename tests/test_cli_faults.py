@@ -212,3 +212,17 @@ def test_resume_names_an_image_file_that_changed_since_the_checkpoint(tmp_path, 
     warnings = [line for line in capsys.readouterr().err.splitlines() if "image files changed" in line]
     assert len(warnings) == 1 and str(image) in warnings[0] and "checkpoint_00000002.pt" in warnings[0]
     assert warnings[0].startswith("[codis] WARNING: 1 of ")
+
+
+# ---------------------------------------------------------------------------------------------- round-3 probes
+def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    from tests.helpers import tiny_run_overrides
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine: 1\n")
+    overrides = [o for o in tiny_run_overrides(tmp_path / "unused", 1) if not o.startswith("train.output_dir=")]
+    assert _pretrain(overrides + ["train.output_dir=", "train.overwrite=true"]) == 2
+    err = capsys.readouterr().err
+    assert "train.output_dir: is empty" in err and "must be > 0" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
