@@ -226,3 +226,31 @@ def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path, capsys,
     assert "train.output_dir: is empty" in err and "must be > 0" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
     assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
+
+
+def test_the_corpus_folder_as_run_folder_is_refused_and_left_unchanged(tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    from tests.fixtures_data.corpus import small_emoji_corpus
+    from tests.helpers import tiny_run_overrides
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_emoji_corpus()[0], corpus)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in corpus.rglob("*") if p.is_file()}
+    err = _one_line_exit_2(_pretrain(tiny_run_overrides(corpus, 1, **{"data.root": corpus})), capsys)
+    assert "train.output_dir" in err and "is data.root" in err
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in corpus.rglob("*") if p.is_file()} == before
+
+
+def test_a_users_tokenizer_folder_in_the_run_folder_is_not_written_into(tmp_path, capsys):
+    from tests.helpers import tiny_run_overrides
+
+    out = tmp_path / "mine"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{\"mine\": true}")
+    err = _one_line_exit_2(_pretrain(tiny_run_overrides(out, 1)), capsys)
+    assert "tokenizer" in err and "train.overwrite=true" in err
+    assert (out / "tokenizer" / "tokenizer.json").read_text() == "{\"mine\": true}"
+    assert _pretrain(tiny_run_overrides(out, 1, **{"train.overwrite": "true"})) == 0  # told to: replaced
+    assert "mine" not in (out / "tokenizer" / "tokenizer.json").read_text()

@@ -64,8 +64,8 @@ from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_lo
 from codis_lib.train.process import RunContext, init_distributed, resolve_num_threads
 from codis_lib.train.reference import CurveCheck
 from codis_lib.train.resume import start_position
-from codis_lib.train.run_dir import (link_final_checkpoint, lock_output_dir, save_checkpoint, write_final_evaluations,
-                                     write_run_files)
+from codis_lib.train.run_dir import (link_final_checkpoint, lock_output_dir, refuse_data_folder, save_checkpoint,
+                                     write_final_evaluations, write_run_files)
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
 from codis_lib.train.setup import TrainingRun, build_training_run, describe_run, wrap_model
@@ -243,6 +243,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
         torch.set_num_threads(threads)
     lock = None
     try:
+        refuse_data_folder(Path(config.train.output_dir), config)  # not the corpus's own folder
         lock = lock_output_dir(ctx, Path(config.train.output_dir))  # before anything reads or deletes run files
         with stop_on_signals(phase="setup") as stop_request:  # a SIGTERM before the loop ends the run at once
             return _train(config, ctx, resume=resume, stop_at_step=stop_at_step, evaluate=evaluate,
