@@ -254,3 +254,21 @@ def test_a_users_tokenizer_folder_in_the_run_folder_is_not_written_into(tmp_path
     assert (out / "tokenizer" / "tokenizer.json").read_text() == "{\"mine\": true}"
     assert _pretrain(tiny_run_overrides(out, 1, **{"train.overwrite": "true"})) == 0  # told to: replaced
     assert "mine" not in (out / "tokenizer" / "tokenizer.json").read_text()
+
+
+def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training_and_a_rerun_is_not_blocked(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    import collections
+    import shutil
+
+    from tests.helpers import tiny_run_overrides
+
+    usage = collections.namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 9 * 2**20, 2**20))
+    out = tmp_path / "run"
+    err = _one_line_exit_2(_pretrain(tiny_run_overrides(out, 2)), capsys)
+    assert str(out) in err and "1.0 MiB free" in err and "a checkpoint of this model needs about" in err
+    assert not list(out.glob("checkpoint_*")) and not (out / "metrics.jsonl").exists()
+    monkeypatch.setattr(shutil, "disk_usage", real)  # space freed: the same command runs
+    assert _pretrain(tiny_run_overrides(out, 2)) == 0

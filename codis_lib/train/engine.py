@@ -64,8 +64,8 @@ from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_lo
 from codis_lib.train.process import RunContext, init_distributed, resolve_num_threads
 from codis_lib.train.reference import CurveCheck
 from codis_lib.train.resume import start_position
-from codis_lib.train.run_dir import (link_final_checkpoint, lock_output_dir, refuse_data_folder, save_checkpoint,
-                                     write_final_evaluations, write_run_files)
+from codis_lib.train.run_dir import (check_free_space, link_final_checkpoint, lock_output_dir, refuse_data_folder,
+                                     save_checkpoint, write_final_evaluations, write_run_files)
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
 from codis_lib.train.setup import TrainingRun, build_training_run, describe_run, wrap_model
@@ -268,6 +268,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         # fail now, not after training, when the corpus lacks a split's file (an optional style split: skipped)
         run.eval_splits = available_eval_splits(config, tc.eval.splits, log=_warn if ctx.is_main else None)
     start = start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
+    check_free_space(run.output_dir, run.model)  # a full disk now, not at the first checkpoint
     state = LoopState(step=start.step, epoch=start.epoch, step_in_epoch=start.step_in_epoch,
                       last_checkpoint=start.last_checkpoint, abandoned=start.abandoned)
     wrap_model(run)  # DDP, torch.compile, autocast

@@ -57,6 +57,8 @@ def save_image_stats(output_dir: Path, stats: np.ndarray) -> None:
         with open(temporary, "wb") as handle:
             np.save(handle, stats)
         os.replace(temporary, output_dir / IMAGE_FILES_NAME)
+    except OSError as error:
+        raise OSError(f"cannot write {output_dir / IMAGE_FILES_NAME}: {error.strerror or error}") from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -36,10 +36,12 @@ from codis_lib.train.lock import RunFolderLockedError, RunLock, pid_alive
 from codis_lib.train.process import RunContext
 from codis_lib.typed_config import ConfigError
 
-__all__ = ["RUN_FILES", "refuse_data_folder", "lock_output_dir", "remove_stale_temporaries", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
+__all__ = ["RUN_FILES", "refuse_data_folder", "check_free_space", "lock_output_dir", "remove_stale_temporaries", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
            "write_final_evaluations"]
 
-RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml", "tokenizer", "image_files.npy")
+# What makes a folder an earlier run's (a fresh run refuses it, or deletes these with train.overwrite); the
+# run's image_files.npy is not among them: written first, it may be all that a run refused at start left.
+RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml", "tokenizer")
 _TEMPORARY = re.compile(r"^\.checkpoint_.*\.tmp-(\d+)$")  # save_atomic's and link_or_copy's temporary files
 
 
@@ -115,6 +117,21 @@ def claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> N
                 path.unlink()
         shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
     ctx.barrier()
+
+
+def check_free_space(output_dir: Path, model) -> None:
+    """Raise a one-line OSError when the run folder's file system cannot hold one more checkpoint (at start).
+
+    A checkpoint holds the model's state and AdamW's two moments of every trained parameter. Without this
+    a nearly full disk failed at the first checkpoint, after training up to it, or in TensorBoard's
+    writer thread (a traceback naming no file).
+    """
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need, free = state + moments, shutil.disk_usage(output_dir).free
+    if free < 1.05 * need + 2**20:
+        raise OSError(f"{output_dir}: {free / 2**20:.1f} MiB free, but a checkpoint of this model needs about "
+                      f"{need / 2**20:.0f} MiB; free some space there or pick another --output-dir")
 
 
 def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:
