@@ -272,3 +272,24 @@ def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training_and_a_rer
     assert not list(out.glob("checkpoint_*")) and not (out / "metrics.jsonl").exists()
     monkeypatch.setattr(shutil, "disk_usage", real)  # space freed: the same command runs
     assert _pretrain(tiny_run_overrides(out, 2)) == 0
+
+
+def test_ctrl_c_during_training_is_one_line_naming_the_latest_checkpoint(tmp_path, capsys, monkeypatch):
+    import codis_lib.train.engine as engine
+    from tests.helpers import tiny_run_overrides
+
+    calls = []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    real_step = engine.train_step
+    monkeypatch.setattr(engine, "train_step", step_then_interrupt)
+    out = tmp_path / "run"
+    assert _pretrain(tiny_run_overrides(out, 6, **{"train.ckpt_every": 2})) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted (Ctrl-C)" in err and str(out / "checkpoint_00000002.pt") in err
+    assert not (out / ".run.lock").exists()

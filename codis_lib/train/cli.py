@@ -12,7 +12,7 @@ dotted.key=value` changes one (the value is read as YAML: 8, 1e-4, true, null, [
 0 done (or stopped with a checkpoint by --stop-at-step or SIGTERM), 1 training stopped on a non-finite
 loss, gradient or state, 2 bad configuration or input (one line on stderr naming the file, record, key
 or argument: config errors, missing or unreadable files, a run folder in use or not writable, a full
-disk), 143 SIGTERM outside training (before the first step, or during the final evaluation, which is
+disk), 130 interrupted by Ctrl-C (one line naming the latest checkpoint), 143 SIGTERM outside training (before the first step, or during the final evaluation, which is
 then skipped: one line says what was saved; `codis_lib.train.signals`). Anything else is a bug and
 keeps its traceback.
 """
@@ -119,6 +119,13 @@ def _run_parsed(args: argparse.Namespace, request, *, prog: str) -> int:
     except INPUT_ERRORS as error:
         print(f"{prog}: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: at once, not at the step boundary as SIGTERM; checkpoints are atomic
+        from codis_lib.checkpoint import find_latest_checkpoint
+
+        latest = find_latest_checkpoint(config.train.output_dir)
+        print(f"{prog}: interrupted (Ctrl-C); " + (f"the latest checkpoint is {latest} (continue with --resume)"
+                                                   if latest else "no checkpoint was written"), file=sys.stderr)
+        return 130
     request.phase = "report"
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now; torchrun's RANK is not
         wall = time.perf_counter() - started
