@@ -293,3 +293,26 @@ def test_ctrl_c_during_training_is_one_line_naming_the_latest_checkpoint(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted (Ctrl-C)" in err and str(out / "checkpoint_00000002.pt") in err
     assert not (out / ".run.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- codis-eval --json
+@pytest.mark.parametrize("target", ["checkpoint", "config.yaml", "tokenizer/tokenizer.json", "link"])
+def test_codis_eval_json_never_overwrites_what_it_reads(target, tmp_path, capsys):
+    import hashlib
+
+    from codis_lib.evaluation.cli import eval_main
+    from tests.helpers import tiny_run_overrides
+
+    out = tmp_path / "run"
+    assert _pretrain(tiny_run_overrides(out, 1)) == 0
+    capsys.readouterr()
+    checkpoint = out / "checkpoint_final.pt"
+    if target == "link":
+        (tmp_path / "result.json").symlink_to(checkpoint)
+        json_path = tmp_path / "result.json"
+    else:
+        json_path = checkpoint if target == "checkpoint" else out / target
+    before = hashlib.sha256(json_path.read_bytes()).hexdigest()
+    err = _one_line_exit_2(eval_main([str(checkpoint), "--split", "test", "--json", str(json_path)]), capsys)
+    assert "--json" in err and "overwritten" in err
+    assert hashlib.sha256(json_path.read_bytes()).hexdigest() == before
