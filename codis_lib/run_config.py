@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from codis_lib.config import CONFIG_DIR, ModelConfig, config_from_dict
-from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml_mapping
+from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml_mapping, yaml_problem
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
@@ -367,7 +367,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         try:
             parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from error
+            raise ConfigError(f"override {item!r}: the value is not valid YAML{yaml_problem(error)}") from None
     return parsed
 
 

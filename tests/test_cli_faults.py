@@ -316,3 +316,30 @@ def test_codis_eval_json_never_overwrites_what_it_reads(target, tmp_path, capsys
     err = _one_line_exit_2(eval_main([str(checkpoint), "--split", "test", "--json", str(json_path)]), capsys)
     assert "--json" in err and "overwritten" in err
     assert hashlib.sha256(json_path.read_bytes()).hexdigest() == before
+
+
+def test_a_python_tag_in_a_set_value_is_one_line_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    status = _pretrain([f'train.seed=!!python/object/apply:os.system ["touch {marker}"]'])
+    err = _one_line_exit_2(status, capsys)
+    assert "train.seed" in err and "not valid YAML at line 1" in err and not marker.exists()
+
+
+def test_a_raw_pickle_as_init_from_is_one_line_without_torchs_warning(tmp_path, capsys, recwarn):
+    import os
+    import pickle
+
+    from tests.helpers import tiny_run_overrides
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil()}, protocol=4))
+    status = _pretrain(tiny_run_overrides(tmp_path / "run", 1, **{"train.init_from": evil}))
+    err = _one_line_exit_2(status, capsys)
+    assert str(evil) in err and not marker.exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # printed on stderr outside pytest
