@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from codis_lib.config import CONFIG_DIR, ModelConfig, config_from_dict
-from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml_mapping
+from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml_mapping, yaml_problem
 
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
@@ -297,7 +297,9 @@ def _validate_values(config: RunConfig) -> None:
     for key, value in (("lr", o.lr), ("warmup_lr", o.warmup_lr), ("min_lr", o.min_lr), ("eps", o.eps),
                        ("weight_decay", o.weight_decay), ("clip_grad_norm", o.clip_grad_norm), ("temp_lr", o.temp_lr)):
         need(value is None or math.isfinite(value), f"train.optimizer.{key}", f"must be a finite number, got {value}")
-    need(o.lr > 0, "train.optimizer.lr", f"must be > 0, got {o.lr}")
+    need(o.lr > 0 or math.isnan(o.lr), "train.optimizer.lr", f"must be > 0, got {o.lr}")  # NaN: said above
+    need(bool(str(t.output_dir).strip()), "train.output_dir",
+         "is empty; give a folder for the run (an empty path would write into the current folder)")
     need(0 <= o.warmup_lr and 0 <= o.min_lr, "train.optimizer.warmup_lr",
          f"warmup_lr and min_lr must be >= 0, got {o.warmup_lr}, {o.min_lr}")
     need(o.weight_decay >= 0, "train.optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -365,7 +367,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         try:
             parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from error
+            raise ConfigError(f"override {item!r}: the value is not valid YAML{yaml_problem(error)}") from None
     return parsed
 
 

@@ -27,7 +27,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "read_yaml", "read_yaml_mapping", "deep_merge", "build_dataclass", "check_type"]
+__all__ = ["ConfigError", "read_yaml", "read_yaml_mapping", "yaml_problem", "deep_merge", "build_dataclass",
+           "check_type"]
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,7 @@ def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML{_yaml_position(error)}") from error
+        raise ConfigError(f"{path}: not valid YAML{yaml_problem(error)}") from error
 
 
 def read_yaml_mapping(path: Path) -> dict:
@@ -57,7 +58,7 @@ def read_yaml_mapping(path: Path) -> dict:
     return dict(data)
 
 
-def _yaml_position(error: yaml.YAMLError) -> str:
+def yaml_problem(error: yaml.YAMLError) -> str:
     """Return " at line L, column C: what went wrong" (1-based) for a PyYAML error, in one line."""
     mark = getattr(error, "problem_mark", None)
     problem = " ".join(str(getattr(error, "problem", None) or error).split())

@@ -18,7 +18,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "codis_lib"
 LAYERS = {  # module-name prefix -> layer; the longest matching prefix wins
     "codis_lib.typed_config": 0, "codis_lib.config": 0, "codis_lib.run_config": 0, "codis_lib.metrics_log": 0,
-    "codis_lib.distributed": 0,
+    "codis_lib.distributed": 0, "codis_lib.cli_args": 0,
     "codis_lib.data": 1, "codis_lib.ot": 2, "codis_lib.objectives": 3, "codis_lib.codebook": 4,
     "codis_lib.model": 5, "codis_lib.checkpoint": 6, "codis_lib.evaluation": 7, "codis_lib.viz": 8,
     "codis_lib.train": 9, "codis_lib.course": 10, "codis_lib": 11,

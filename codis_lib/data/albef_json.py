@@ -14,11 +14,12 @@ The same readers serve COCO / Flickr30K / the 4M pretraining lists and the emoji
 not a JSON list, a record without ``image`` or ``caption``, an empty caption, or a missing or
 unreadable image raises :class:`AnnotationError` naming the file and the record index; with
 ``on_error="skip"`` the bad records are dropped and counted (in the log and in ``.skipped``).
-A record whose image lies outside the image root is named in a warning (or refused with
-``outside_root="raise"``).
+A record whose image lies outside the image root (an absolute path elsewhere, ``..`` climbing out, or a
+symbolic link leading out) is named in a warning (or refused with ``outside_root="raise"``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -151,20 +152,44 @@ def resolve_image_path(image: str, image_root: str | os.PathLike | None, annotat
 
 def outside_root(image: str, resolved: str, image_root: str | os.PathLike | None,
                  annotation_file: str | os.PathLike) -> str | None:
-    """Return the image root when the record's ``image`` leads outside it (an absolute path elsewhere, or ``..``), else None.
+    """Return the image root when the record's ``image`` leads outside it, else None.
 
-    The root is ``image_root``, or the annotation file's folder when it is None. Paths are compared
-    after ``os.path.abspath`` (not resolving symlinks: a corpus folder may be a link).
+    Outside: an absolute path elsewhere, ``..`` climbing out, or a path inside whose file or folder is a
+    symbolic link to a place outside the root (links followed, `real_image_path`). The root is
+    ``image_root``, or the annotation file's folder when it is None; it may itself be a link (it is
+    compared by its real path too). ``..`` that stays inside the root is fine.
     """
     root = os.path.abspath(Path(annotation_file).parent if image_root is None else Path(image_root))
     target = os.path.abspath(resolved)
-    if not os.path.isabs(image) and ".." not in Path(image).parts:
-        return None
+    if (os.path.isabs(image) or ".." in Path(image).parts) and not _within(root, target):
+        return root
+    return None if _within(_real_folder(root), real_image_path(target)) else root
+
+
+def describe_outside(image: str, resolved: str, root: str) -> str:
+    """Return the words for a record whose image `outside_root` found outside ``root``."""
+    target = os.path.abspath(resolved)
+    if _within(root, target):  # inside by its name: a link leads out
+        return f"image {image!r} leads through a link to {real_image_path(target)}, outside the image root {root}"
+    return f"image {image!r} is outside the image root {root}"
+
+
+def real_image_path(path: str) -> str:
+    """Return where ``path`` really leads, links followed: one cached realpath per folder and one lstat per file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.realpath(path) if os.path.islink(path) else os.path.join(_real_folder(folder), name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def _within(root: str, target: str) -> bool:
     try:
-        inside = os.path.commonpath([root, target]) == root
+        return os.path.commonpath([root, target]) == root
     except ValueError:  # different drives
-        inside = False
-    return None if inside else root
+        return False
 
 
 def check_image(path: str, how: str) -> str | None:
@@ -291,7 +316,7 @@ class _Reader:
         root = None if self.outside_root == "allow" else outside_root(image, resolved, image_root, path)
         if root is not None:
             if self.outside_root == "raise":
-                raise AnnotationError(path, index, f"image {image!r} is outside the image root {root} "
+                raise AnnotationError(path, index, f"{describe_outside(image, resolved, root)} "
                                                    f"(outside_root='raise')")
             entry = self.outside.setdefault(path, [0, index, image, root])
             entry[0] += 1
@@ -333,8 +358,8 @@ def read_pretrain_annotations(
     ``check_images``: "verify" parses every image file (catches truncated or non-image files;
     about 0.1 ms per small image), "exists" only checks the file is there (use it for the 4M
     lists), "none" checks nothing here (a bad file then fails when it is decoded). ``outside_root``:
-    a record whose image lies outside the image root (an absolute path elsewhere, or ``..``) is
-    counted in one warning line per file naming the first such record ("warn"), refused with an
+    a record whose image lies outside the image root (an absolute path elsewhere, ``..``, or a link
+    leading out) is counted in one warning line per file naming the first such record ("warn"), refused with an
     AnnotationError ("raise"), or accepted silently ("allow", e.g. ALBEF's absolute 4M lists).
     """
     reader = _Reader("pretrain", on_error, check_images, outside_root)

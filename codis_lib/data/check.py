@@ -9,8 +9,10 @@ is not JSON, not a list, or has a record without ``image`` / ``caption`` (or, in
 file, without ``image_id``) is bad input: one-line error naming the file and record, exit 2. Every other
 problem drops the record, for one reason, checked in this order:
 
-- ``outside_root``: the image path is absolute outside the image root, or climbs out of it with ``..``
-  (kept, and its image checked, with ``--allow-outside-root``: ALBEF's 4M lists use absolute paths);
+- ``outside_root``: the image path is absolute outside the image root, climbs out of it with ``..``, or
+  is a symbolic link (or lies in a linked folder) leading outside the root's real folder (kept, and its
+  image checked, with ``--allow-outside-root``: ALBEF's 4M lists use absolute paths; a corpus whose
+  images live in a linked folder elsewhere is checked with ``--image-root`` set to that folder);
 - ``bad_caption``: a caption that is not a string or a list of strings (a number, ``null``, a list holding one);
 - ``empty_caption``: a caption (any caption of a list; or an empty list) that is empty after ALBEF's
   cleaning (`pre_caption`): empty, whitespace only, or only the punctuation it deletes;
@@ -52,7 +54,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from codis_lib.data.albef_json import AnnotationError, load_json_list, outside_root, pre_caption, resolve_image_path
+from codis_lib.cli_args import OneLineParser
+from codis_lib.data.albef_json import (AnnotationError, describe_outside, load_json_list, outside_root, pre_caption,
+                                      resolve_image_path)
 from codis_lib.data.check_outputs import cache_location, check_writable, refuse_overwriting_inputs
 from codis_lib.data.image_check import (CHECKER_VERSION, IMAGE_REASONS, ImageCheckStats, check_image_files,
                                         default_workers)
@@ -178,7 +182,7 @@ def _find_defects(path: str, data: list, image_root, resolved: list[str], *, max
     for index, record in enumerate(data):
         root = outside_root(record["image"], resolved[index], image_root, path)
         if root is not None and not allow_outside_root:
-            dropped[index] = ("outside_root", f"image {record['image']!r} is outside the image root {root}")
+            dropped[index] = ("outside_root", describe_outside(record["image"], resolved[index], root))
         elif (problem := _text_problem(record["caption"], max_words, max_chars)) is not None:
             dropped[index] = problem
     images, stats = check_image_files([resolved[i] for i in range(len(data)) if i not in dropped], cache=cache,
@@ -337,7 +341,7 @@ def describe_data_checks(checks: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------ command line
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="codis-check-data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Check an ALBEF annotation JSON and its images (missing, undecodable, truncated, unsupported "
                     "mode, duplicate, empty or over-long caption, path outside the image root); write the cleaned "

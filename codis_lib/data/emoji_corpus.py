@@ -32,7 +32,6 @@ from here too.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from codis_lib.cli_args import OneLineParser
 from codis_lib.data.albef_json import pre_caption
 from codis_lib.data.emoji_captions import caption_name, captions_for, corpus_captions
 from codis_lib.data.emoji_concepts import (
@@ -277,7 +277,7 @@ def build_emoji_corpus(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point of ``codis-build-emoji``; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="codis-build-emoji",
         description="Render the offline emoji image-text corpus (Twemoji + OpenMoji art, Unicode CLDR names) "
                     "in ALBEF's JSON formats, with splits by base concept and a WordPiece tokenizer.",

@@ -33,9 +33,11 @@ from typing import Sequence
 
 import torch
 
+from codis_lib.cli_args import OneLineParser
 from codis_lib.evaluation.report import format_evaluation_table, retrieval_split_dataset, split_description
 
-__all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "protocol_check", "eval_main"]
+__all__ = ["run_evaluation", "run_split_evaluations", "load_dataset", "protocol_check", "refuse_output_over_inputs",
+           "eval_main"]
 
 ALBEF_TOKENIZER = "bert-base-uncased"  # ALBEF checkpoints' tokenizer when --tokenizer is not given
 
@@ -166,7 +168,7 @@ def run_split_evaluations(checkpoint: str | os.PathLike, *, splits: Sequence[str
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="codis-eval", description="Image-text retrieval with ALBEF's protocol: contrastive ranking of all "
         "candidates, then ITM re-ranking of each query's top k. Prints TR/IR R@1/5/10 in the poster's layout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -297,6 +299,27 @@ def _evaluations(args: argparse.Namespace) -> tuple[dict[str, dict] | None, dict
         image_root=args.image_root, image_size=args.image_size, allow_download=args.allow_download == "yes", **protocol)
 
 
+def refuse_output_over_inputs(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError when --json (links followed) is a file the evaluation reads.
+
+    The inputs: the checkpoint and what its run folder holds beside it (config.yaml, tokenizer/), the
+    ALBEF checkpoint and configs, the annotation file, a tokenizer folder given with --tokenizer.
+    """
+    named = {"the checkpoint": args.checkpoint, "--albef-checkpoint": args.albef_checkpoint,
+             "--albef-config": args.albef_config, "--bert-config": args.bert_config, "--annotation": args.annotation}
+    output = os.path.realpath(args.json)
+    for what, path in named.items():
+        if path and os.path.realpath(path) == output:
+            raise ValueError(f"--json {args.json}: is {what} ({path}); it would be overwritten; give another file")
+    folders = [Path(args.checkpoint).parent / "tokenizer"] if args.checkpoint else []
+    folders += [Path(args.tokenizer)] if args.tokenizer and Path(args.tokenizer).is_dir() else []
+    beside = [Path(args.checkpoint).parent / "config.yaml"] if args.checkpoint else []
+    if any(os.path.realpath(p) == output for p in beside) or any(
+            os.path.commonpath([os.path.realpath(f), output]) == os.path.realpath(f) for f in folders):
+        raise ValueError(f"--json {args.json}: is a file of the checkpoint's run folder or tokenizer the evaluation "
+                         f"reads; it would be overwritten; give another file")
+
+
 def check_writable(path: str | os.PathLike, what: str = "--json") -> Path:
     """Return ``path`` after making sure a file can be written there (its folder created); raise ValueError if not.
 
@@ -368,6 +391,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     created_group = False
     try:
         if args.json:
+            refuse_output_over_inputs(args)
             check_writable(args.json)
         issues = protocol_check(args)
         if os.environ.get("RANK", "0") == "0":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -130,7 +131,10 @@ def read_weights(path: str | os.PathLike, what: str = "weights file", *, map_loc
         return _read_safetensors(path, prefix)
     status = verify_digest(path, what) if verify else "not asked"
     try:
-        stored = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch's remark on a raw pickle's protocol: the one line below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            stored = torch.load(path, map_location=map_location, weights_only=True,
+                                mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # noqa: BLE001 - torch.load and pickle raise many kinds for a bad file
         reason = _load_failure(path, error, noun)
         raise WeightsFileError(f"{prefix}: {reason}", reason) from error

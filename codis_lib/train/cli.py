@@ -12,7 +12,9 @@ dotted.key=value` changes one (the value is read as YAML: 8, 1e-4, true, null, [
 0 done (or stopped with a checkpoint by --stop-at-step or SIGTERM), 1 training stopped on a non-finite
 loss, gradient or state, 2 bad configuration or input (one line on stderr naming the file, record, key
 or argument: config errors, missing or unreadable files, a run folder in use or not writable, a full
-disk). Anything else is a bug and keeps its traceback.
+disk), 130 interrupted by Ctrl-C (one line naming the latest checkpoint), 143 SIGTERM outside training (before the first step, or during the final evaluation, which is
+then skipped: one line says what was saved; `codis_lib.train.signals`). Anything else is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
@@ -22,19 +24,13 @@ import os
 import sys
 import time
 
+from codis_lib.cli_args import OneLineParser
 from codis_lib.typed_config import ConfigError
 
 # What bad input raises, all the way down: config errors and every file, record, checkpoint or folder
 # problem (ConfigError, AnnotationError, CheckpointMismatchError, CheckpointReadError and UnicodeDecodeError
 # are ValueErrors; FileNotFoundError, PermissionError, RunFolderLockedError, CheckpointWriteError OSErrors).
 INPUT_ERRORS = (ValueError, OSError)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (exit status 2), like every other input error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _step_number(text: str) -> int:
@@ -49,7 +45,7 @@ def _step_number(text: str) -> int:
 
 
 def _parser(prog: str, default_config: str, what: str) -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog, description=what,
         epilog="Configs: codis_lib/configs/ (pretrain_emoji, pretrain_4m, finetune_emoji, finetune_coco, "
                "finetune_flickr). Multi-GPU: torchrun --nproc_per_node N -m codis_lib.train.cli "
@@ -73,6 +69,28 @@ def _parser(prog: str, default_config: str, what: str) -> argparse.ArgumentParse
 
 def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -> int:
     args = _parser(prog, default_config, what).parse_args(argv)
+    from codis_lib.train.signals import Terminated, stop_on_signals
+
+    try:
+        with stop_on_signals(phase="start") as request:  # before torch is imported: no SIGTERM goes unanswered
+            return _run_parsed(args, request, prog=prog)
+    except Terminated as stopped:
+        print(f"{prog}: {_terminated_line(stopped)}", file=sys.stderr, flush=True)
+        return 143  # 128 + SIGTERM, as the shell reports a process it ended
+
+
+def _terminated_line(stopped) -> str:
+    """Return the one line saying what a SIGTERM outside training stopped, and what was saved."""
+    if stopped.phase == "evaluating":
+        return (f"{stopped.signal} during the final evaluation: training finished and {stopped.checkpoint} is saved; "
+                f"the evaluation was skipped (evaluate it with: codis-eval {stopped.checkpoint})")
+    if stopped.phase == "report":
+        return f"{stopped.signal} while printing the results: training had ended and its checkpoint and logs are written"
+    return (f"{stopped.signal} before the first training step: stopped, no step trained and no checkpoint written by "
+            f"this command (start it again, or --resume where the folder holds a checkpoint)")
+
+
+def _run_parsed(args: argparse.Namespace, request, *, prog: str) -> int:
     from codis_lib.run_config import load_run_config
 
     overrides = list(args.overrides)
@@ -101,6 +119,14 @@ def _run(argv: list[str] | None, *, prog: str, default_config: str, what: str) -
     except INPUT_ERRORS as error:
         print(f"{prog}: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: at once, not at the step boundary as SIGTERM; checkpoints are atomic
+        from codis_lib.checkpoint import find_latest_checkpoint
+
+        latest = find_latest_checkpoint(config.train.output_dir)
+        print(f"{prog}: interrupted (Ctrl-C); " + (f"the latest checkpoint is {latest} (continue with --resume)"
+                                                   if latest else "no checkpoint was written"), file=sys.stderr)
+        return 130
+    request.phase = "report"
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now; torchrun's RANK is not
         wall = time.perf_counter() - started
         by = f" on {result.stopped_by}" if result.stopped_by not in (None, "stop_at_step") else ""

@@ -10,7 +10,8 @@ schedule length or learning rate bends the curve mid-run. So each checkpoint sto
      "train_files": [{"name": "pretrain.json", "path": "/.../pretrain.json", "bytes": 123, "sha256": "..."}],
      "schedule": {"total_steps": 9120, "warmup_steps": 912, "lr": 1e-4, "warmup_lr": 1e-5, "min_lr": 1e-5}}
 
-and a resume whose values differ is refused in one line that names each changed value (old -> new)
+(and the digest of the image files' sizes and modification times, `codis_lib.train.image_files`, which a
+resume only warns about) and a resume whose values differ is refused in one line that names each changed value (old -> new)
 and how to start a new run from these weights instead (`train.init_from`). The number of processes
 is free to change (the global batch is what counts; see docs/BATCH.md), and so is the path of a data
 file whose content is unchanged (a moved corpus). Checkpoints written before this record resume with
@@ -40,9 +41,16 @@ def _file_identity(path: str) -> dict[str, Any]:
 
 
 def data_order_record(run) -> dict[str, Any]:
-    """Return the data-order record of a `TrainingRun` (see the module docstring), for its checkpoints."""
+    """Return the data-order record of a `TrainingRun` (see the module docstring), for its checkpoints.
+
+    Measures the image files as it goes (`run.image_stats`; `codis_lib.train.image_files`): their digest is
+    recorded too, but only warned about on resume, not refused.
+    """
+    from codis_lib.train.image_files import image_file_stats, image_paths, images_record  # noqa: PLC0415
+
     tc, schedule = run.config.train, run.schedule
-    return {"global_batch": tc.batch_size * run.ctx.world_size, "grad_accum_steps": tc.grad_accum_steps,
+    run.image_stats = image_file_stats(image_paths(run.data.dataset))
+    return {"images": images_record(run.image_stats),"global_batch": tc.batch_size * run.ctx.world_size, "grad_accum_steps": tc.grad_accum_steps,
             "seed": tc.seed, "task": tc.task, "records": len(run.data.dataset),
             "train_files": [_file_identity(path) for path in run.data.files],
             "schedule": {"total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,

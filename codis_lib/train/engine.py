@@ -64,8 +64,8 @@ from codis_lib.train.guards import NonFiniteLossError, check_gradients, check_lo
 from codis_lib.train.process import RunContext, init_distributed, resolve_num_threads
 from codis_lib.train.reference import CurveCheck
 from codis_lib.train.resume import start_position
-from codis_lib.train.run_dir import (link_final_checkpoint, lock_output_dir, save_checkpoint, write_final_evaluations,
-                                     write_run_files)
+from codis_lib.train.run_dir import (check_free_space, link_final_checkpoint, lock_output_dir, refuse_data_folder,
+                                     save_checkpoint, write_final_evaluations, write_run_files)
 from codis_lib.train.sampler import sample_seeds
 from codis_lib.train.schedule import alpha_at_step
 from codis_lib.train.setup import TrainingRun, build_training_run, describe_run, wrap_model
@@ -230,7 +230,8 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
     resume: False, True (the latest checkpoint in train.output_dir; FileNotFoundError if there is none),
     or the path of a checkpoint. stop_at_step (>= 1): save a checkpoint and return after this optimizer
     step (to split a long run over several jobs; the schedule still spans the whole run); SIGTERM does
-    the same at the next step boundary. evaluate: override train.eval.at_end. The run folder is locked
+    the same at the next step boundary (before the loop, or during the final evaluation, it raises
+    `signals.Terminated` at once). evaluate: override train.eval.at_end. The run folder is locked
     for the whole call (`codis_lib.train.lock`): a second run into a live folder is refused.
     """
     if stop_at_step is not None and stop_at_step < 1:
@@ -242,8 +243,9 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike = False, stop_a
         torch.set_num_threads(threads)
     lock = None
     try:
+        refuse_data_folder(Path(config.train.output_dir), config)  # not the corpus's own folder
         lock = lock_output_dir(ctx, Path(config.train.output_dir))  # before anything reads or deletes run files
-        with stop_on_signals() as stop_request:
+        with stop_on_signals(phase="setup") as stop_request:  # a SIGTERM before the loop ends the run at once
             return _train(config, ctx, resume=resume, stop_at_step=stop_at_step, evaluate=evaluate,
                           stop_request=stop_request)
     finally:
@@ -266,6 +268,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         # fail now, not after training, when the corpus lacks a split's file (an optional style split: skipped)
         run.eval_splits = available_eval_splits(config, tc.eval.splits, log=_warn if ctx.is_main else None)
     start = start_position(run, resume)  # a checkpoint of this run, a pretraining checkpoint, or scratch
+    check_free_space(run.output_dir, run.model)  # a full disk now, not at the first checkpoint
     state = LoopState(step=start.step, epoch=start.epoch, step_in_epoch=start.step_in_epoch,
                       last_checkpoint=start.last_checkpoint, abandoned=start.abandoned)
     wrap_model(run)  # DDP, torch.compile, autocast
@@ -281,6 +284,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
         print(f"[codis] {state.curve_check.status}", flush=True)
 
     run.model.train()
+    stop_request.enter("training")  # from here a SIGTERM waits for the step boundary and its checkpoint
     train_started = state.interval_start = time.perf_counter()
     try:
         while state.step < run.total_steps and not state.stopped_early:
@@ -296,6 +300,7 @@ def _train(config: RunConfig, ctx: RunContext, *, resume, stop_at_step, evaluate
     if finished:
         state.last_checkpoint = link_final_checkpoint(ctx, run.output_dir, state.last_checkpoint)
         if evaluate_at_end:
+            stop_request.enter("evaluating", state.last_checkpoint)  # a SIGTERM skips the evaluation, not the run
             evaluations = {split: _report_eval_split(run, split) for split in run.eval_splits}
             words = word_query_report(run.model, run.data.tokenizer, config, run.eval_splits, device=ctx.device)
             if ctx.is_main:

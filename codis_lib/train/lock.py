@@ -130,8 +130,14 @@ class RunLock:
         if owner.get("pid") is not None:
             log(f"[codis] taking over the stale lock of {self.output_dir} (pid {owner.get('pid')} on "
                 f"{owner.get('host', '?')}, since {owner.get('since', '?')}, is gone)")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({**self.record, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({**self.record, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        except OSError as error:  # a full disk or quota: no empty lock file left behind, and the file named
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise OSError(f"cannot write the run lock {self.path}: {error.strerror or error}; free some space "
+                          f"there or pick another --output-dir") from None
         self._fd = fd
         return self
 

@@ -11,7 +11,8 @@ one is refused in one line naming it and the newest intact earlier checkpoint to
 The weights it brings (resume or init_from) must be finite, or one line names the file and the tensors.
 A resumed run leaves the checkpoints newer than its start (`StartPosition.abandoned`) out of keep_last
 pruning until it overwrites them, so they never take the place of an intact checkpoint of its own.
-`--resume` wins over `train.overwrite=true`, and says so.
+`--resume` wins over `train.overwrite=true`, and says so. Image files whose size or modification time
+changed since the checkpoint get one warning line naming the first (`codis_lib.train.image_files`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from codis_lib.checkpoint import (CheckpointMismatchError, CheckpointReadError, 
                                   newest_intact_before,
                                   find_latest_checkpoint, list_checkpoints, load_checkpoint, restore_training_state)
 from codis_lib.config import ModelConfig
-from codis_lib.train.data_order import check_resume_data_order
+from codis_lib.train.data_order import DATA_ORDER_KEY, check_resume_data_order
+from codis_lib.train.image_files import image_change_warning, image_paths, save_image_stats
 from codis_lib.train.guards import non_finite_names, state_tensors
 from codis_lib.train.run_dir import claim_output_dir
 from codis_lib.train.setup import TrainingRun
@@ -62,12 +64,14 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
 
             init_from_checkpoint(run.model, tc.init_from)
             _refuse_non_finite(run, f"train.init_from: checkpoint file {tc.init_from}", "")
+        _record_image_files(run)
         return StartPosition()
     if tc.overwrite and ctx.is_main:
         print("[codis] --resume wins over train.overwrite=true: resuming, nothing deleted", flush=True)
     resume_path, checkpoint = _load_resume_checkpoint(resume_path, latest=isinstance(resume, bool), ctx=ctx)
     check_resume_data_order(checkpoint, run.data_order, resume_path,
                             log=lambda line: print(line, flush=True) if ctx.is_main else None)
+    _record_image_files(run, (checkpoint.get(DATA_ORDER_KEY) or {}).get("images"), resume_path)
     differences = model_config_differences(checkpoint["config"]["model"], run.model_config.to_dict())
     if differences:
         raise CheckpointMismatchError(f"{resume_path} was trained with another model config:\n  "
@@ -84,6 +88,17 @@ def start_position(run: TrainingRun, resume: bool | str | os.PathLike) -> StartP
         print(f"[codis] resumed from {resume_path}: step {start.step}, epoch {start.epoch}, step "
               f"{start.step_in_epoch} of the epoch", flush=True)
     return start
+
+
+def _record_image_files(run: TrainingRun, saved: dict | None = None, checkpoint: Path | None = None) -> None:
+    """Warn in one line when the image files changed since `checkpoint`; then record them in the run folder (rank 0)."""
+    if not run.ctx.is_main or run.image_stats is None:
+        return
+    if checkpoint is not None:
+        line = image_change_warning(saved, run.image_stats, image_paths(run.data.dataset), run.output_dir, checkpoint)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    save_image_stats(run.output_dir, run.image_stats)
 
 
 def _load_resume_checkpoint(path: Path, *, latest: bool, ctx) -> tuple[Path, dict]:

@@ -7,6 +7,7 @@
       checkpoint_00000076.pt   numbered checkpoints, the last `train.keep_last` kept
       checkpoint_final.pt      a hard link to (or copy of) the last one, once the run is finished
       metrics.jsonl            training and evaluation records (codis_lib.metrics_log)
+      image_files.npy          size and modification time of each image, to name a changed one on resume
       eval_new_drawings.json   the retrieval evaluation at the end, one file per split of train.eval.splits
       eval_test.json
       tensorboard/
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from collections.abc import Collection
@@ -32,11 +34,14 @@ from codis_lib.run_config import RunConfig
 from codis_lib.train.guards import check_state
 from codis_lib.train.lock import RunFolderLockedError, RunLock, pid_alive
 from codis_lib.train.process import RunContext
+from codis_lib.typed_config import ConfigError
 
-__all__ = ["RUN_FILES", "lock_output_dir", "remove_stale_temporaries", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
+__all__ = ["RUN_FILES", "refuse_data_folder", "check_free_space", "lock_output_dir", "remove_stale_temporaries", "claim_output_dir", "write_run_files", "save_checkpoint", "link_final_checkpoint",
            "write_final_evaluations"]
 
-RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml")
+# What makes a folder an earlier run's (a fresh run refuses it, or deletes these with train.overwrite); the
+# run's image_files.npy is not among them: written first, it may be all that a run refused at start left.
+RUN_FILES = ("checkpoint_*.pt", "metrics.jsonl", "eval_*.json", "config.yaml", "tokenizer")
 _TEMPORARY = re.compile(r"^\.checkpoint_.*\.tmp-(\d+)$")  # save_atomic's and link_or_copy's temporary files
 
 
@@ -76,6 +81,24 @@ def remove_stale_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
+def refuse_data_folder(output_dir: Path, config: RunConfig) -> None:
+    """Raise a one-line ConfigError when the run folder is a folder of the run's data (before anything is written).
+
+    The data's folders: the emoji corpus (data.root), the folder of each training file, data.image_root.
+    A run folder inside one of them is fine; the folder itself would mix checkpoints, config.yaml and
+    tokenizer/ with the data's own (the emoji corpus has a tokenizer/ of its own).
+    """
+    data = config.data
+    folders = [("data.root", data.root)] if data.dataset == "emoji" else []
+    folders += [(f"the folder of data.train_files {name}", str(Path(name).parent)) for name in data.train_files]
+    folders += [("data.image_root", data.image_root)] if data.image_root else []
+    real = os.path.realpath(output_dir)
+    for what, folder in folders:
+        if os.path.realpath(folder) == real:
+            raise ConfigError(f"train.output_dir {output_dir}: is {what}; the run's files (checkpoints, config.yaml, "
+                              f"tokenizer/) would mix with the data's; pick another --output-dir")
+
+
 def claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> None:
     """Make sure a fresh run does not mix with an earlier run's files in `output_dir` (deleted if `overwrite`)."""
     previous = sorted(p for pattern in RUN_FILES for p in output_dir.glob(pattern)) if output_dir.is_dir() else []
@@ -88,9 +111,27 @@ def claim_output_dir(output_dir: Path, *, overwrite: bool, ctx: RunContext) -> N
     if previous and ctx.is_main:
         print(f"[codis] train.overwrite: removing the previous run's files in {output_dir}", flush=True)
         for path in previous:
-            path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
     ctx.barrier()
+
+
+def check_free_space(output_dir: Path, model) -> None:
+    """Raise a one-line OSError when the run folder's file system cannot hold one more checkpoint (at start).
+
+    A checkpoint holds the model's state and AdamW's two moments of every trained parameter. Without this
+    a nearly full disk failed at the first checkpoint, after training up to it, or in TensorBoard's
+    writer thread (a traceback naming no file).
+    """
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need, free = state + moments, shutil.disk_usage(output_dir).free
+    if free < 1.05 * need + 2**20:
+        raise OSError(f"{output_dir}: {free / 2**20:.1f} MiB free, but a checkpoint of this model needs about "
+                      f"{need / 2**20:.0f} MiB; free some space there or pick another --output-dir")
 
 
 def write_run_files(output_dir: Path, config: RunConfig, tokenizer) -> None:

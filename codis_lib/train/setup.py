@@ -45,6 +45,7 @@ class TrainingRun:
     total_steps: int  # optimizer steps the schedule spans
     train_model: torch.nn.Module | None = None  # the model, or its DDP wrapper, once `wrap_model` ran
     data_order: dict | None = None  # what the data order and schedule depend on (`train.data_order`), checkpointed
+    image_stats: Any = None  # (size, mtime_ns) of each image file (`train.image_files`), measured with data_order
     autocast: Any = None  # the autocast context of every forward, once `wrap_model` ran
     eval_splits: list = field(default_factory=list)  # train.eval.splits less an optional one the corpus lacks
 
