@@ -13,7 +13,9 @@ from tests.helpers import tiny_run_overrides
 @pytest.mark.slow  # a pretraining run, then fine-tuning from it
 def test_load_or_train_trains_once_then_loads_and_finetuning_starts_from_it(tmp_path):
     checkpoint = tmp_path / "pretrain" / "checkpoint_final.pt"
-    overrides = [o for o in tiny_run_overrides(tmp_path / "ignored", 1) if not o.startswith("train.output_dir")]
+    # The ViT tower: what this test checks is ALBEF's resampling of position embeddings to a new image size
+    vit = ["model.vision.backbone=vit", "model.vision.pretrained=null", "model.vision.backbone_size=null"]
+    overrides = [o for o in tiny_run_overrides(tmp_path / "ignored", 1) if not o.startswith("train.output_dir")] + vit
     first = load_or_train(checkpoint, overrides=overrides, fallback_steps=2)
     assert first.trained_now and first.step == 2 and checkpoint.is_file()
     again = load_or_train(checkpoint, overrides=overrides, fallback_steps=2)
@@ -23,7 +25,8 @@ def test_load_or_train_trains_once_then_loads_and_finetuning_starts_from_it(tmp_
 
     # Fine-tune at a larger image size (ALBEF: 256 -> 384 px): position embeddings are resampled.
     finetune_overrides = tiny_run_overrides(tmp_path / "finetune", 2) + [
-        "model.vision.image_size=64", "model.losses.mlm=false", "data.max_tokens=30", f"train.init_from={checkpoint}"]
+        "model.vision.image_size=64", "model.losses.mlm=false", "data.max_tokens=30", f"train.init_from={checkpoint}",
+        *vit]
     config = load_run_config("finetune_emoji", overrides=finetune_overrides)
     assert config.train.task == "finetune"
     result = train(config)
