@@ -26,7 +26,7 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   encoder (gradcam, gradcam_by_layer, GradCAM, image_grid, normalise_map, blank_canvas, paste_scaled);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
   loop, the readable reference), Codebook, transport_assignments (T_i2p, T_t2p), loss_code (L_code),
-  codebook_losses, codebook_usage; every poster term has its file in `codis_lib.objectives`;
+  loss_ot (L_ot), codebook_losses, codebook_usage; every poster term has its file in `codis_lib.objectives`;
 - the fusion terms' pieces: hard_negative_similarities, hard_negative_weights, sample_hard_negatives,
   sample_generator, image_text_matching, mlm_loss_from_logits;
 - constants: CLIP_MEAN, CLIP_STD.
@@ -135,6 +135,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "sinkhorn_reference": ("codis_lib.ot", "sinkhorn_reference"),
     "transport_assignments": ("codis_lib.objectives.transport_plans", "transport_assignments"),
     "loss_code": ("codis_lib.objectives.code_loss", "loss_code"),
+    "loss_ot": ("codis_lib.objectives.ot_loss", "loss_ot"),
     "codebook_losses": ("codis_lib.codebook", "codebook_losses"),
     "codebook_usage": ("codis_lib.codebook", "codebook_usage"),
     # the fusion terms' pieces (notebook 04 derives L_itm and L_mlm by hand against them)
