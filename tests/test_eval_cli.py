@@ -157,3 +157,13 @@ def test_copy_teacher_to_student_needs_a_teacher():
     model = build_model(ModelConfig.preset("tiny").with_overrides({"mode": "clip"}))
     with pytest.raises(ValueError, match="clip model has no EMA teacher"):
         model.copy_teacher_to_student()
+
+
+def test_albef_export_refuses_a_model_whose_image_tower_is_not_a_vit(tmp_path):
+    corpus, _ = small_emoji_corpus()
+    config = ModelConfig.preset("tiny").with_tokenizer(load_tokenizer(corpus / "tokenizer")).with_overrides(
+        {"vision.image_size": SMALL_CORPUS_SIZE, "vision.backbone": "efficientnet_lite0"})
+    with pytest.raises(ValueError, match=r"^ALBEF's checkpoint format holds a ViT .* efficientnet_lite0 "
+                                         r"\(model\.vision\.backbone\)$"):
+        export_albef_checkpoint(build_model(config), tmp_path / "albef.pth")
+    assert not (tmp_path / "albef.pth").exists()

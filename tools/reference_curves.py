@@ -6,6 +6,9 @@
     # the start of the full 1,500-step schedule (stopped after 60 steps), plus a finished full run's log:
     python tools/reference_curves.py --config pretrain_emoji --name full_schedule --schedule full \\
         --steps 60 --seeds 0 1 --add-run runs/pretrain_emoji
+    # only finished runs of the whole schedule (e.g. three seeds of README command 1's recipe):
+    python tools/reference_curves.py --config pretrain_emoji --name full_schedule --schedule full \
+        --steps 1500 --seeds --add-run runs/seed0 --add-run runs/seed1 --add-run runs/pretrain_emoji
     # a config nobody could measure here (GPU recipes):
     python tools/reference_curves.py --config pretrain_4m --not-measured "needs 8 GPUs and the 4M corpus"
 
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="max_steps", help="curve name (one file holds several)")
     parser.add_argument("--schedule", choices=("max_steps", "full"), default="max_steps")
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="seeds to train here (none: only the --add-run folders)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides every seed's run uses (e.g. train.init_from=...)")
     parser.add_argument("--add-run", action="append", default=[], metavar="FOLDER",
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if comparable_config(saved) != comparable_config(config.to_dict()):
             parser.error(f"--add-run {folder}: its config.yaml has other settings than {args.config}")
         runs[int(saved["train"]["seed"])] = read_jsonl(folder / "metrics.jsonl")
+    if not runs:
+        parser.error("no runs: give --seeds to train or --add-run folders")
     if args.schedule == "max_steps":
         settings = curve_settings(config.with_overrides({"train.max_steps": args.steps}))
     else:

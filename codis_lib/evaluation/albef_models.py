@@ -162,8 +162,12 @@ def albef_config_of(model_config) -> dict[str, Any]:
 def export_albef_checkpoint(model, path: str | os.PathLike) -> tuple[Path, Path]:
     """Return (checkpoint path, config path) after writing `model` as an ALBEF checkpoint {'model': state_dict}.
 
-    The config (ALBEF's keys + 'bert' + 'vit') goes beside it as `<stem>.config.json`.
+    The config (ALBEF's keys + 'bert' + 'vit') goes beside it as `<stem>.config.json`. ALBEF's format holds a
+    ViT image encoder: a model with another tower (model.vision.backbone) is refused in one line.
     """
+    if model.config.vision.backbone != "vit":
+        raise ValueError(f"ALBEF's checkpoint format holds a ViT image encoder; this model's is "
+                         f"{model.config.vision.backbone} (model.vision.backbone)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
