@@ -38,6 +38,7 @@ from pathlib import Path
 from codis_lib.data.emoji_concepts import ALL_EVAL_SPLITS
 from codis_lib.data.emoji_corpus import emoji_split_file
 from codis_lib.evaluation.report import EMOJI_SPLIT_DESCRIPTIONS
+from codis_lib.model.trunk_store import TRUNK_CACHE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -95,8 +96,10 @@ def run_one(mode: str, seed: int, args, steps: int | None = None, tag: str = "")
         run_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with open(run_dir / "ablation.log", "w") as log:
+            # every run reads the frozen ImageNet trunk's maps the first one computed (codis_lib.model.trunk_store)
+            trunk_cache = os.environ.get(TRUNK_CACHE_ENV) or str(Path(args.out_dir) / "trunk_cache")
             status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", TRUNK_CACHE_ENV: trunk_cache}).returncode
         if status != 0:
             raise RuntimeError(f"{mode} seed {seed} failed (exit {status}); see {run_dir / 'ablation.log'}")
         print(f"  {mode} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)

@@ -120,3 +120,37 @@ def test_the_last_stage_gives_a_stride_32_map_and_a_bad_stage_count_is_one_line(
     for bad in (0, 8):
         with pytest.raises(ValueError, match=r"^model\.vision\.trunk_stages must be 1\.\.7 .*got " + str(bad) + "$"):
             _tokens(trunk_stages=bad)
+
+
+def test_the_teacher_reads_the_students_maps_and_the_disk_store_serves_a_later_process(tmp_path, monkeypatch):
+    from codis_lib.config import ModelConfig
+    from codis_lib.model import build_model
+    from codis_lib.model.trunk_store import TRUNK_CACHE_ENV, TrunkStore, trunk_digest
+
+    monkeypatch.setenv(TRUNK_CACHE_ENV, str(tmp_path / "store"))
+    assert not any(m.training for m in _tokens().modules() if isinstance(m, torch.nn.BatchNorm2d))  # from the start
+    config = ModelConfig.preset("tiny").with_overrides({"vision.backbone": "efficientnet_lite0", "vision.freeze_blocks": 5})
+    model = build_model(config)
+    student, teacher = model.visual_encoder, model.visual_encoder_m
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        teacher.forward_features(images)  # the teacher asks first: the maps land in the student's cache
+    assert len(student._trunk_cache) == 3 and len(teacher._trunk_cache) == 0
+    student._trunk_store.flush()
+    digest = trunk_digest([student.conv_stem, student.bn1, student.blocks], student.backbone_size, 5)
+    stored = TrunkStore(tmp_path / "store", digest).load()
+    assert set(stored) == set(student._trunk_cache)
+    for key, value in student._trunk_cache.items():
+        torch.testing.assert_close(stored[key], value, rtol=0, atol=0)
+    # a later process with the same trunk reads them instead of computing
+    later = _tokens(freeze_blocks=5)
+    later.load_state_dict(student.state_dict())
+    later.trunk = None  # computing anything would fail
+    torch.testing.assert_close(later._cached_trunk(images), student._cached_trunk(images), rtol=0, atol=0)
+    # another trunk (other weights) has another digest: it never reads these maps
+    other = _tokens(freeze_blocks=5)
+    assert trunk_digest([other.conv_stem, other.bn1, other.blocks], other.backbone_size, 5) != digest
+    # a damaged chunk is skipped with one warning naming it; the readable ones still load
+    damaged = next((tmp_path / "store" / digest).glob("chunk-*.pt"))
+    (damaged.parent / "chunk-0-bad.pt").write_bytes(b"not a chunk")
+    assert len(TrunkStore(tmp_path / "store", digest).load()) == 3

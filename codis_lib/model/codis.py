@@ -115,6 +115,8 @@ class CODIS(nn.Module):
         self.text_proj_m = copy.deepcopy(self.text_proj)
         for _, teacher in self.teacher_pairs():
             teacher.requires_grad_(False)
+        if hasattr(self.visual_encoder, "share_trunk_maps_with"):  # a frozen ImageNet trunk: one pass per image
+            self.visual_encoder.share_trunk_maps_with(self.visual_encoder_m)
 
         self.codebook = Codebook(config.codebook_size, dim, temperature=config.codebook_temperature)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from codis_lib.config import VisionConfig
 from codis_lib.data.check import file_sha256  # memoised by path, size and mtime: one read per process
 from codis_lib.model.loading import AdaptedState, LoadReport, load_state_strict
+from codis_lib.model.trunk_store import store_from_environment, trunk_digest
 from codis_lib.model.weights_file import read_weights
 
 __all__ = ["EfficientNetTokens", "load_efficientnet_lite0", "read_efficientnet_lite0", "adapt_efficientnet_lite0",
@@ -134,11 +135,14 @@ class EfficientNetTokens(nn.Module):
         self.grad_checkpointing = False
         self.cache_trunk = config.cache_trunk
         self._trunk_cache: dict[bytes, torch.Tensor] = {}
+        self._trunk_store = None  # set at the first cached call: a TrunkStore with $CODIS_TRUNK_CACHE_DIR, else False
+        object.__setattr__(self, "_trunk_source", None)  # the encoder whose maps this one reads (not a submodule)
         for module in (self.conv_stem, self.bn1, self.blocks):
             module.to(memory_format=torch.channels_last)
         for module in (self.conv_stem, self.bn1, *list(self.blocks)[:self.freeze_blocks]):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
+        self.train()  # batch norm in eval mode from the start, not only after the first .train() call
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -172,6 +176,11 @@ class EfficientNetTokens(nn.Module):
         Without augmentation a training image is the same tensor every epoch, and the teacher's trunk is
         the student's: the frozen ImageNet network then runs once per image, not twice per step.
         """
+        if self._trunk_store is None:  # first call: the weights are loaded by now
+            digest = trunk_digest([self.conv_stem, self.bn1, self.blocks], self.backbone_size, len(self.blocks))
+            self._trunk_store = store_from_environment(digest) or False
+            if self._trunk_store:  # maps other processes computed with this very trunk (codis_lib.model.trunk_store)
+                self._trunk_cache.update(self._trunk_store.load())
         keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in image.detach().cpu()]
         missing = [i for i, key in enumerate(keys) if key not in self._trunk_cache]
         if missing:
@@ -179,18 +188,30 @@ class EfficientNetTokens(nn.Module):
                 computed = self.trunk(image[missing])
             if len(self._trunk_cache) + len(missing) > _TRUNK_CACHE_LIMIT:
                 self._trunk_cache.clear()  # augmented images never repeat: stop growing
+                self._trunk_store = False
             for i, value in zip(missing, computed):
                 self._trunk_cache[keys[i]] = value
+                if self._trunk_store:
+                    self._trunk_store.add(keys[i], value)
         found = [self._trunk_cache.get(key) for key in keys]
         if any(value is None for value in found):  # cleared above: compute this batch directly
             with torch.no_grad():
                 return self.trunk(image)
         return torch.stack(found).to(image.device)
 
+    def share_trunk_maps_with(self, teacher: "EfficientNetTokens") -> None:
+        """Let the momentum teacher read this encoder's cached maps instead of computing its own.
+
+        Both trunks are frozen copies of one network (the EMA leaves them equal up to float rounding of
+        m * x + (1 - m) * x), so each new image goes through the trunk once per step, not twice.
+        """
+        if self.trunk_frozen and self.cache_trunk and teacher.trunk_frozen and teacher.cache_trunk:
+            object.__setattr__(teacher, "_trunk_source", self)
+
     def forward_features(self, image: torch.Tensor) -> torch.Tensor:
         """Return all token features (B, 1 + N, width) after the final LayerNorm (CLS first)."""
         if self.trunk_frozen and self.cache_trunk:
-            feature_map = self._cached_trunk(image)
+            feature_map = (self._trunk_source or self)._cached_trunk(image)
         elif self.trunk_frozen:
             with torch.no_grad():
                 feature_map = self.trunk(image)
