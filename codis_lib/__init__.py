@@ -103,6 +103,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "dataset_features": ("codis_lib.evaluation", "dataset_features"),
     "evaluate_features": ("codis_lib.evaluation", "evaluate_features"),
     "itm_rerank_batched": ("codis_lib.evaluation", "itm_rerank_batched"),
+    "rerank_at_depth": ("codis_lib.evaluation", "rerank_at_depth"),
     "itm_rerank_one_query_at_a_time": ("codis_lib.evaluation", "itm_rerank_one_query_at_a_time"),
     "ranks_of_best_match": ("codis_lib.evaluation", "ranks_of_best_match"),
     "retrieval_metrics": ("codis_lib.evaluation", "retrieval_metrics"),
@@ -138,6 +139,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "loss_ot": ("codis_lib.objectives.ot_loss", "loss_ot"),
     "codebook_losses": ("codis_lib.codebook", "codebook_losses"),
     "codebook_usage": ("codis_lib.codebook", "codebook_usage"),
+    "hard_code_perplexity": ("codis_lib.codebook", "hard_code_perplexity"),
+    "random_occupancy": ("codis_lib.codebook", "random_occupancy"),
     # the fusion terms' pieces (notebook 04 derives L_itm and L_mlm by hand against them)
     "hard_negative_similarities": ("codis_lib.objectives.itm", "hard_negative_similarities"),
     "hard_negative_weights": ("codis_lib.objectives.itm", "hard_negative_weights"),
