@@ -52,7 +52,8 @@ def test_rerank_at_smaller_depth_equals_reranking_there(setup):
     similarity = features.similarity_i2t()
     for k in (1, 3, K):
         direct = itm_rerank_batched(model, features, k, distributed=False)
-        torch.testing.assert_close(rerank_at_depth(similarity, deep.scores_i2t, k), direct.scores_i2t, atol=1e-5, rtol=0)
+        torch.testing.assert_close(rerank_at_depth(similarity, deep.scores_i2t, k), direct.scores_i2t,
+                                   atol=1e-5, rtol=0)
         torch.testing.assert_close(rerank_at_depth(similarity.t(), deep.scores_t2i, k), direct.scores_t2i,
                                    atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="depth below k"):
