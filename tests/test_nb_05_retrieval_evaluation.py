@@ -11,7 +11,23 @@ from tests.nbharness import notebook_path, run_notebook
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
 FULL = ("full",)
-CLAIMS: list[Claim] = []  # filled below the markdown's numbers
+# The main command's checkpoint scored on CPU: recalls to their printed digit (0.15), counts exactly.
+CLAIMS = [
+    Claim(r"tiny CODIS trains <N>M parameters", "trainable_parameters_millions", 0.005, FULL),  # the corpus's vocabulary
+    Claim(r"trunk, frozen \(<N>M parameters\)", "frozen_image_parameters_millions", 0.005),
+    Claim(r"text retrieval <N> ->", "k0_txt_r1", 0.15, FULL),
+    Claim(r"text retrieval \*\*[\d.]+\*\* -> <N>,", "k4_txt_r1", 0.15, FULL),
+    Claim(r"image retrieval <N> ->", "k0_img_r1", 0.15, FULL),
+    Claim(r"image retrieval \*\*[\d.]+\*\* -> <N>\)", "k4_img_r1", 0.15, FULL),
+    Claim(r"mean recall <N> contrastive", "k0_r_mean", 0.15, FULL),
+    Claim(r"contrastive, <N> at \$k = 16\$", "k16_r_mean", 0.15, FULL),
+    Claim(r"<N> at ALBEF's \$k = 128\$", "k128_r_mean", 0.15, FULL),
+    Claim(r"lowers it \(<N> ->", "test_itc_r_mean", 0.15, FULL),
+    Claim(r"lowers it \(\*\*[\d.]+\*\* -> <N>\)", "test_itm_r_mean", 0.15, FULL),
+    Claim(r"left paste in only <N> of", "gradcam_composite_moved", 0, FULL),
+    Claim(r"of <N> images, and the mean", "gradcam_composites", 0, FULL),
+    Claim(r"right paste is <N>:", "gradcam_composite_shift_mean", 0.01, FULL),
+]
 
 
 def test_notebook_05_retrieval_evaluation():
