@@ -22,7 +22,18 @@ def _random_occupancy_bounds(n: int, K: int) -> tuple[float, float]:
 
 
 FULL = ("full",)
-CLAIMS: list[Claim] = []  # filled below the markdown's numbers
+# The main command's checkpoint: cosines to 0.01, percentages to 0.1, code counts exactly.
+CLAIMS = [
+    Claim(r"own caption have mean cosine <N>", "own_caption_cos", 0.01, FULL),
+    Claim(r"images and of captions <N>\.", "centre_cos_images_captions", 0.01, FULL),
+    Claim(r"share their hard code <N> of the time", "new_drawings_same_code_rate_percent", 0.1, FULL),
+    Claim(r"against <N> by chance", "new_drawings_same_code_chance_percent", 0.1, FULL),
+    Claim(r"codes that no image picks: <N>,", "new_drawings_image_unused_codes", 0, FULL),
+    Claim(r"that no caption picks: <N>\.", "new_drawings_text_unused_codes", 0, FULL),
+    Claim(r"the agreement falls to <N>", "test_same_code_rate_percent", 0.1, FULL),
+    Claim(r"\(chance <N>\)", "test_same_code_chance_percent", 0.1, FULL),
+    Claim(r"no caption picks rise to <N>:", "test_text_unused_codes", 0, FULL),
+]
 
 
 def test_notebook_06_codebook_visualization():
