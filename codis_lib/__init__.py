@@ -23,7 +23,7 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   format_evaluation_table, paper_rows, format_poster_markdown, your own words against a gallery
   (rank_images_for_text, gallery_image_features, gallery_names, answering_images: the everyday-word
   benchmark's pieces, notebook 05's `query`) and word-level Grad-CAM on the fusion
-  encoder (gradcam, gradcam_by_layer, GradCAM, image_grid, normalise_map, blank_canvas, paste_scaled);
+  encoder (gradcam, gradcam_by_layer, GradCAM, content_words, image_grid, normalise_map, blank_canvas, paste_scaled);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
   loop, the readable reference), Codebook, transport_assignments (T_i2p, T_t2p), loss_code (L_code),
   loss_ot (L_ot), codebook_losses, codebook_usage; every poster term has its file in `codis_lib.objectives`;
@@ -103,6 +103,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "dataset_features": ("codis_lib.evaluation", "dataset_features"),
     "evaluate_features": ("codis_lib.evaluation", "evaluate_features"),
     "itm_rerank_batched": ("codis_lib.evaluation", "itm_rerank_batched"),
+    "rerank_at_depth": ("codis_lib.evaluation", "rerank_at_depth"),
     "itm_rerank_one_query_at_a_time": ("codis_lib.evaluation", "itm_rerank_one_query_at_a_time"),
     "ranks_of_best_match": ("codis_lib.evaluation", "ranks_of_best_match"),
     "retrieval_metrics": ("codis_lib.evaluation", "retrieval_metrics"),
@@ -123,6 +124,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "GradCAM": ("codis_lib.evaluation.gradcam", "GradCAM"),
     "gradcam": ("codis_lib.evaluation.gradcam", "gradcam"),
     "gradcam_by_layer": ("codis_lib.evaluation.gradcam", "gradcam_by_layer"),
+    "content_words": ("codis_lib.evaluation.gradcam", "content_words"),
     "image_grid": ("codis_lib.evaluation.gradcam", "image_grid"),
     "normalise_map": ("codis_lib.evaluation.gradcam", "normalise_map"),
     "blank_canvas": ("codis_lib.evaluation.gradcam", "blank_canvas"),
@@ -138,6 +140,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "loss_ot": ("codis_lib.objectives.ot_loss", "loss_ot"),
     "codebook_losses": ("codis_lib.codebook", "codebook_losses"),
     "codebook_usage": ("codis_lib.codebook", "codebook_usage"),
+    "hard_code_perplexity": ("codis_lib.codebook", "hard_code_perplexity"),
+    "random_occupancy": ("codis_lib.codebook", "random_occupancy"),
     # the fusion terms' pieces (notebook 04 derives L_itm and L_mlm by hand against them)
     "hard_negative_similarities": ("codis_lib.objectives.itm", "hard_negative_similarities"),
     "hard_negative_weights": ("codis_lib.objectives.itm", "hard_negative_weights"),

@@ -6,6 +6,8 @@
   `codis_lib.objectives`: the plans T_i2p, T_t2p (`transport_plans`), L_code (`code_loss`) and L_ot
   (`ot_loss`).
 - `codebook_usage`: perplexity and dead codes of soft assignments (plans or code probabilities).
+- `random_occupancy`: what the same hard-code statistics give for codes drawn uniformly at random (the
+  yardstick: n random throws into K codes leave about K (1 - 1/K)^n of them empty).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from codis_lib.objectives.code_loss import code_logits, loss_code
 from codis_lib.objectives.ot_loss import loss_ot
 from codis_lib.objectives.transport_plans import transport_assignments
 
-__all__ = ["Codebook", "CodebookLosses", "codebook_usage", "codebook_losses"]
+__all__ = ["Codebook", "CodebookLosses", "codebook_usage", "codebook_losses", "hard_code_perplexity",
+           "random_occupancy"]
 
 
 class Codebook(nn.Module):
@@ -81,11 +84,37 @@ def codebook_losses(codebook: Codebook, image_feat: torch.Tensor, text_feat: tor
 
 
 @torch.no_grad()
+def hard_code_perplexity(codes: torch.Tensor, num_codes: int) -> float:
+    """Return exp(entropy of the histogram of hard codes `codes` (N,) over `num_codes` codes) (0 log 0 = 0)."""
+    share = torch.bincount(codes.flatten(), minlength=num_codes).double() / codes.numel()
+    share = share[share > 0]
+    return float(torch.exp(-(share * share.log()).sum()))
+
+
+def random_occupancy(n: int, num_codes: int, draws: int = 200, seed: int = 0) -> dict[str, float]:
+    """Return the hard-code statistics of n codes drawn uniformly among `num_codes`, over `draws` seeded draws.
+
+    perplexity / perplexity_sd: mean and standard deviation of the hard-code perplexity (below K: counts
+    fluctuate); dead_codes: the exact expected number of codes nobody draws, K (1 - 1/K)^n.
+    """
+    if n < 1 or num_codes < 1 or draws < 2:
+        raise ValueError(f"random_occupancy needs n >= 1, num_codes >= 1, draws >= 2; got {n}, {num_codes}, {draws}")
+    throws = torch.randint(num_codes, (draws, n), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(draws, num_codes, dtype=torch.float64).scatter_add_(
+        1, throws, torch.ones(draws, n, dtype=torch.float64))
+    share = counts / n
+    values = torch.exp(-(share * share.clamp_min(1e-300).log()).sum(dim=1))
+    return {"perplexity": float(values.mean()), "perplexity_sd": float(values.std()),
+            "dead_codes": num_codes * (1 - 1 / num_codes) ** n}
+
+
 def codebook_usage(assignments: torch.Tensor) -> dict[str, float]:
-    """Return usage diagnostics of soft assignments (B, K): perplexity, dead and active code counts.
+    """Return usage diagnostics of soft assignments (B, K): perplexity, hard-code perplexity, dead and active codes.
 
     perplexity: exp(entropy of the mean assignment); K when every code is used equally, 1 when all
-    samples go to one code. dead_codes: codes that are the most likely code of no sample.
+    samples go to one code. It stays near K when every row is nearly uniform, however the arg-max codes
+    crowd: hard_perplexity is the same of the arg-max codes' histogram (compare it with
+    `random_occupancy(B, K)`). dead_codes: codes that are the most likely code of no sample.
     """
     if assignments.dim() != 2 or assignments.shape[0] == 0:
         raise ValueError(f"assignments must have shape (B, K) with B > 0, got {tuple(assignments.shape)}")
@@ -95,4 +124,5 @@ def codebook_usage(assignments: torch.Tensor) -> dict[str, float]:
     entropy = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
     winners = torch.bincount(probs.argmax(dim=1), minlength=probs.shape[1])
     active = int((winners > 0).sum())
-    return {"perplexity": float(torch.exp(entropy)), "dead_codes": probs.shape[1] - active, "active_codes": active}
+    return {"perplexity": float(torch.exp(entropy)), "hard_perplexity": hard_code_perplexity(probs.argmax(dim=1),
+            probs.shape[1]), "dead_codes": probs.shape[1] - active, "active_codes": active}

@@ -3,7 +3,7 @@
 The JSON-lines file is the source of truth: plain text, appendable across resumed runs, readable
 without TensorBoard (`read_jsonl`). Each training record has `step`, `epoch`, `lr`, `alpha`,
 `loss` (weighted total), `loss/<term>` for every active term, `temperature`, `pairs_per_s` and the
-codebook diagnostics (`codebook_perplexity`, `dead_codes`) when the model reports them. Evaluation
+codebook diagnostics (`codebook_perplexity`, `hard_code_perplexity`, `dead_codes`) when the model reports them. Evaluation
 records carry `"kind": "eval"` and the `split` evaluated (TensorBoard: eval/<split>/<metric>). A training file
 cleaned by `codis-check-data` adds one `"kind": "data_check"` record at the start (its manifest's path and
 sha256, and whether the file still matches it). Only rank 0 writes (`MetricsLogger`, used by the

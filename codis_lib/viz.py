@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from codis_lib.data.emoji_captions import CAPTION_STOPWORDS
 from codis_lib.metrics_log import LOSS_PREFIX, loss_terms, read_jsonl
 
 CORRECT_COLOUR = "#2ca02c"
@@ -125,9 +126,6 @@ def plot_embedding_map(points_2d: np.ndarray, kinds: Sequence[str], code_labels:
     return fig
 
 
-# Function words that would top every code's word list without saying anything about it.
-CAPTION_STOPWORDS = frozenset(
-    "a an the of and or with in on at to for from by is are its it this that as".split())
 
 
 def top_words(captions: Sequence[str], count: int = 4,

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codis_lib.codebook import Codebook, codebook_losses, codebook_usage
+from codis_lib.codebook import Codebook, codebook_losses, codebook_usage, hard_code_perplexity, random_occupancy
 from codis_lib.objectives.code_loss import code_probabilities, loss_code
 from codis_lib.objectives.ot_loss import loss_ot
 from codis_lib.objectives.transport_plans import transport_assignments
@@ -111,6 +111,25 @@ def test_usage_diagnostics():
     usage = codebook_usage(collapsed)
     assert math.isclose(usage["perplexity"], 1.0, rel_tol=1e-5) and usage["dead_codes"] == 7
     assert usage["active_codes"] == 1
+    assert usage["hard_perplexity"] == 1.0 and codebook_usage(uniform)["hard_perplexity"] > 8.0 - 1e-9
+    # nearly uniform rows: the mean assignment looks perfectly spread while every arg-max is code 0
+    flat = torch.full((8, 8), 1.0 / 8) + 1e-3 * torch.eye(8)[0]
+    usage = codebook_usage(flat)
+    assert usage["perplexity"] > 7.99 and usage["hard_perplexity"] == 1.0 and usage["dead_codes"] == 7
+
+
+def test_random_occupancy_matches_exact_values():
+    # one throw: perplexity 1 in every draw; K throws into K codes leave K (1 - 1/K)^K empty on average
+    assert random_occupancy(1, 16)["perplexity"] == 1.0 and random_occupancy(1, 16)["dead_codes"] == 15.0
+    many = random_occupancy(64, 64, draws=2000)
+    assert math.isclose(many["dead_codes"], 64 * (63 / 64) ** 64)
+    # perplexity <= occupied codes on average, and >= 1 / E[sum f^2] (Jensen), up to 4 standard errors
+    low, high = 1 / ((1 - 1 / 64) / 64 + 1 / 64), 64 - many["dead_codes"]
+    slack = 4 * many["perplexity_sd"] / 2000 ** 0.5
+    assert low - slack <= many["perplexity"] <= high + slack
+    assert hard_code_perplexity(torch.tensor([0, 1, 2, 3]), 8) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="random_occupancy"):
+        random_occupancy(0, 8)
 
 
 @pytest.mark.parametrize("call,match", [

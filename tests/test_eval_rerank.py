@@ -15,6 +15,7 @@ from codis_lib.evaluation.retrieval import (
     evaluate_retrieval,
     itm_rerank_batched,
     itm_rerank_one_query_at_a_time,
+    rerank_at_depth,
     retrieval_metrics,
 )
 from codis_lib.model import build_model
@@ -43,6 +44,20 @@ def setup(one_thread):
     features = dataset_features(model, dataset, tokenizer, image_batch_size=8, text_batch_size=16)
     return model, tokenizer, dataset, features
 
+
+def test_rerank_at_smaller_depth_equals_reranking_there(setup):
+    """Cutting a deep re-ranking to each query's top k gives what re-ranking at k gives, at every k."""
+    model, _, _, features = setup
+    deep = itm_rerank_batched(model, features, K, distributed=False)
+    similarity = features.similarity_i2t()
+    for k in (1, 3, K):
+        direct = itm_rerank_batched(model, features, k, distributed=False)
+        torch.testing.assert_close(rerank_at_depth(similarity, deep.scores_i2t, k), direct.scores_i2t,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(rerank_at_depth(similarity.t(), deep.scores_t2i, k), direct.scores_t2i,
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="depth below k"):
+        rerank_at_depth(similarity, direct.scores_i2t, K + 1)  # re-ranked at K only
 
 def test_batched_equals_one_query_at_a_time(setup):
     model, _, dataset, features = setup

@@ -17,7 +17,7 @@ import torch
 from codis_lib import CLIP_MEAN, CLIP_STD, RetrievalEvalDataset
 from codis_lib.config import ModelConfig
 from codis_lib.data.tokenizer import load_tokenizer
-from codis_lib.evaluation.gradcam import (blank_canvas, caption_words, default_gradcam_layer, gradcam,
+from codis_lib.evaluation.gradcam import (blank_canvas, caption_words, content_words, default_gradcam_layer, gradcam,
                                           gradcam_by_layer, image_grid, normalise_map, paste_scaled, upsample_map)
 from codis_lib.model import build_model
 from codis_lib.model.bert import attention_bias
@@ -64,6 +64,26 @@ def test_the_eager_cross_attention_is_the_normal_layer(random_model):
         assert probabilities.shape == (3, 4, 7, 17)
         torch.testing.assert_close(probabilities.sum(-1), torch.ones(3, 4, 7))
     assert float(probabilities.detach()[1, :, :, 12:].abs().max()) == 0.0  # padded image tokens get no attention
+
+
+@pytest.mark.parametrize("caption,expected", [
+    ("people & body emoji: man getting haircut", ["man", "getting", "haircut"]),  # the group prefix goes
+    ("man getting haircut, a person activity emoji", ["man", "getting", "haircut"]),  # the subgroup suffix goes
+    ("flag: japan", ["flag", "japan"]),  # a name with a colon of its own keeps it all
+    ("flags emoji: flag: japan", ["flag", "japan"]),
+    ("face with tears of joy", ["face", "tears", "joy"]),  # function words go
+    ("of the", ["of", "the"]),  # nothing but function words: every word stays
+    # the same templates after ALBEF's pre_caption, as the datasets hold them (no ":" and no ",")
+    ("people & body emoji man getting haircut", ["man", "getting", "haircut"]),
+    ("man with a probing cane a person activity emoji", ["man", "probing", "cane"]),  # the last article starts it
+    ("objects emoji paintbrush", ["paintbrush"]),
+    ("a button blood type", ["button", "blood", "type"]),
+])
+def test_content_words_keep_the_words_that_name_the_emoji(corpus, caption, expected):
+    _, words, _ = caption_words(corpus[0], caption)
+    assert [words[i] for i in content_words(caption, words)] == expected
+    with pytest.raises(ValueError, match="not in caption"):
+        content_words(caption, words + ["zqxjv"])
 
 
 def test_shapes_sums_and_the_caption_map_is_the_mean_of_the_word_maps(random_model, corpus):

@@ -1,7 +1,12 @@
-"""Notebook 04 pretrains tiny CODIS at CI size: every loss term falls, and the checkpoint reloads exactly."""
+"""Notebook 04 pretrains tiny CODIS at CI size: every loss term falls, and the checkpoint reloads exactly.
+
+Its markdown quotes the reading-size run (240 steps): those numbers are Claims checked with
+CODIS_NOTEBOOK_SIZE=full; the constants (2 ln K, H(1/3)) at both sizes.
+"""
 import pytest
 
-from tests.nbharness import run_notebook
+from tests.markdown_claims import Claim, check_claims, notebook_size
+from tests.nbharness import notebook_path, run_notebook
 from codis_lib.data.emoji_new_style import noto_font_path
 
 MAIN_SPLITS = (["new_drawings", "new_style", "test"] if noto_font_path() is not None  # pretrain_emoji's splits,
@@ -9,17 +14,59 @@ MAIN_SPLITS = (["new_drawings", "new_style", "test"] if noto_font_path() is not 
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
+FULL = ("full",)
+# One seeded CPU run, quoted to its last digit give or take about 1 % (other thread counts change the round-off).
+CLAIMS = [
+    Claim(r"<N>M parameters train", "trainable_parameters_millions", 0.005, FULL),  # the vocabulary is the corpus's
+    Claim(r"from <N> at step 1 to about", "align_step1", 0.1, FULL),
+    Claim(r"to about <N> within the first", "align_low_first_epoch", 0.1, FULL),
+    Claim(r"within the first <N> steps", "align_low_step", 5, FULL),
+    Claim(r"climbs back to about <N>:", "align_end_first_epoch", 0.1, FULL),
+    Claim(r"falls steadily, to <N>\.", "align_last", 0.1, FULL),
+    Claim(r"\$2\\ln K\$ = <N> for", "two_ln_K", 0.005),
+    Claim(r"starts above that level, at <N>:", "code_step1", 0.05, FULL),
+    Claim(r"other modality's codes: <N> at the end", "code_last", 0.05, FULL),
+    Claim(r"teacher features \(<N> at step 1", "ot_step1", 0.02, FULL),
+    Claim(r"at step 1, <N> at the end\)", "ot_last", 0.02, FULL),
+    Claim(r"\$H\(1/3\)\$ = <N>,", "itm_chance_entropy", 0.005),
+    Claim(r"falls slowly \(<N> at the end\)", "itm_last", 0.02, FULL),
+    Claim(r"\$\\ln V\$ = <N> \(", "ln_vocab", 0.005, FULL),
+    Claim(r"vocabulary; <N> at step 1\)", "mlm_step1", 0.05, FULL),
+    Claim(r"It ends at <N>\.", "mlm_last", 0.1, FULL),
+    Claim(r"It ends at <N> of", "perplexity_last", 0.1, FULL),
+    Claim(r"have perplexity <N> and leave", "random_hard_perplexity", 0.05, FULL),
+    Claim(r"and leave <N> codes dead", "random_dead_codes", 0.05, FULL),
+    Claim(r"hard perplexity <N>, with", "hard_perplexity_step1", 0.1, FULL),
+    Claim(r"with <N> codes dead\.", "dead_codes_step1", 1, FULL),
+    Claim(r"a batch uses <N> codes", "codes_used_last", 1.0, FULL),
+    Claim(r"\(<N> dead\) with", "dead_codes_last", 1.0, FULL),
+    Claim(r"with hard perplexity <N>: no collapse", "hard_perplexity_last", 1.0, FULL),
+    Claim(r"candidates \(<N> % at R@10", "zero_shot_chance_ir_r10", 0.05, FULL),
+    Claim(r"R@10 for the <N> test images", "eval_images", 0, FULL),
+    Claim(r"After this notebook's <N> steps", "steps", 0, FULL),
+    Claim(r"the mean recall is <N> on new drawings", "new_drawings_r_mean", 1.0, FULL),
+    Claim(r"new drawings and <N> on 500", "seen_r_mean", 1.0, FULL),
+    Claim(r"but <N> on unseen concepts", "zero_shot_r_mean", 0.5, FULL),
+]
+
 
 def test_notebook_04_pretraining():
-    metrics = run_notebook("04_pretraining")
+    size = notebook_size()
+    metrics = run_notebook("04_pretraining", {"size": size}, timeout_s=1800)
     assert metrics["lr_hand_vs_library_max_abs"] < 1e-12 and metrics["alpha_hand_vs_library_max_abs"] < 1e-12
-    assert metrics["steps"] == 80
+    assert metrics["steps"] == (80 if size == "ci" else 240)
     assert set(metrics["terms"]) == {"align", "code", "ot", "itm", "mlm"}
     for term in metrics["terms"] + ["total"]:
         assert metrics[f"{term}_last"] < metrics[f"{term}_first"], f"L_{term} did not decrease"
     # L_code starts near 2 ln K (two uniform predictions) and must have learnt something.
     assert metrics["code_last"] < metrics["code_first"] - 0.3
     assert 1.0 < metrics["perplexity_last"] <= metrics["codebook_size"]
+    # hard codes: at most the 2B predictions of a batch, and the random baseline above its exact lower bound
+    K, n = metrics["codebook_size"], metrics["n_predictions"]
+    assert 1.0 <= metrics["hard_perplexity_last"] <= min(K, n) and 0 <= metrics["dead_codes_last"] <= K
+    assert abs(metrics["codes_used_last"] + metrics["dead_codes_last"] - K) < 1e-9
+    assert abs(metrics["random_dead_codes"] - K * (1 - 1 / K) ** n) < 1e-9
+    assert 1 / ((1 - 1 / K) / n + 1 / K) - 1.0 < metrics["random_hard_perplexity"] < K - metrics["random_dead_codes"] + 1.0
     # the end of training evaluates the splits of pretrain_emoji, new drawings of training concepts first
     assert metrics["eval_splits"] == MAIN_SPLITS
     assert 0.0 <= metrics["zero_shot_r_mean"] <= 100.0 and metrics["eval_images"] > 0
@@ -56,3 +103,5 @@ def test_notebook_04_pretraining():
     # Section 5.3: the per-sample-seed draws of training, by hand, give the model's own L_itm and L_mlm.
     assert metrics["itm_seeded_index_mismatches"] == 0
     assert metrics["itm_forward_hand_vs_model_abs"] < 1e-5 and metrics["mlm_forward_hand_vs_model_abs"] < 1e-4
+    checked = check_claims(notebook_path("04_pretraining"), metrics, CLAIMS, size)
+    assert len(checked) == sum(size in claim.sizes for claim in CLAIMS)

@@ -1,22 +1,51 @@
-"""Notebook 05 evaluates a short-pretrained tiny CODIS at CI size with ALBEF's protocol."""
+"""Notebook 05 evaluates a short-pretrained tiny CODIS at CI size with ALBEF's protocol.
+
+Its markdown quotes the main command's model (README command 1's checkpoint in runs/pretrain_emoji):
+those numbers are Claims checked with CODIS_NOTEBOOK_SIZE=full, after codis-pretrain.
+"""
 import pytest
 
-from tests.nbharness import run_notebook
+from tests.markdown_claims import Claim, check_claims, notebook_size
+from tests.nbharness import notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
+FULL = ("full",)
+# The main command's checkpoint scored on CPU: recalls to their printed digit (0.15), counts exactly.
+CLAIMS = [
+    Claim(r"tiny CODIS trains <N>M parameters", "trainable_parameters_millions", 0.005, FULL),  # the corpus's vocabulary
+    Claim(r"trunk, frozen \(<N>M parameters\)", "frozen_image_parameters_millions", 0.005),
+    Claim(r"text retrieval <N> ->", "k0_txt_r1", 0.15, FULL),
+    Claim(r"text retrieval \*\*[\d.]+\*\* -> <N>,", "k4_txt_r1", 0.15, FULL),
+    Claim(r"image retrieval <N> ->", "k0_img_r1", 0.15, FULL),
+    Claim(r"image retrieval \*\*[\d.]+\*\* -> <N>\)", "k4_img_r1", 0.15, FULL),
+    Claim(r"mean recall <N> contrastive", "k0_r_mean", 0.15, FULL),
+    Claim(r"contrastive, <N> at \$k = 16\$", "k16_r_mean", 0.15, FULL),
+    Claim(r"<N> at ALBEF's \$k = 128\$", "k128_r_mean", 0.15, FULL),
+    Claim(r"lowers it \(<N> ->", "test_itc_r_mean", 0.15, FULL),
+    Claim(r"lowers it \(\*\*[\d.]+\*\* -> <N>\)", "test_itm_r_mean", 0.15, FULL),
+    Claim(r"left paste in only <N> of", "gradcam_composite_moved", 0, FULL),
+    Claim(r"of <N> images, and the mean", "gradcam_composites", 0, FULL),
+    Claim(r"right paste is <N>:", "gradcam_composite_shift_mean", 0.01, FULL),
+]
+
 
 def test_notebook_05_retrieval_evaluation():
-    metrics = run_notebook("05_retrieval_evaluation", {"interactive": False})  # no widget frontend here
-    assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
-    assert metrics["checkpoint"].endswith("pretrain_ci/checkpoint_final.pt")
+    size = notebook_size()
+    metrics = run_notebook("05_retrieval_evaluation", {"size": size, "interactive": False}, timeout_s=1800)
+    k = 8 if size == "ci" else 128
+    if size == "ci":
+        assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
+        assert metrics["checkpoint"].endswith("pretrain_ci/checkpoint_final.pt")
+    else:
+        assert metrics["trained_now"] is False and metrics["checkpoint"].endswith("pretrain_emoji/checkpoint_final.pt")
     # both splits, new drawings of training concepts first; the worked example and the figures use it
     assert metrics["splits"] == ["new_drawings", "test"] and metrics["split"] == "new_drawings"
     assert list(metrics["by_split"]) == ["new_drawings", "test"]
     assert metrics["by_split"]["new_drawings"]["num_images"] == metrics["num_images"]
     assert metrics["by_split"]["new_drawings"]["itm"] == metrics["itm"]
     for name, result in metrics["by_split"].items():
-        assert result["k"] == 8 and result["num_images"] > 8, name
+        assert result["k"] == k and result["num_images"] > k, name
         for ranking in ("itc", "itm"):
             m = result[ranking]
             assert 0.0 <= m["txt_r1"] <= m["txt_r5"] <= m["txt_r10"] <= 100.0, (name, ranking)
@@ -28,8 +57,17 @@ def test_notebook_05_retrieval_evaluation():
     assert metrics["hand_vs_library_max_abs"] <= metrics["hand_vs_library_tie_bound"] + 1e-9
     assert metrics["rank_ties"] <= 0.05 * (metrics["num_images"] + metrics["num_texts"])
     assert metrics["rerank_max_abs_diff"] < 1e-5
-    assert metrics["k"] == 8 and metrics["num_images"] > 8
-    assert metrics["pairs_scored"] <= metrics["pairs_requested"] == 8 * (metrics["num_images"] + metrics["num_texts"])
+    assert metrics["k"] == k and metrics["num_images"] > k
+    assert metrics["pairs_scored"] <= metrics["pairs_requested"] == k * (metrics["num_images"] + metrics["num_texts"])
+    # re-ranking depths cut from the one k-deep re-ranking: the deepest is the evaluation's, contrastive first
+    depths = metrics["rerank_depths"]
+    assert depths == ([2, 4, 8] if size == "ci" else [4, 16, 64, 128]) and depths[-1] == k
+    by_depth = metrics["rerank_by_depth"]
+    assert list(by_depth) == ["0"] + [str(d) for d in depths]
+    assert by_depth["0"] == metrics["itc"] and by_depth[str(k)] == metrics["itm"]
+    for depth in depths:  # at K >= depth the re-ranked top `depth` is the contrastive one: R@K cannot beat it
+        if depth <= 10:
+            assert by_depth[str(depth)]["img_r10"] <= by_depth["0"]["img_r10"] + 1e-9, depth
     for ranking in ("itc", "itm"):
         m = metrics[ranking]
         assert 0.0 <= m["txt_r1"] <= m["txt_r5"] <= m["txt_r10"] <= 100.0
@@ -45,12 +83,18 @@ def test_notebook_05_retrieval_evaluation():
     assert len(metrics["gradcam_caption_map_sums"]) == 3
     assert all(abs(total - 1.0) < 1e-5 for total in metrics["gradcam_caption_map_sums"])
     assert metrics["gradcam_last_layer_word_max"] == 0.0
-    assert metrics["gradcam_composites"] == 8 and 0 <= metrics["gradcam_composite_moved"] <= 8
+    assert metrics["gradcam_composites"] == (8 if size == "ci" else 60)
+    assert 0 <= metrics["gradcam_composite_moved"] <= metrics["gradcam_composites"]
+    # the word panels show the words that name the emoji: never the group prefix's "emoji" nor a function word
+    shown = [word for words in metrics["gradcam_words_shown"] for word in words]
+    assert shown and "emoji" not in shown and not {"a", "an", "of", "the", "&", ":"} & set(shown)
     assert -1.0 <= metrics["gradcam_composite_shift_mean"] <= 1.0
     # the query box, run once without widgets: a split caption gets the evaluation's scores
     assert metrics["query_box_interactive"] is False
     assert metrics["query_box_vs_evaluation_max_abs"] < 1e-4
     assert len(metrics["query_top_images"]) == len(metrics["query_top_captions"]) == 5
+    checked = check_claims(notebook_path("05_retrieval_evaluation"), metrics, CLAIMS, size)
+    assert len(checked) == sum(size in claim.sizes for claim in CLAIMS)
 
 
 def test_notebook_05_answers_your_words_under_papermill():

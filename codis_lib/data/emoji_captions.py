@@ -5,6 +5,7 @@ caption two emoji share is dropped, so that in retrieval every caption points at
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter, defaultdict
 
@@ -24,6 +25,24 @@ def caption_name(name: str) -> str:
             word = " ".join(unicodedata.name(ch).lower() for ch in word)
         words.append(word)
     return " ".join(words)
+
+
+# Function words that say nothing about what a caption names (dropped from word lists and Grad-CAM panels).
+CAPTION_STOPWORDS = frozenset(
+    "a an the of and or with in on at to for from by is are its it this that as".split())
+# The two templates of `captions_for`, raw or after `pre_caption` (which deletes ":" and ","): a group is one
+# word or "word & word"; the suffix starts at the caption's last article (no subgroup holds "a" or "an").
+_GROUP_PREFIX = re.compile(r"^\w+(?: & \w+)? emoji:? ")  # "<group> emoji: <name>"
+_SUBGROUP_SUFFIX = re.compile(r",? an? (?:(?! an? ).)* emoji$")  # "<name>, a <subgroup> emoji"
+
+
+def name_span(caption: str) -> tuple[int, int]:
+    """Return (start, end) of the part of `caption` that names the emoji: the caption less the group prefix
+    ("people & body emoji: ") or the subgroup suffix (", a person activity emoji") of `captions_for`'s
+    templates, with or without ALBEF's cleaning; the whole caption for a name or an alias."""
+    prefix = _GROUP_PREFIX.match(caption)
+    suffix = _SUBGROUP_SUFFIX.search(caption)
+    return (prefix.end() if prefix else 0), (suffix.start() if suffix else len(caption))
 
 
 def _article(phrase: str) -> str:

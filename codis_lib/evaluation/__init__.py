@@ -10,6 +10,7 @@ from codis_lib.evaluation.retrieval import (
     itm_rerank_one_query_at_a_time,
     ranks_of_best_match,
     recall_from_ranks,
+    rerank_at_depth,
     retrieval_metrics,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "itm_rerank_one_query_at_a_time",
     "ranks_of_best_match",
     "recall_from_ranks",
+    "rerank_at_depth",
     "retrieval_metrics",
 ]

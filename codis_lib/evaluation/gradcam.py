@@ -32,9 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from codis_lib.data.emoji_captions import CAPTION_STOPWORDS, name_span
 from codis_lib.model.bert import attention_bias
 
-__all__ = ["GradCAM", "gradcam", "gradcam_by_layer", "default_gradcam_layer", "caption_words", "image_grid", "normalise_map",
+__all__ = ["GradCAM", "gradcam", "gradcam_by_layer", "default_gradcam_layer", "caption_words", "content_words",
+           "image_grid", "normalise_map",
            "upsample_map", "paste_scaled", "blank_canvas"]
 
 
@@ -99,6 +101,27 @@ def caption_words(tokenizer, caption: str, max_length: int = 30) -> tuple[dict, 
     if not words:
         raise ValueError(f"caption {caption!r} has no word the tokenizer keeps")
     return encoding, words, positions
+
+
+def content_words(caption: str, words: list[str]) -> list[int]:
+    """Return the indices of `words` (`caption`'s words in order, as `GradCAM.words`) that name the thing drawn.
+
+    Kept: the words inside the emoji's name (`name_span`: no "people & body emoji:" prefix, no ", a ...
+    emoji" suffix), less punctuation and function words; every word with a letter or digit when that
+    leaves none.
+    """
+    start, end = name_span(caption)
+    kept, spoken, cursor = [], [], 0
+    for index, word in enumerate(words):
+        at = caption.find(word, cursor)
+        if at < 0:
+            raise ValueError(f"content_words: word {word!r} is not in caption {caption!r} after position {cursor}")
+        cursor = at + len(word)
+        if any(ch.isalnum() for ch in word):
+            spoken.append(index)
+            if start <= at < end and word.lower() not in CAPTION_STOPWORDS:
+                kept.append(index)
+    return kept or spoken
 
 
 def _check_image(model, image: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,21 @@ def contrastive_topk(similarity: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     return sorted_sim[:, :k], sorted_index[:, :k]
 
 
+def rerank_at_depth(similarity: torch.Tensor, scores: torch.Tensor, k: int, fill_value: float = -100.0) -> torch.Tensor:
+    """Return re-ranked scores at depth k from `scores` re-ranked at a depth >= k over the same `similarity`.
+
+    The top k of a query is a prefix of its top K (`contrastive_topk` sorts stably), so keeping each
+    query's first k cells and filling the rest with `fill_value` equals re-ranking at k directly, with no
+    fusion pass: one re-ranking at the largest depth gives the recall at every smaller one.
+    """
+    _, index = contrastive_topk(similarity, k)  # (Q, min(k, C))
+    kept = scores.gather(1, index)
+    if len(kept) and float(kept.min()) <= fill_value:
+        raise ValueError(f"rerank_at_depth: a top-{k} cell holds fill_value ({fill_value}): `scores` were re-ranked "
+                         "at a depth below k, or for another similarity")
+    return torch.full_like(scores, fill_value).scatter_(1, index, kept)
+
+
 def query_slice(num_queries: int, rank: int | None = None, world_size: int | None = None) -> slice:
     """Return the contiguous block of queries this rank re-ranks (ALBEF's split: step n // world + 1)."""
     rank = get_rank() if rank is None else rank

@@ -50,13 +50,14 @@ from codis_lib.evaluation.rerank import (
     itm_rerank_batched,
     itm_rerank_one_query_at_a_time,
     query_slice,
+    rerank_at_depth,
 )
 
 __all__ = [  # the names importers use from here, wherever they are defined
     "DEFAULT_RECALL_KS", "SCORE_MODES", "RerankResult", "RetrievalEvaluation", "RetrievalFeatures",
     "check_retrieval_mapping", "compute_features", "contrastive_topk", "dataset_features", "evaluate_features",
     "evaluate_retrieval", "itm_pair_scores", "itm_rerank_batched", "itm_rerank_one_query_at_a_time",
-    "model_has_trained_itm", "query_slice", "ranks_of_best_match", "recall_from_ranks", "retrieval_metrics",
+    "model_has_trained_itm", "query_slice", "ranks_of_best_match", "rerank_at_depth", "recall_from_ranks", "retrieval_metrics",
 ]
 
 

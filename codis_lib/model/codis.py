@@ -393,6 +393,7 @@ class CODIS(nn.Module):
             predictions = torch.cat([self.assign_codes(image_feat), self.assign_codes(text_feat)])  # (2B, K)
             usage = codebook_usage(predictions)
         diagnostics.codebook_perplexity, diagnostics.dead_codes = usage["perplexity"], usage["dead_codes"]
+        diagnostics.hard_code_perplexity = usage["hard_perplexity"]
 
     def mlm_loss(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                  image_embeds: torch.Tensor, image_embeds_m: torch.Tensor | None, alpha: float) -> MLMLosses:

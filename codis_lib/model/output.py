@@ -31,6 +31,7 @@ class Diagnostics:
     ot_image: torch.Tensor | None = None  # transport cost of the image teacher features to the codebook
     ot_text: torch.Tensor | None = None  # the same for the text teacher features
     codebook_perplexity: float | None = None  # exp(entropy of the mean code prediction); K = uniform use
+    hard_code_perplexity: float | None = None  # exp(entropy of the batch's arg-max code histogram)
     dead_codes: int | None = None  # codes that are the arg-max of no student feature in the batch
     itm_accuracy: torch.Tensor | None = None  # matching accuracy over the 3B ITM pairs
     mlm_accuracy: torch.Tensor | None = None  # accuracy over the masked tokens

@@ -79,7 +79,8 @@ __all__ = ["train", "train_step", "TrainResult", "NonFiniteLossError"]
 
 # Fields of CODISOutput.diagnostics (codis_lib.model.output.Diagnostics) averaged over ranks and logged
 # next to the losses.
-LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "dead_codes", "itm_accuracy", "mlm_accuracy")
+LOGGED_DIAGNOSTICS = ("temperature", "codebook_perplexity", "hard_code_perplexity", "dead_codes", "itm_accuracy",
+                      "mlm_accuracy")
 
 
 @dataclass
