@@ -101,7 +101,8 @@ def test_init_from_checkpoint_is_verified(tmp_path):
 def test_the_trainer_refuses_a_partial_vit_with_exit_2(tmp_path, capsys):
     path = _vit_file(tmp_path, depth=TINY.vision.depth - 1)  # the last ViT block would stay random
     args = []
-    for item in tiny_run_overrides(tmp_path / "run", 2) + [f"model.vision.pretrained={path}"]:
+    vit = ["model.vision.backbone=vit", "model.vision.backbone_size=null"]  # the default's tower is ImageNet's CNN
+    for item in tiny_run_overrides(tmp_path / "run", 2) + vit + [f"model.vision.pretrained={path}"]:
         args += ["--set", item]
     assert pretrain_main(args) == 2
     err = capsys.readouterr().err.strip()
