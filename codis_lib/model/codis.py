@@ -226,8 +226,10 @@ class CODIS(nn.Module):
         momentum = self.config.momentum
         student_params, teacher_params = [], []
         for student, teacher in self.teacher_pairs():
-            student_params += list(student.parameters())
-            teacher_params += list(teacher.parameters())
+            for param, param_m in zip(student.parameters(), teacher.parameters()):
+                if param.requires_grad:  # a frozen part (the ImageNet trunk) is equal in both: nothing to average
+                    student_params.append(param)
+                    teacher_params.append(param_m)
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
