@@ -62,6 +62,27 @@ def test_ema_update_is_exactly_m_teacher_plus_one_minus_m_student():
     assert all(torch.equal(t, f) for (_, t), f in zip(pairs, frozen))
 
 
+def test_ema_update_skips_parameters_that_do_not_train_and_averages_the_rest():
+    model = _model()
+    frozen_student = model.visual_encoder.patch_embed.proj.weight  # stands in for a frozen ImageNet trunk
+    frozen_student.requires_grad_(False)
+    _perturb(model.visual_encoder)
+    pairs = [(s, t) for student, teacher in model.teacher_pairs()
+             for s, t in zip(student.parameters(), teacher.parameters())]
+    before = [(s.detach().clone(), t.detach().clone()) for s, t in pairs]
+    model.momentum_update()
+    m = model.config.momentum
+    skipped = 0
+    for (student, teacher), (s0, t0) in zip(pairs, before):
+        if student is frozen_student:
+            assert torch.equal(teacher, t0)  # left as it was, although the student differs from it
+            assert not torch.equal(s0, t0)
+            skipped += 1
+        else:
+            torch.testing.assert_close(teacher.detach(), m * t0 + (1 - m) * s0, atol=1e-7, rtol=1e-6)
+    assert skipped == 1
+
+
 def test_assign_codes_are_the_code_probabilities_of_the_renormalised_codes():
     model = _model()
     with torch.no_grad():
