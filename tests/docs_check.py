@@ -203,7 +203,7 @@ def path_problem(token: str) -> str | None:
                  if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         return None if test.split("[")[0] in names else f"test {token}: {file} defines no {test}"
     name = token.rstrip("/")
-    if name.startswith(RUN_OUTPUTS):  # written by running a notebook, ignored by git: absent from a fresh clone
+    if (name + "/").startswith(RUN_OUTPUTS):  # written by running a notebook (the folder too), ignored by git
         return None
     first = name.split("/", 1)[0]
     if first in REPO_DIRS and "/" in token or name in {"README.md", "pyproject.toml", "environment.yml"}:

@@ -1,11 +1,12 @@
 """Notebook 01 runs at CI size, its metrics show what the notebook teaches and its markdown quotes them.
 
 Sections 3-5 (marginal convergence, collapse, L_ot and the codebook updates) use the same 256 / 512
-features and 64 codes at both sizes, so every number the markdown quotes is checked at size "ci".
+features and 64 codes at both sizes, so every number the markdown quotes is checked at size "ci", and
+against a reading-size run already made by `test_reading_size_numbers` (CODIS_NOTEBOOK_RUNS=notebooks/outputs).
 """
 import pytest
 
-from tests.markdown_claims import Claim, check_claims, notebook_size
+from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
 from tests.nbharness import notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
@@ -35,6 +36,12 @@ CLAIMS = [
 ]
 
 
+def quoted(metrics: dict) -> dict:
+    """01's metrics.json with the marginal errors the markdown quotes as flat keys."""
+    errors = metrics["marginal_error_eps0.05"]
+    return {**metrics, "marginal_error_iter1": errors["iter1"], "marginal_error_iter3": errors["iter3"]}
+
+
 def test_notebook_01_optimal_transport():
     size = notebook_size()
     metrics = run_notebook("01_optimal_transport", {"size": size})
@@ -57,5 +64,8 @@ def test_notebook_01_optimal_transport():
     assert metrics["codes_used_after_argmax"] <= metrics["codes_used_argmax"]
     assert metrics["codes_used_after_Sinkhorn"] > 2 * metrics["codes_used_after_argmax"]
     assert metrics["perplexity_after_Sinkhorn"] > 2 * metrics["perplexity_after_argmax"]
-    quoted = {**metrics, "marginal_error_iter1": errors["iter1"], "marginal_error_iter3": errors["iter3"]}
-    assert len(check_claims(notebook_path("01_optimal_transport"), quoted, CLAIMS, size)) == len(CLAIMS)
+    assert len(check_claims(notebook_path("01_optimal_transport"), quoted(metrics), CLAIMS, size)) == len(CLAIMS)
+
+
+def test_reading_size_numbers():
+    check_full_run(notebook_path("01_optimal_transport"), CLAIMS, quoted)  # skipped unless $CODIS_NOTEBOOK_RUNS

@@ -2,11 +2,12 @@
 
 The step-0 numbers the markdown quotes are the same at both sizes and are checked at size "ci". The
 end-of-training numbers are the reading size's (1,000 steps; CI runs 400): at "ci" only their phrases
-are checked; `CODIS_NOTEBOOK_SIZE=full pytest tests/test_nb_02_codebook_learning.py` checks their values.
+are checked; their values against a reading-size run already made with `CODIS_NOTEBOOK_RUNS=notebooks/outputs
+pytest tests/test_nb_02_codebook_learning.py -k reading_size`, or by executing one with CODIS_NOTEBOOK_SIZE=full.
 """
 import pytest
 
-from tests.markdown_claims import Claim, check_claims, notebook_size
+from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
 from tests.nbharness import notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
@@ -22,6 +23,12 @@ CLAIMS = [
 ]
 
 
+def quoted(metrics: dict) -> dict:
+    """02's metrics.json with the agreements the markdown quotes, in %."""
+    return {**metrics, "agreement_start_percent": 100 * metrics["agreement_start"],
+            "agreement_end_percent": 100 * metrics["agreement_end"]}
+
+
 def test_notebook_02_codebook_learning():
     size = notebook_size()
     metrics = run_notebook("02_codebook_learning", {"size": size})
@@ -31,7 +38,9 @@ def test_notebook_02_codebook_learning():
     assert metrics["agreement_end"] > 0.5 and metrics["agreement_end"] > metrics["agreement_start"] + 0.3
     assert metrics["perplexity_end"] > max(metrics["perplexity_start"], 0.5 * metrics["n_codes"])
     assert metrics["purity_end"] > 0.8
-    quoted = {**metrics, "agreement_start_percent": 100 * metrics["agreement_start"],
-              "agreement_end_percent": 100 * metrics["agreement_end"]}
-    checked = check_claims(notebook_path("02_codebook_learning"), quoted, CLAIMS, size)
+    checked = check_claims(notebook_path("02_codebook_learning"), quoted(metrics), CLAIMS, size)
     assert len(checked) == sum(size in claim.sizes for claim in CLAIMS)
+
+
+def test_reading_size_numbers():
+    check_full_run(notebook_path("02_codebook_learning"), CLAIMS, quoted)  # skipped unless $CODIS_NOTEBOOK_RUNS

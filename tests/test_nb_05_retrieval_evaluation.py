@@ -1,14 +1,16 @@
 """Notebook 05 evaluates a short-pretrained tiny CODIS at CI size with ALBEF's protocol.
 
 Its markdown quotes the main command's model (README command 1's checkpoint in runs/pretrain_emoji):
-those numbers are Claims checked with CODIS_NOTEBOOK_SIZE=full, after codis-pretrain.
+those numbers are Claims checked after codis-pretrain, against a run already made
+(CODIS_NOTEBOOK_RUNS=notebooks/outputs, `test_reading_size_numbers`) or executed with CODIS_NOTEBOOK_SIZE=full.
 """
 import pytest
 
-from tests.markdown_claims import Claim, check_claims, notebook_size
+from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
 from tests.nbharness import notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
+MAIN_CHECKPOINT = "pretrain_emoji/checkpoint_final.pt"  # README command 1's, which the reading-size run scores
 
 FULL = ("full",)
 # The main command's checkpoint scored on CPU: recalls to their printed digit (0.15), counts exactly.
@@ -38,7 +40,7 @@ def test_notebook_05_retrieval_evaluation():
         assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
         assert metrics["checkpoint"].endswith("pretrain_ci/checkpoint_final.pt")
     else:
-        assert metrics["trained_now"] is False and metrics["checkpoint"].endswith("pretrain_emoji/checkpoint_final.pt")
+        assert metrics["trained_now"] is False and metrics["checkpoint"].endswith(MAIN_CHECKPOINT)
     # both splits, new drawings of training concepts first; the worked example and the figures use it
     assert metrics["splits"] == ["new_drawings", "test"] and metrics["split"] == "new_drawings"
     assert list(metrics["by_split"]) == ["new_drawings", "test"]
@@ -95,6 +97,11 @@ def test_notebook_05_retrieval_evaluation():
     assert len(metrics["query_top_images"]) == len(metrics["query_top_captions"]) == 5
     checked = check_claims(notebook_path("05_retrieval_evaluation"), metrics, CLAIMS, size)
     assert len(checked) == sum(size in claim.sizes for claim in CLAIMS)
+
+
+def test_reading_size_numbers():
+    metrics = check_full_run(notebook_path("05_retrieval_evaluation"), CLAIMS)  # skipped unless the variable
+    assert metrics["checkpoint"].endswith(MAIN_CHECKPOINT), f"{metrics['checkpoint']}: not README command 1's"
 
 
 def test_notebook_05_answers_your_words_under_papermill():

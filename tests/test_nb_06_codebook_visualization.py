@@ -1,14 +1,16 @@
 """Notebook 06 assigns codes by hand and with CODIS.assign_codes, and draws usage, UMAP and the code gallery.
 
-Its markdown quotes the main command's model: those numbers are Claims checked with
-CODIS_NOTEBOOK_SIZE=full, after codis-pretrain (README command 1).
+Its markdown quotes the main command's model: those numbers are Claims checked after codis-pretrain
+(README command 1), against a run already made (CODIS_NOTEBOOK_RUNS=notebooks/outputs,
+`test_reading_size_numbers`) or executed with CODIS_NOTEBOOK_SIZE=full.
 """
 import pytest
 
-from tests.markdown_claims import Claim, check_claims, notebook_size
+from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
 from tests.nbharness import notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
+MAIN_CHECKPOINT = "pretrain_emoji/checkpoint_final.pt"  # README command 1's, which the reading-size run scores
 
 
 def _random_occupancy_bounds(n: int, K: int) -> tuple[float, float]:
@@ -76,3 +78,8 @@ def test_notebook_06_codebook_visualization():
     assert metrics["figures"] == ["06_code_gallery.png", "06_code_usage.png", "06_umap.png"]
     checked = check_claims(notebook_path("06_codebook_visualization"), metrics, CLAIMS, size)
     assert len(checked) == sum(size in claim.sizes for claim in CLAIMS)
+
+
+def test_reading_size_numbers():
+    metrics = check_full_run(notebook_path("06_codebook_visualization"), CLAIMS)  # skipped unless the variable
+    assert metrics["checkpoint"].endswith(MAIN_CHECKPOINT), f"{metrics['checkpoint']}: not README command 1's"
