@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 __all__ = ["STYLE_VARIANTS", "COLOUR_CHANGING", "apply_style", "style_tensor", "check_style_names", "names_colour",
            "style_seed", "background_mask", "background_colour", "hue_angle", "colour_steps", "VariantItems",
@@ -104,7 +104,11 @@ def colour_steps(pixels: np.ndarray) -> np.ndarray:
 
 
 def _grayscale(image: Image.Image) -> Image.Image:
-    return ImageOps.autocontrast(image.convert("L")).convert("RGB")
+    luminance = np.asarray(image.convert("L")).astype(np.int32)  # ITU-R 601: (299 R + 587 G + 114 B) / 1000
+    low, high = int(luminance.min()), int(luminance.max())
+    if high > low:  # darkest -> 0, lightest -> 255, exactly (Pillow's autocontrast turns 255 into 254)
+        luminance = ((luminance - low) * 255 * 2 + (high - low)) // (2 * (high - low))  # rounded
+    return Image.fromarray(luminance.astype(np.uint8), "L").convert("RGB")
 
 
 def _hue(image: Image.Image) -> Image.Image:
