@@ -247,4 +247,10 @@ def test_a_tiny_run_with_a_style_trains_and_its_trunk_sees_each_image_once(tmp_p
     # every distinct image through the trunk once: the second epoch is all cache hits
     assert 0 < sum(seen) <= len(styled) < steps * 8
     checkpoint = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    assert checkpoint["data_order"]["style_variants"] == ["grayscale"]
+    saved = checkpoint["data_order"]
+    assert saved["style_variants"] == ["grayscale"]
+    from codis_lib.train.data_order import data_order_changes
+
+    assert data_order_changes(saved, saved) == []  # a resume with the same list goes on; another list is refused
+    assert data_order_changes(saved, {**saved, "style_variants": ["outline"]}) == \
+        ["data.style_variants ['grayscale'] -> ['outline']"]
