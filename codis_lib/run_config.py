@@ -40,7 +40,7 @@ from codis_lib.typed_config import ConfigError, build_dataclass, read_yaml_mappi
 __all__ = ["OptimizerConfig", "DataConfig", "EvalConfig", "TrainConfig", "RunConfig", "ConfigError",
            "load_run_config", "run_config_from_dict", "without_retired_keys", "parse_overrides", "apply_overrides",
            "resolve_config_path", "run_config_names", "EMOJI_EVAL_SPLITS", "ALBEF_JSON_EVAL_FILES",
-           "eval_split_names", "eval_split_errors"]
+           "eval_split_names", "eval_split_errors", "STYLE_VARIANT_NAMES", "style_variant_errors"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -82,6 +82,9 @@ class DataConfig:
     crop_scale: list[float] | None = None  # RandomResizedCrop area range; None = ALBEF's (0.2-1 pretrain, 0.5-1 fine-tune)
     randaugment_ops: int = 2  # RandAugment ops per image (ALBEF: 2); 0 = off
     randaugment_magnitude: float = 7  # RandAugment magnitude (ALBEF: 7)
+    # Pretraining's "training variety": every training image also shown re-drawn in each of these styles
+    # (STYLE_VARIANT_NAMES; codis_lib.data.style_variants), fixed per image so the trunk's map cache still hits.
+    style_variants: list[str] = field(default_factory=list)
     cache_images: bool = True  # keep decoded images in memory (the emoji corpus fits easily)
     # A bad training record (missing or undecodable image, empty caption): "raise" stops with its file and
     # index; "skip" drops it, counts it by reason and reports the count in the run's start line (the 4M lists
@@ -94,6 +97,9 @@ class DataConfig:
 # (codis_lib.data.emoji_split_file; tests/test_train_config.py checks the two lists agree).
 # ALBEF JSON: the data key holding each split's file.
 EMOJI_EVAL_SPLITS = ("val", "test", "new_drawings", "new_style", "new_style_test")
+# The styles data.style_variants may name: codis_lib.data.style_variants.STYLE_VARIANTS, kept here below the
+# data layer (tests/test_data_style_variants.py checks the two lists agree).
+STYLE_VARIANT_NAMES = ("grayscale", "hue", "outline", "flat", "background")
 ALBEF_JSON_EVAL_FILES = {"val": "val_file", "test": "test_file"}
 
 
@@ -318,12 +324,23 @@ def _validate_values(config: RunConfig) -> None:
          f"must be in [0, 10], got {d.randaugment_magnitude}")
     need(o.temp_lr is None or config.model.learn_temp, "train.optimizer.temp_lr",
          f"is {o.temp_lr} but model.learn_temp is false: a fixed temperature has no learning rate")
+    errors += style_variant_errors(d.style_variants, t.task)
     if d.dataset == "albef_json":
         need(bool(d.train_files), "data.train_files", "albef_json needs at least one JSON file")
         need(d.tokenizer is not None, "data.tokenizer", "albef_json needs a tokenizer directory or name")
     errors += eval_split_errors(d, e.splits, "train.eval.splits", evaluated=e.at_end or e.every_epochs > 0)
     if errors:
         raise ConfigError(f"invalid run config ({config.source}):\n  " + "\n  ".join(errors))
+
+
+def style_variant_errors(names: Sequence[str], task: str) -> list[str]:
+    """Return one "data.style_variants: problem" line per unknown or repeated name, or for a fine-tuning run."""
+    if names and task != "pretrain":
+        return [f"data.style_variants: style variants are for pretraining (train.task: pretrain), not {task}"]
+    errors = [f"data.style_variants: unknown style {name!r}; valid: {', '.join(STYLE_VARIANT_NAMES)}"
+              for name in names if name not in STYLE_VARIANT_NAMES]
+    return errors + [f"data.style_variants: {name!r} is listed twice"
+                     for index, name in enumerate(names) if name in names[:index] and name in STYLE_VARIANT_NAMES]
 
 
 def eval_split_names(data: DataConfig) -> tuple[str, ...]:

@@ -22,6 +22,13 @@ item, from which that item draws all its randomness: training (``SeededItems``) 
 way and gets, bit for bit, the items it would get one at a time.
 A custom ``transform`` may be a plain callable ``(image, caption) -> (tensor, caption)`` instead.
 
+``style_variants=("grayscale", ...)`` (data.style_variants) also shows every record re-drawn in each
+named style (`codis_lib.data.style_variants`): items 0 .. n-1 are the records' own drawings, then one
+block per style of the records it may re-draw (a colour-changing style skips captions that name a
+colour). A variant keeps its record's captions and ``image_id`` (the same image, so pretraining passes
+the ids: variants of one image are positives, never hard negatives); its ``index`` is its own item's.
+The styled images are drawn once when the images are cached, else at each load.
+
 The cache (``cache=True``) decodes every distinct image once into uint8 tensors (for the emoji
 corpus: 6380 images x 3 x 64 x 64 = 78 MB) so that an epoch costs transforms, not PNG decoding.
 DataLoader workers started by fork share the cached tensor without copying it.
@@ -50,6 +57,7 @@ from codis_lib.data.image_source import (  # noqa: F401  (decode_image, DecodedI
     _without_undecodable,
     decode_image,
 )
+from codis_lib.data.style_variants import VariantItems
 from codis_lib.data.transforms import EvalTransform, build_transform
 
 logger = logging.getLogger(__name__)
@@ -131,6 +139,7 @@ class _ImageTextDataset(Dataset):
         teacher_caption: bool = False,
         background: Sequence[int] = WHITE,
         outside_root: str = "warn",
+        style_variants: Sequence[str] = (),
     ):
         """image_size: the output side (default 256 for pretraining, 384 for retrieval, as ALBEF).
 
@@ -142,6 +151,8 @@ class _ImageTextDataset(Dataset):
         (counted in ``skipped["corrupt_image"]``), or, without a cache, when it is first loaded: the
         item is then made from the next loadable record (counted in ``skipped["corrupt_image_at_load"]``
         of the process that loaded it, with a warning line), so a truncated file never stops an epoch.
+        style_variants: style names of `codis_lib.data.style_variants` (module docstring); ValueError for
+        an unknown or repeated one.
         """
         result = self._read(annotation_files, image_root, max_words=max_words, on_error=on_error,
                             check_images=check_images, outside_root=outside_root)
@@ -153,6 +164,12 @@ class _ImageTextDataset(Dataset):
             raise ValueError(f"no usable records in {', '.join(result.files)} (skipped: {dict(result.skipped)})")
         self.unloadable: set[int] = set()  # records whose image failed to decode at load (on_error="skip")
         self.image_ids, self.image_id_of = _contiguous_ids(self._image_key(r) for r in self.records)
+        self.variants = None  # item i is record i
+        if style_variants:
+            self.variants = VariantItems(style_variants, [self._captions(r) for r in range(len(self.records))])
+            if self.images.cache is not None:
+                self.variants.draw_all([r.image for r in self.records], self.images.load,
+                                       cache_max_bytes - self.images.cache.nbytes)
         self.transform = transform if transform is not None else build_transform(
             self._transform_kind, image_size or self._default_image_size, augment=augment, flip_policy=flip_policy,
             **(augmentation or {}))
@@ -165,7 +182,7 @@ class _ImageTextDataset(Dataset):
                              "the student's; teacher_view 'own' needs augmentation on")
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) if self.variants is None else len(self.variants)
 
     def _captions(self, index: int) -> Sequence[str]:
         """Return the captions of record ``index``."""
@@ -203,7 +220,14 @@ class _ImageTextDataset(Dataset):
         if generators is not None and len(generators) != len(indices):
             raise ValueError(f"{len(generators)} generators for {len(indices)} indices")
         draw_from = list(generators) if generators is not None else [None] * len(indices)
-        images, records = self._load_images(indices)  # records[k]: the record item k is made of (indices[k] or a substitute)
+        variants = self.variants
+        # records[k]: the record item k is made of (its own, or the next loadable one with on_error="skip")
+        images, records = self._load_images(indices if variants is None else [variants.record[i] for i in indices])
+        if variants is not None:  # the style a substitute record does not allow: its own drawing
+            styles = [variants.style[i] if variants.allows(variants.style[i], r) else None
+                      for i, r in zip(indices, records)]
+            images = [variants.styled(image, self.records[r].image, style)
+                      for image, r, style in zip(images, records, styles)]
         picks = [self._draw_caption(r, generator) for r, generator in zip(records, draw_from)]
         captions = [self._captions(r)[pick] for r, pick in zip(records, picks)]
         batch, paired = _transform_batch(self.transform, images, captions, generators)
@@ -224,7 +248,7 @@ class _ImageTextDataset(Dataset):
 
 
     def _load_images(self, indices: Sequence[int]) -> tuple[list[torch.Tensor], list[int]]:
-        """Return the decoded images of ``indices`` and the record each one comes from.
+        """Return the decoded images of records ``indices`` and the record each one comes from.
 
         With on_error="raise" record k is indices[k] and a decoding failure raises AnnotationError. With
         "skip" a record whose image fails is remembered, counted and replaced by the next record (in

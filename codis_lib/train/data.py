@@ -96,7 +96,8 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
                             augmentation=augmentation_options(data),
                             cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
                             on_error=data.on_error,
-                            teacher_image=own_image, teacher_caption=other_caption)
+                            teacher_image=own_image, teacher_caption=other_caption,
+                            style_variants=data.style_variants)
     seeded = SeededItems(dataset, train_config.seed)
     try:
         sampler = GlobalBatchSampler(seeded, batch_size=train_config.batch_size, num_replicas=ctx.world_size,

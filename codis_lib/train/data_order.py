@@ -28,7 +28,8 @@ __all__ = ["DATA_ORDER_KEY", "data_order_record", "data_order_changes", "check_r
 
 DATA_ORDER_KEY = "data_order"
 _LABELS = {"global_batch": "global batch (train.batch_size x processes)", "grad_accum_steps": "train.grad_accum_steps",
-           "seed": "train.seed", "task": "train.task", "records": "training records"}
+           "seed": "train.seed", "task": "train.task", "records": "training records",
+           "style_variants": "data.style_variants"}
 
 
 def _file_identity(path: str) -> dict[str, Any]:
@@ -50,7 +51,9 @@ def data_order_record(run) -> dict[str, Any]:
 
     tc, schedule = run.config.train, run.schedule
     run.image_stats = image_file_stats(image_paths(run.data.dataset))
-    return {"images": images_record(run.image_stats),"global_batch": tc.batch_size * run.ctx.world_size, "grad_accum_steps": tc.grad_accum_steps,
+    # Style variants are recorded only when there are some: checkpoints of other runs keep their exact record.
+    styles = {"style_variants": list(run.config.data.style_variants)} if run.config.data.style_variants else {}
+    return {**styles, "images": images_record(run.image_stats),"global_batch": tc.batch_size * run.ctx.world_size, "grad_accum_steps": tc.grad_accum_steps,
             "seed": tc.seed, "task": tc.task, "records": len(run.data.dataset),
             "train_files": [_file_identity(path) for path in run.data.files],
             "schedule": {"total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,

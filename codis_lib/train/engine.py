@@ -36,7 +36,8 @@ What happens, in order (`train` -> `_train`):
 Retrieval fine-tuning (`train.task: finetune`) is the same loop on the retrieval training records,
 with `image_ids` passed to the model (positives share an image id, hard negatives never do) and the
 weights initialised from a pretraining checkpoint (`train.init_from`, position embeddings resampled
-to the new image size).
+to the new image size). Pretraining with `data.style_variants` passes them too: a record's re-drawings
+share its image id, so they are positives of each other, never negatives.
 """
 from __future__ import annotations
 
@@ -182,7 +183,9 @@ def train_step(run: TrainingRun, batches: Iterator[dict], *, step: int, epoch: i
         image = batch["image"].to(ctx.device, non_blocking=True)
         input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(ctx.device, non_blocking=True)
-        image_ids = batch["image_ids"].to(ctx.device) if tc.task == "finetune" else None
+        # Fine-tuning, and pretraining with style variants: a record's images share an id (positives of each other)
+        image_ids = batch["image_ids"].to(ctx.device) if tc.task == "finetune" or run.config.data.style_variants \
+            else None
         teacher = teacher_batch_inputs(batch, run.model_config, ctx.device)  # {} unless the teacher has own views
         seeds = sample_seeds(tc.seed, epoch, batch["index"])  # (B,) from (seed, epoch, dataset index)
         # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
