@@ -20,7 +20,7 @@ CLAIMS = [
     Claim(r"text retrieval <N> ->", "k0_txt_r1", 0.15, FULL),
     Claim(r"text retrieval \*\*[\d.]+\*\* -> <N>,", "k4_txt_r1", 0.15, FULL),
     Claim(r"image retrieval <N> ->", "k0_img_r1", 0.15, FULL),
-    Claim(r"image retrieval \*\*[\d.]+\*\* -> <N>\)", "k4_img_r1", 0.15, FULL),
+    Claim(r"image retrieval \*\*[\d.]+\*\* -> <N>,", "k4_img_r1", 0.15, FULL),
     Claim(r"mean recall <N> contrastive", "k0_r_mean", 0.15, FULL),
     Claim(r"contrastive, <N> at \$k = 16\$", "k16_r_mean", 0.15, FULL),
     Claim(r"<N> at ALBEF's \$k = 128\$", "k128_r_mean", 0.15, FULL),
