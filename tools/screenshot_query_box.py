@@ -10,7 +10,8 @@ command, types the query into the box's caption field, presses Enter, waits for 
 a screenshot of the caption field and its images. The copy, `notebooks/screenshot_query_box.executed.ipynb`,
 is ignored by git, never saved by JupyterLab (autosave off) and deleted at the end, so no tracked file changes
 except `--out`; the notebook writes its outputs to notebooks/outputs/05 as any run of it does. JupyterLab, its
-kernel and the browser are stopped at the end, also on failure. About 4 minutes on 2 idle cores.
+kernel and the browser are stopped at the end, also on failure. It takes the notebook's own run time plus
+about half a minute (13.6 minutes in all on 2 cores shared with three other jobs, 13.0 of them the notebook).
 
 The PNG records in its text chunks the command line, the git commit the notebook ran at ("+changes" when
 tracked files differed), the checkpoint it scored, the query and the browser: `PIL.Image.open(path).text`.
