@@ -38,6 +38,7 @@ import torch
 
 from codis_lib.evaluation.models import TrainedModel
 from codis_lib.train.load_or_train import load_or_train
+from codis_lib.model.trunk_store import TRUNK_CACHE_ENV
 
 __all__ = ["SIZES", "RUN_RECORD", "CI_MODEL_SETTINGS", "CI_MODEL_STEPS", "NotebookRun", "start_notebook", "MainModelSource",
            "main_model_source", "load_main_model", "write_metrics"]
@@ -65,8 +66,13 @@ class NotebookRun:
 
 
 def start_notebook(size: str, output_dir: str | os.PathLike, figure_dir: str | os.PathLike | None = None, *,
-                   seed: int | None = None, num_threads: int | None = None) -> NotebookRun:
+                   seed: int | None = None, num_threads: int | None = None,
+                   share_trunk_maps: bool = False) -> NotebookRun:
     """Return the run's folders (both created) after setting torch's threads and seed, each when given.
+
+    `share_trunk_maps=True` keeps the frozen ImageNet trunk's feature maps on disk in
+    `<output_dir>/../trunk_cache` (sets $CODIS_TRUNK_CACHE_DIR unless it is set already;
+    codis_lib.model.trunk_store), so that notebooks 04-06 compute each image's map once between them.
 
     `figure_dir` None means `<output_dir>/figures`. `num_threads` goes to `torch.set_num_threads`,
     `seed` to `torch.manual_seed`, in that order; None leaves torch's setting as it is (a notebook whose
@@ -80,6 +86,8 @@ def start_notebook(size: str, output_dir: str | os.PathLike, figure_dir: str | o
     if seed is not None:
         torch.manual_seed(seed)
     output_dir = Path(output_dir)
+    if share_trunk_maps:
+        os.environ.setdefault(TRUNK_CACHE_ENV, str((output_dir.parent / "trunk_cache").resolve()))
     figure_dir = output_dir / "figures" if figure_dir is None else Path(figure_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     figure_dir.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,18 @@ def test_figures_default_to_the_output_folder_and_the_run_is_recorded(tmp_path):
         set(), {"commit", "uncommitted_changes"})  # the commit only inside a git checkout
     assert start_notebook("ci", tmp_path / "out", tmp_path / "figs").figure_dir == tmp_path / "figs"
     assert json.loads((tmp_path / "out" / "notebook_run.json").read_text())["size"] == "ci"
+
+
+def test_share_trunk_maps_points_the_trunk_cache_beside_the_output_folder_unless_set(tmp_path, monkeypatch):
+    import os
+
+    from codis_lib.model.trunk_store import TRUNK_CACHE_ENV
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != TRUNK_CACHE_ENV})
+    start_notebook("ci", tmp_path / "outputs" / "04")
+    assert TRUNK_CACHE_ENV not in os.environ  # only when asked
+    start_notebook("ci", tmp_path / "outputs" / "05", share_trunk_maps=True)
+    assert os.environ[TRUNK_CACHE_ENV] == str((tmp_path / "outputs" / "trunk_cache").resolve())
+    os.environ[TRUNK_CACHE_ENV] = str(tmp_path / "mine")
+    start_notebook("ci", tmp_path / "outputs" / "06", share_trunk_maps=True)
+    assert os.environ[TRUNK_CACHE_ENV] == str(tmp_path / "mine")  # the user's choice stands
