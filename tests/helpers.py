@@ -5,8 +5,10 @@ module-level setup of) another module's tests.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+from pathlib import Path
 
 from tests.fixtures_data.corpus import small_emoji_corpus
 
@@ -43,3 +45,12 @@ def hf_bert_like(text, num_layers: int | None = None):
                                       num_hidden_layers=text.num_layers if num_layers is None else num_layers,
                                       num_attention_heads=text.num_heads, intermediate_size=text.intermediate_size,
                                       max_position_embeddings=text.max_position_embeddings))
+
+
+def load_script(path: str | os.PathLike):
+    """Import a script that is not a package module (tools/*.py, experiments/*.py) from its file; return it."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,17 +1,14 @@
 """tools/cost_table.py: its parameter and FLOP counts agree with counts by hand on small modules."""
-import importlib.util
 from pathlib import Path
 
 import torch
+from tests.helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "cost_table.py"
 
 
 def _cost_table():
-    spec = importlib.util.spec_from_file_location("cost_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 class Tiny(torch.nn.Module):

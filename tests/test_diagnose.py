@@ -1,5 +1,4 @@
 """experiments/diagnose.py: variants parse and validate, and a tiny end-to-end run writes every field in range."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -7,16 +6,14 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_data.corpus import small_emoji_corpus
+from tests.helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "diagnose.py"
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 
 def _diagnose():
-    spec = importlib.util.spec_from_file_location("diagnose", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_custom_variants_parse_and_every_variant_is_checked_before_training(tmp_path):

@@ -3,7 +3,6 @@
 A fake repository in tmp_path holds one notebook and its run (made with the real `start_notebook`), so
 nothing here executes a notebook or touches docs/figures/.
 """
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -14,15 +13,14 @@ import pytest
 from PIL import Image
 
 from codis_lib import start_notebook
+from tests.helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "regenerate_figures.py"
 
 
 @pytest.fixture
 def tool(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("regenerate_figures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.setattr(module, "NOTEBOOK_DIR", tmp_path / "notebooks")
     notebook = nbformat.v4.new_notebook()
@@ -75,9 +73,7 @@ def test_a_ci_run_or_another_checkpoint_is_refused_naming_the_file(tool, tmp_pat
 
 
 def test_the_real_notebooks_default_to_folders_the_tool_reads():
-    spec = importlib.util.spec_from_file_location("regenerate_figures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     for number in module.WITH_FIGURES:
         folder = module.run_folder(module.notebook_file(number))
         assert folder == (module.NOTEBOOK_DIR / "outputs" / number).resolve(), number

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "screenshot_query_box.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("screenshot_query_box", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture
