@@ -8,14 +8,28 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `gpu` when no CUDA device is present (they are counted as skipped, not passed)."""
+    """Start-ahead notebook jobs for the collected notebook tests (tests/nbharness.py); skip tests marked `gpu`
+    when no CUDA device is present (they are counted as skipped, not passed)."""
+    from tests.markdown_claims import notebook_size
+    from tests.nbharness import POOL, notebook_jobs
+
+    POOL.select(((item.module.__name__, item.originalname) for item in items
+                 if getattr(item, "module", None) is not None), notebook_jobs(notebook_size()))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Cancel notebook jobs that no test will read (after -x, a failure or Ctrl-C)."""
+    from tests.nbharness import POOL
+
+    POOL.shutdown()
 
 
 @pytest.fixture(scope="module")

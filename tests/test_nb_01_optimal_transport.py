@@ -7,7 +7,7 @@ against a reading-size run already made by `test_reading_size_numbers` (CODIS_NO
 import pytest
 
 from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
-from tests.nbharness import notebook_path, run_notebook
+from tests.nbharness import notebook_job, notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
@@ -42,9 +42,13 @@ def quoted(metrics: dict) -> dict:
     return {**metrics, "marginal_error_iter1": errors["iter1"], "marginal_error_iter3": errors["iter3"]}
 
 
+RUN = notebook_job(__name__, "test_notebook_01_optimal_transport",
+                   lambda: run_notebook("01_optimal_transport", {"size": notebook_size()}))
+
+
 def test_notebook_01_optimal_transport():
     size = notebook_size()
-    metrics = run_notebook("01_optimal_transport", {"size": size})
+    metrics = RUN.result()
     distances = metrics["l1_to_exact_by_eps"]
     # Entropic plans approach the exact plan as eps shrinks.
     assert all(later < earlier for earlier, later in zip(distances, distances[1:])), distances

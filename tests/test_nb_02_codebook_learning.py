@@ -8,7 +8,7 @@ pytest tests/test_nb_02_codebook_learning.py -k reading_size`, or by executing o
 import pytest
 
 from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
-from tests.nbharness import notebook_path, run_notebook
+from tests.nbharness import notebook_job, notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 
@@ -29,9 +29,13 @@ def quoted(metrics: dict) -> dict:
             "agreement_end_percent": 100 * metrics["agreement_end"]}
 
 
+RUN = notebook_job(__name__, "test_notebook_02_codebook_learning",
+                   lambda: run_notebook("02_codebook_learning", {"size": notebook_size()}))
+
+
 def test_notebook_02_codebook_learning():
     size = notebook_size()
-    metrics = run_notebook("02_codebook_learning", {"size": size})
+    metrics = RUN.result()
     assert metrics["hand_vs_library_max_abs"] < 1e-6
     chance = 1 / metrics["n_codes"]
     assert metrics["agreement_start"] < 3 * chance + 0.1

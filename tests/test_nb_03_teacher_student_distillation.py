@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.markdown_claims import Claim, check_claims, check_full_run, markdown_text, notebook_size
-from tests.nbharness import notebook_path, run_notebook
+from tests.nbharness import notebook_job, notebook_path, run_notebook
 
 NAME = "03_teacher_student_distillation"
 RUNS = ("distillation", "one-hot", "ALBEF columns")
@@ -115,10 +115,14 @@ def assert_reading_size_orderings(metrics: dict) -> None:
     assert all(recall[label]["teacher"] < recall[label]["student"] for label in RUNS)
 
 
+RUN = notebook_job(__name__, "test_notebook_03_teacher_student_distillation",
+                   lambda: run_notebook(NAME, {"size": notebook_size()}, timeout_s=1800))
+
+
 @pytest.mark.slow  # executes the notebook with papermill (about a minute)
 def test_notebook_03_teacher_student_distillation():
     size = notebook_size()
-    metrics = run_notebook(NAME, {"size": size}, timeout_s=1800)
+    metrics = RUN.result()
     # Section 1: the half-life formula and the library's EMA rule.
     assert abs(metrics["ema_half_life_measured"] - metrics["ema_half_life_formula"]) <= 1.0
     assert metrics["ema_check_max_abs_error"] < 1e-12

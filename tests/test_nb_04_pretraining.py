@@ -7,7 +7,7 @@ CODIS_NOTEBOOK_SIZE=full; the constants (2 ln K, H(1/3)) at both sizes.
 import pytest
 
 from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
-from tests.nbharness import notebook_path, run_notebook
+from tests.nbharness import notebook_job, notebook_path, run_notebook
 from codis_lib.data.emoji_new_style import noto_font_path
 
 MAIN_SPLITS = (["new_drawings", "new_style", "test"] if noto_font_path() is not None  # pretrain_emoji's splits,
@@ -51,9 +51,13 @@ CLAIMS = [
 ]
 
 
+RUN = notebook_job(__name__, "test_notebook_04_pretraining",
+                   lambda: run_notebook("04_pretraining", {"size": notebook_size()}, timeout_s=1800))
+
+
 def test_notebook_04_pretraining():
     size = notebook_size()
-    metrics = run_notebook("04_pretraining", {"size": size}, timeout_s=1800)
+    metrics = RUN.result()
     assert metrics["lr_hand_vs_library_max_abs"] < 1e-12 and metrics["alpha_hand_vs_library_max_abs"] < 1e-12
     assert metrics["steps"] == (80 if size == "ci" else 240)
     assert set(metrics["terms"]) == {"align", "code", "ot", "itm", "mlm"}

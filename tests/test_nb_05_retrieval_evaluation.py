@@ -7,7 +7,7 @@ those numbers are Claims checked after codis-pretrain, against a run already mad
 import pytest
 
 from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
-from tests.nbharness import notebook_path, run_notebook
+from tests.nbharness import notebook_job, notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 MAIN_CHECKPOINT = "pretrain_emoji/checkpoint_final.pt"  # README command 1's, which the reading-size run scores
@@ -32,9 +32,18 @@ CLAIMS = [
 ]
 
 
+# One run for both tests: README's command, `-p query "cat"` with interactive left True as a student runs it.
+# With a query the widget box is skipped (its cell once hung under papermill in CI) and the query's own cell
+# prints and draws; the fixed caption query, checked against the evaluation, runs since no widgets are drawn.
+RUN = notebook_job(__name__, ("test_notebook_05_retrieval_evaluation",
+                              "test_notebook_05_answers_your_words_under_papermill"),
+                   lambda: run_notebook("05_retrieval_evaluation", {"size": notebook_size(), "query": "cat"},
+                                        timeout_s=1800))
+
+
 def test_notebook_05_retrieval_evaluation():
     size = notebook_size()
-    metrics = run_notebook("05_retrieval_evaluation", {"size": size, "interactive": False}, timeout_s=1800)
+    metrics = RUN.result()
     k = 8 if size == "ci" else 128
     if size == "ci":
         assert metrics["trained_now"] is True and metrics["checkpoint_step"] == 40  # CI makes its own small model
@@ -91,7 +100,7 @@ def test_notebook_05_retrieval_evaluation():
     shown = [word for words in metrics["gradcam_words_shown"] for word in words]
     assert shown and "emoji" not in shown and not {"a", "an", "of", "the", "&", ":"} & set(shown)
     assert -1.0 <= metrics["gradcam_composite_shift_mean"] <= 1.0
-    # the query box, run once without widgets: a split caption gets the evaluation's scores
+    # the query box, run once without widgets (a query was given): a split caption gets the evaluation's scores
     assert metrics["query_box_interactive"] is False
     assert metrics["query_box_vs_evaluation_max_abs"] < 1e-4
     assert len(metrics["query_top_images"]) == len(metrics["query_top_captions"]) == 5
@@ -108,9 +117,7 @@ def test_notebook_05_answers_your_words_under_papermill():
     """`-p query "cat"`: the top images of the gallery are printed and recorded; no widget text is printed."""
     import nbformat
 
-    # README's command: interactive stays True, as a student runs it; with a query the widget box is skipped
-    # (its cell once hung under papermill in CI), the query's own cell prints and draws
-    metrics = run_notebook("05_retrieval_evaluation", {"query": "cat"})
+    metrics = RUN.result()
     assert metrics["query"] == "cat" and metrics["query_gallery"] == "new_drawings"
     names = metrics["query_top_names"]
     assert len(names) == 5 and all(isinstance(name, str) and name for name in names)

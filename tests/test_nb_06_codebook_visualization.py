@@ -7,7 +7,7 @@ Its markdown quotes the main command's model: those numbers are Claims checked a
 import pytest
 
 from tests.markdown_claims import Claim, check_claims, check_full_run, notebook_size
-from tests.nbharness import notebook_path, run_notebook
+from tests.nbharness import notebook_job, notebook_path, run_notebook
 
 pytestmark = pytest.mark.slow  # executes a notebook with papermill (10-60 s)
 MAIN_CHECKPOINT = "pretrain_emoji/checkpoint_final.pt"  # README command 1's, which the reading-size run scores
@@ -38,9 +38,13 @@ CLAIMS = [
 ]
 
 
+RUN = notebook_job(__name__, "test_notebook_06_codebook_visualization",
+                   lambda: run_notebook("06_codebook_visualization", {"size": notebook_size()}, timeout_s=1800))
+
+
 def test_notebook_06_codebook_visualization():
     size = notebook_size()
-    metrics = run_notebook("06_codebook_visualization", {"size": size}, timeout_s=1800)
+    metrics = RUN.result()
     main_run = "pretrain_ci" if size == "ci" else "pretrain_emoji"  # CI trains its own; full reads codis-pretrain's
     assert metrics["trained_now"] is (size == "ci")
     assert metrics["checkpoint"].endswith(f"{main_run}/checkpoint_final.pt")

@@ -6,13 +6,14 @@ from that checkpoint, finish step 4, evaluate every split with chance beside rec
 single-process evaluation. Then the ALBEF checks.
 """
 import json
+import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
 
-from tests.nbharness import run_notebook
+from tests.nbharness import notebook_job, run_notebook
 from codis_lib.data.emoji_new_style import noto_font_path
 
 MAIN_SPLITS = (["new_drawings", "new_style", "test"] if noto_font_path() is not None  # pretrain_emoji's splits,
@@ -26,17 +27,25 @@ def _outputs(executed: str) -> int:
     return sum(len(cell.get("outputs", [])) for cell in nbformat.read(executed, as_version=4).cells)
 
 
-def test_notebook_07_full_pretraining_stops_resumes_and_reports_chance(tmp_path):
-    out = tmp_path / "outputs"
+def _stop_then_resume() -> tuple[dict, dict, Path]:
+    """Run 07 stopped after step 2 in the kernel, then again into the same folder; return both metrics and it."""
+    out = Path(tempfile.mkdtemp(prefix="nb_07_twice_")) / "outputs"
     first = run_notebook("07_full_pretraining", {"output_dir": str(out), "launcher": "inprocess",
                                                  "nproc_per_node": 1, "stop_at_step": 2})
+    return first, run_notebook("07_full_pretraining", {"output_dir": str(out)}), out
+
+
+RUN = notebook_job(__name__, "test_notebook_07_full_pretraining_stops_resumes_and_reports_chance", _stop_then_resume)
+
+
+def test_notebook_07_full_pretraining_stops_resumes_and_reports_chance():
+    first, second, out = RUN.result()
     assert first["plan"] == {"config_name": "pretrain_emoji", "nproc_per_node": 1, "launcher": "inprocess",
                              "backend": "none"}
     assert first["launched"] is True and first["resumed_from_step"] is None
     assert first["finished"] is False and first["steps"] == 2  # stopped with a checkpoint, no evaluation yet
     assert "recall" not in first
 
-    second = run_notebook("07_full_pretraining", {"output_dir": str(out)})
     assert second["missing"] == [] and second["launched"] is True
     assert second["plan"] == {"config_name": "pretrain_emoji", "nproc_per_node": 2, "launcher": "torchrun",
                               "backend": "gloo"}

@@ -11,7 +11,7 @@ import subprocess
 import nbformat
 import pytest
 
-from tests.nbharness import NOTEBOOK_DIR, REPO_ROOT, run_notebook
+from tests.nbharness import NOTEBOOK_DIR, REPO_ROOT, notebook_job, run_notebook
 from tests.test_notebooks_layout import NOTEBOOKS
 
 TRACKED_FIGURES = (REPO_ROOT / "docs" / "figures", NOTEBOOK_DIR / "figures")  # today's, and where they were
@@ -82,10 +82,8 @@ def test_the_default_output_and_figure_folders_are_ignored_by_git(path):
         assert _git("check-ignore", "-q", f"{relative}/x.png").returncode == 0, f"{path.name}: {relative} not ignored"
 
 
-@pytest.mark.slow  # executes a notebook with papermill (about 20 s)
-def test_running_a_notebook_leaves_git_status_unchanged():
-    if not _in_git_checkout():
-        pytest.skip("not a git checkout")
+def _run_01_in_its_own_folder() -> tuple[dict, list[str], str, str]:
+    """Run notebook 01 into its default (ignored) folders; return its metrics, figures and git status around it."""
     output_dir = "outputs/_test_git_status_01"  # in the notebook's own ignored folder; not the reading run's
     shutil.rmtree(NOTEBOOK_DIR / output_dir, ignore_errors=True)
     before = _git("status", "--porcelain").stdout
@@ -95,5 +93,17 @@ def test_running_a_notebook_leaves_git_status_unchanged():
         after = _git("status", "--porcelain").stdout
     finally:
         shutil.rmtree(NOTEBOOK_DIR / output_dir, ignore_errors=True)
+    return metrics, figures, before, after
+
+
+RUN = notebook_job(__name__, "test_running_a_notebook_leaves_git_status_unchanged",
+                   lambda: _run_01_in_its_own_folder() if _in_git_checkout() else None)
+
+
+@pytest.mark.slow  # executes a notebook with papermill (about 20 s)
+def test_running_a_notebook_leaves_git_status_unchanged():
+    if not _in_git_checkout():
+        pytest.skip("not a git checkout")
+    metrics, figures, before, after = RUN.result()
     assert metrics["n_codes"] > 0 and len(figures) >= 3, figures  # it ran and drew into <output_dir>/figures
     assert after == before, f"running notebook 01 changed the checkout:\nbefore:\n{before}\nafter:\n{after}"
