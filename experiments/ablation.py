@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run every mode for the most expensive mode's mean training time")
     parser.add_argument("--time-seeds", nargs="+", type=int, default=None,
                         help="seeds of the equal-time runs (default: --seeds)")
+    parser.add_argument("--step-seconds", nargs="+", default=None, metavar="MODE=SECONDS",
+                        help="each mode's cost of a step for --equal-time, measured apart (e.g. by a short run of each "
+                             "on the idle machine), instead of the equal-steps runs' mean training time: those also "
+                             "hold the first pass that fills the trunk cache and whatever ran beside them")
     parser.add_argument("--config", default="pretrain_emoji")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (repeatable)")
@@ -70,6 +74,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
     args = parser.parse_args(argv)
     args.splits = args.splits or ["new_drawings", "test"]
+    if args.step_seconds is not None:
+        costs = {}
+        for item in args.step_seconds:
+            mode, _, value = item.partition("=")
+            try:
+                costs[mode] = float(value)
+            except ValueError:
+                parser.error(f"--step-seconds {item!r}: expected MODE=SECONDS, e.g. clip=0.15")
+            if mode not in args.modes or costs[mode] <= 0:
+                parser.error(f"--step-seconds {item!r}: the mode must be one of --modes and the seconds positive")
+        if set(costs) != set(args.modes):
+            parser.error(f"--step-seconds: give every mode of --modes ({', '.join(args.modes)}), got {', '.join(costs)}")
+        args.step_seconds = costs
     return args
 
 
@@ -210,7 +227,8 @@ def main(argv=None) -> int:
     runs = run_set(jobs, args)
     results = {"equal_steps": report(runs, args, f"Equal steps ({args.steps})")}
     if args.equal_time:
-        per_step = {mode: results["equal_steps"]["train_seconds"][mode] / args.steps for mode in args.modes}
+        per_step = args.step_seconds or {mode: results["equal_steps"]["train_seconds"][mode] / args.steps
+                                         for mode in args.modes}
         budget_s = max(per_step.values()) * args.steps
         time_steps = {mode: max(1, round(budget_s / per_step[mode])) for mode in args.modes}
         print(f"\nequal time: {budget_s:.0f} s of training per run -> "
@@ -227,6 +245,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
                                "modes": args.modes, "eval_k": args.eval_k, "splits": args.splits,
+                               "step_seconds": args.step_seconds,
                                "overrides": args.overrides, **results, "wall_s": wall, "runs": runs}, indent=2))
     print(f"results: {out}")
     return 0

@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.query.strip():
         fail("--query: empty")
+    if os.sep in args.jupyter_python:  # a path (.venv/bin/python): JupyterLab starts in notebooks/, so make it absolute
+        args.jupyter_python = str(Path(args.jupyter_python).absolute())
     chromium = find_chromium(args.chromium)
     preflight(args.jupyter_python, chromium)
     command = shlex.join(["python", "tools/screenshot_query_box.py", *(sys.argv[1:] if argv is None else argv)])
