@@ -16,7 +16,10 @@ the equal-steps runs, so both sets share the machine's conditions), reported wit
 Runs go `--parallel` at a time, one CPU thread each; a finished run (its eval JSONs exist) is reused
 unless --fresh is given, so an interrupted ablation continues where it stopped.
 
-    python experiments/ablation.py --seeds 0 1 2 3 4 --equal-time --time-seeds 0 1 2   # the tables of docs/results.md
+    python experiments/ablation.py --seeds 0 1 2 3 4 --equal-time --time-seeds 0 1 2   # the from-scratch tables of docs/results.md
+    python experiments/ablation.py --seeds 0 1 2 3 4 --equal-time --time-seeds 0 1 2 3 4 \
+        --step-seconds clip=0.102 albef=0.549 codis=0.393 --split new_drawings --split new_style --split test
+                                                            # the ImageNet tower's (per-step costs from 80-step probes)
     python experiments/ablation.py --modes albef codis --steps 100 --seeds 0   # a quick look
     python experiments/ablation.py --split test --out-dir /tmp/codis_ablation_test
 
