@@ -26,10 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Cancel notebook jobs that no test will read (after -x, a failure or Ctrl-C)."""
-    from tests.nbharness import POOL
+    """Cancel notebook jobs that no test will read (after -x, a failure or Ctrl-C); when every test passed, delete
+    the notebook runs' temporary folders (about 90 MB each; kept after a failure, to read the executed copies)."""
+    from tests.nbharness import POOL, remove_work_dirs
 
     POOL.shutdown()
+    if exitstatus == pytest.ExitCode.OK:
+        remove_work_dirs()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -30,17 +31,37 @@ def notebook_path(name: str) -> Path:
     return path
 
 
+_WORK_DIRS: list[Path] = []  # the temporary folders of this session's notebook runs (about 90 MB each)
+
+
+def notebook_work_dir(prefix: str) -> Path:
+    """Return a new temporary folder for a notebook run, removed by `remove_work_dirs` at the session's end."""
+    work_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    _WORK_DIRS.append(work_dir)
+    return work_dir
+
+
+def remove_work_dirs() -> int:
+    """Delete the session's notebook folders (conftest calls it when every test passed); return how many."""
+    removed = 0
+    while _WORK_DIRS:
+        shutil.rmtree(_WORK_DIRS.pop(), ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def run_notebook(name: str, extra_parameters: dict | None = None, timeout_s: int = 600) -> dict:
     """Run notebooks/<name>.ipynb with size="ci" in a temporary directory; return its metrics.json.
 
-    The executed copy stays in the temporary directory (reported in the error on failure). The
+    The executed copy stays in the temporary directory (reported in the error on failure), which is
+    deleted at the end of a session in which every test passed (tests/conftest.py). The
     returned dict gains `_wall_s`, the notebook's wall time, and `_executed`, the executed copy's path. `extra_parameters` may move the output
     folder (a relative `output_dir` is relative to notebooks/, where the notebook runs) and pass
     `figure_dir=None`, the notebook's own default (`<output_dir>/figures`).
     """
     import papermill as pm
 
-    work_dir = Path(tempfile.mkdtemp(prefix=f"nb_{name}_"))
+    work_dir = notebook_work_dir(f"nb_{name}_")
     output_dir = work_dir / "outputs"
     parameters = {"size": "ci", "output_dir": str(output_dir), "figure_dir": str(work_dir / "figures")}
     parameters.update(extra_parameters or {})

@@ -6,14 +6,13 @@ from that checkpoint, finish step 4, evaluate every split with chance beside rec
 single-process evaluation. Then the ALBEF checks.
 """
 import json
-import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
 
-from tests.nbharness import notebook_job, run_notebook
+from tests.nbharness import notebook_job, notebook_work_dir, run_notebook
 from codis_lib.data.emoji_new_style import noto_font_path
 
 MAIN_SPLITS = (["new_drawings", "new_style", "test"] if noto_font_path() is not None  # pretrain_emoji's splits,
@@ -29,7 +28,7 @@ def _outputs(executed: str) -> int:
 
 def _stop_then_resume() -> tuple[dict, dict, Path]:
     """Run 07 stopped after step 2 in the kernel, then again into the same folder; return both metrics and it."""
-    out = Path(tempfile.mkdtemp(prefix="nb_07_twice_")) / "outputs"
+    out = notebook_work_dir("nb_07_twice_") / "outputs"
     first = run_notebook("07_full_pretraining", {"output_dir": str(out), "launcher": "inprocess",
                                                  "nproc_per_node": 1, "stop_at_step": 2})
     return first, run_notebook("07_full_pretraining", {"output_dir": str(out)}), out

@@ -87,3 +87,14 @@ def test_how_many_notebooks_run_at_once(monkeypatch):
         monkeypatch.setenv(JOBS_VARIABLE, bad)
         with pytest.raises(ValueError, match=JOBS_VARIABLE):
             notebook_jobs("ci")
+
+
+def test_the_notebook_folders_are_removed_only_when_asked(monkeypatch):
+    import tests.nbharness as harness
+
+    monkeypatch.setattr(harness, "_WORK_DIRS", [])  # this session's real folders stay out of it
+    folders = [harness.notebook_work_dir("nb_test_") for _ in range(2)]
+    (folders[0] / "executed.ipynb").write_text("{}")
+    assert all(folder.is_dir() for folder in folders)
+    assert harness.remove_work_dirs() == 2
+    assert not any(folder.exists() for folder in folders) and harness._WORK_DIRS == []
