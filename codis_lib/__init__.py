@@ -21,7 +21,7 @@ What a notebook needs, importable from here (`from codis_lib import build_model,
   ranks_of_best_match, retrieval_metrics), retrieval_split_dataset, retrieval_split_file, split_title,
   EMOJI_SPLIT_DESCRIPTIONS, retrieval_report, run_evaluation, format_retrieval_table,
   format_evaluation_table, paper_rows, format_poster_markdown, your own words against a gallery
-  (rank_images_for_text, gallery_image_features, gallery_names, answering_images: the everyday-word
+  (rank_images_for_text, text_image_similarity, gallery_image_features, gallery_names, answering_images: the everyday-word
   benchmark's pieces, notebook 05's `query`) and word-level Grad-CAM on the fusion
   encoder (gradcam, gradcam_by_layer, GradCAM, content_words, image_grid, normalise_map, blank_canvas, paste_scaled);
 - optimal transport and the codebook: sinkhorn, sinkhorn_with_info, ot_cost, sinkhorn_reference (SwAV's
@@ -116,6 +116,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "EMOJI_SPLIT_DESCRIPTIONS": ("codis_lib.evaluation.report", "EMOJI_SPLIT_DESCRIPTIONS"),
     "run_evaluation": ("codis_lib.evaluation.cli", "run_evaluation"),
     "rank_images_for_text": ("codis_lib.evaluation.word_queries", "rank_images_for_text"),
+    "text_image_similarity": ("codis_lib.evaluation.word_queries", "text_image_similarity"),
     "gallery_image_features": ("codis_lib.evaluation.word_queries", "gallery_image_features"),
     "gallery_names": ("codis_lib.evaluation.word_queries", "gallery_names"),
     "answering_images": ("codis_lib.evaluation.word_queries", "answering_images"),

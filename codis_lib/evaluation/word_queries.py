@@ -94,6 +94,11 @@ def gallery_names(dataset, manifest_path: str | Path) -> list[str]:
 @torch.no_grad()
 def rank_images_for_text(model, tokenizer, image_feat: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """Return, for each text, the gallery's image indices sorted by contrastive similarity (best first)."""
+    return text_image_similarity(model, tokenizer, image_feat, texts).argsort(dim=1, descending=True)
+
+
+def text_image_similarity(model, tokenizer, image_feat: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Return the (texts, images) contrastive similarities of each text's feature with the gallery's unit features."""
     from codis_lib.data.collate import tokenize_captions
 
     tokens = tokenize_captions(tokenizer, texts)
@@ -104,7 +109,7 @@ def rank_images_for_text(model, tokenizer, image_feat: torch.Tensor, texts: list
         _, text_feat = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
     finally:
         model.train(was_training)
-    return (text_feat @ image_feat.t()).argsort(dim=1, descending=True)
+    return text_feat @ image_feat.t()
 
 
 def _chance_hit(num_images: int, answering: int, k: int) -> float:
