@@ -25,8 +25,10 @@ Mode and loss switches: the mode fixes which parts exist in the computation.
 Each switch in `losses` is `None` (use the mode's default), `true` or `false`; switching on a term
 its mode cannot compute (e.g. `itm` in clip) is an error, switching one off is an ablation.
 
-Teacher views (modes albef and codis; clip has no teacher): `teacher_view` "same" (ALBEF) or "own" (a
-second draw of the training augmentation, as TCL's `image_aug`, carried as `batch["image_teacher"]`);
+Teacher views (modes albef and codis; clip has no teacher): `teacher_view` "same" (ALBEF), "own" (a
+second draw of the training augmentation, as TCL's `image_aug`, carried as `batch["image_teacher"]`) or
+"other_drawing" (another training image with the record's very captions: on the emoji corpus the emoji's
+drawing in the other art family; the record's own image where it has none), also `batch["image_teacher"]`;
 `teacher_text_view` "same" (ALBEF), "dropout" (the same caption, the views differing by dropout masks
 as in TCL; an error when the text dropout is 0) or "other_caption" (another caption of the record).
 """
@@ -177,7 +179,8 @@ class ModelConfig:
     mlm_probability: float = 0.15
     gradient_checkpointing: bool = False  # recompute encoder activations in backward (saves memory)
     # What the momentum teacher encodes (module docstring, README); ignored in clip mode (no teacher).
-    teacher_view: Literal["same", "own"] = "same"  # image: the student's augmented image, or its own draw
+    teacher_view: Literal["same", "own", "other_drawing"] = "same"  # image: the student's augmented image, its own
+    # draw, or another drawing of the same captions (module docstring)
     teacher_text_view: Literal["same", "dropout", "other_caption"] = "same"  # caption: the same, or another
 
     # ------------------------------------------------------------------ construction

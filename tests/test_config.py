@@ -94,9 +94,10 @@ def test_teacher_views_are_validated_naming_the_key(tmp_path):
     tiny = ModelConfig.preset("tiny")
     assert (tiny.teacher_view, tiny.teacher_text_view) == ("same", "same")  # ALBEF's single view by default
     assert tiny.with_overrides(teacher_view="own", teacher_text_view="other_caption").teacher_view == "own"
+    assert tiny.with_overrides(teacher_view="other_drawing").teacher_view == "other_drawing"
     path = tmp_path / "views.yaml"
     path.write_text(yaml.safe_dump({"preset": "tiny", "teacher_view": "both"}))
-    with pytest.raises(ConfigError, match=r"teacher_view must be one of 'same', 'own', got 'both'"):
+    with pytest.raises(ConfigError, match=r"teacher_view must be one of 'same', 'own', 'other_drawing', got 'both'"):
         load_model_config(path)
     with pytest.raises(ConfigError, match="teacher_text_view must be one of"):
         tiny.with_overrides(teacher_text_view="augment")
@@ -107,7 +108,7 @@ def test_teacher_views_are_validated_naming_the_key(tmp_path):
         == "dropout"
     assert ModelConfig.preset("base").with_overrides(teacher_text_view="dropout").text.hidden_dropout == 0.1
     bad = ModelConfig(teacher_view="twice")  # built directly, past the typed loader: validate still names it
-    with pytest.raises(ConfigError, match="teacher_view: must be one of same, own, got 'twice'"):
+    with pytest.raises(ConfigError, match="teacher_view: must be one of same, own, other_drawing, got 'twice'"):
         bad.validate()
     # clip mode has no teacher: the switch is accepted and has no effect there (mode sweeps keep working).
     assert tiny.with_overrides(mode="clip", teacher_view="own").mode == "clip"

@@ -275,6 +275,35 @@ def test_teacher_image_view_of_a_plain_callable_transform_is_a_second_draw(corpu
     assert torch.equal(SeededItems(dataset, seed=1)[1]["image_teacher"], items[1]["image_teacher"])
 
 
+def test_other_drawing_gives_the_teacher_the_image_with_the_same_captions(corpus):
+    """teacher_other_drawing: the teacher's image is another record's with the very same captions, else its own."""
+    out, _, _ = corpus
+    raw = json.loads((out / "pretrain.json").read_text())
+    dataset = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, cache=True,
+                              teacher_image=True, teacher_other_drawing=True)
+    plain = PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False, cache=True)
+    twins = [i for i, others in enumerate(dataset.siblings) if others]
+    alone = [i for i, others in enumerate(dataset.siblings) if not others]
+    assert twins and alone  # the small corpus has emoji drawn by both families and emoji held out of one
+    for index in range(len(raw)):
+        expected = [j for j in range(len(raw)) if raw[j]["caption"] == raw[index]["caption"]
+                    and raw[j]["image"] != raw[index]["image"]]
+        assert dataset.siblings[index] == expected
+    items = dataset.__getitems__(twins[:3] + alone[:2])
+    for item in items:
+        own = plain[item["index"]]["image"]
+        assert torch.equal(item["image"], own)  # the student's input is unchanged
+        others = dataset.siblings[item["index"]]
+        if others:
+            assert torch.equal(item["image_teacher"], plain[others[0]]["image"])
+            assert raw[others[0]]["image"].split("/")[-1] == raw[item["index"]]["image"].split("/")[-1]
+        else:
+            assert torch.equal(item["image_teacher"], own)
+    with pytest.raises(ValueError, match="teacher_other_drawing=True needs teacher_image=True"):
+        PretrainDataset(out / "pretrain.json", image_size=SMALL_CORPUS_SIZE, augment=False,
+                        teacher_other_drawing=True)
+
+
 def test_teacher_views_refuse_swapping_flips_no_augmentation_and_ragged_batches(corpus):
     out, _, _ = corpus
     with pytest.raises(ValueError, match="flip_policy='swap' with a teacher view"):

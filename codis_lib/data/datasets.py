@@ -11,7 +11,10 @@ Each training item is a dict ``{"image": (3, S, S) float, "caption": str, "image
 For the momentum teacher's own views (``ModelConfig.teacher_view`` / ``teacher_text_view``) the
 training datasets built with ``teacher_image=True`` add ``"image_teacher"`` (a second, independent draw
 of the same transform) and with ``teacher_caption=True`` ``"caption_teacher"`` (another caption of the
-record, the same one when it has only one). Both are drawn after the student's inputs, so those
+record, the same one when it has only one); with ``teacher_other_drawing=True`` too, the teacher's image is
+another record's with the very same captions (on the emoji corpus: the emoji drawn by the other art family;
+one drawn at random when there are several; the record's own image when there is none), under the same
+transform. All are drawn after the student's inputs, so those
 stay the same whatever the teacher sees. The teacher image's flip (``flip_policy="skip"``) respects
 the sides named by both captions it is paired with; the student's image still looks at its own caption
 only. ``"swap"`` is refused with a teacher view, since the two views could disagree on left and right.
@@ -137,6 +140,7 @@ class _ImageTextDataset(Dataset):
         cache_max_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
         teacher_image: bool = False,
         teacher_caption: bool = False,
+        teacher_other_drawing: bool = False,
         background: Sequence[int] = WHITE,
         outside_root: str = "warn",
         style_variants: Sequence[str] = (),
@@ -145,7 +149,8 @@ class _ImageTextDataset(Dataset):
 
         augmentation: build_transform's crop_scale / randaugment_ops / randaugment_magnitude (data config keys).
         teacher_image / teacher_caption: also return the teacher's own image view / another caption
-        (see the module docstring). background: the (R, G, B) transparent pixels are composited on
+        (see the module docstring); teacher_other_drawing: the teacher's image is another drawing of the
+        record's captions (needs teacher_image). background: the (R, G, B) transparent pixels are composited on
         (white, the emoji corpus's). outside_root: see `read_pretrain_annotations`.
         on_error="skip" also drops a record whose image cannot be decoded: when the cache is built
         (counted in ``skipped["corrupt_image"]``), or, without a cache, when it is first loaded: the
@@ -177,7 +182,12 @@ class _ImageTextDataset(Dataset):
         if (teacher_image or teacher_caption) and getattr(self.transform, "flip_policy", None) == "swap":
             raise ValueError("flip_policy='swap' with a teacher view: the student's and the teacher's inputs could "
                              "disagree on left and right; use flip_policy 'skip' or 'ignore'")
-        if teacher_image and getattr(self.transform, "augment", True) is False:
+        if teacher_other_drawing and not teacher_image:
+            raise ValueError("teacher_other_drawing=True needs teacher_image=True (the teacher's image is the one "
+                             "replaced by another drawing)")
+        self.siblings = _other_drawings([tuple(self._captions(r)) for r in range(len(self.records))],
+                                        [r.image for r in self.records]) if teacher_other_drawing else None
+        if teacher_image and not teacher_other_drawing and getattr(self.transform, "augment", True) is False:
             raise ValueError("teacher_image=True with augment=False (data.augment): the teacher's image would be "
                              "the student's; teacher_view 'own' needs augmentation on")
 
@@ -241,11 +251,29 @@ class _ImageTextDataset(Dataset):
             for item, other in zip(items, others):
                 item["caption_teacher"] = other
         if self.teacher_image:
+            if self.siblings is not None:
+                images = [self._other_drawing(r, image, generator)
+                          for r, image, generator in zip(records, images, draw_from)]
             teacher_batch, _ = _transform_batch(self.transform, images, flip_captions, generators)
             for row, item in enumerate(items):
                 item["image_teacher"] = teacher_batch[row]
         return items
 
+    def _other_drawing(self, record: int, own: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Return the image of a record with ``record``'s captions and another image (drawn), or ``own`` if none."""
+        others = [s for s in self.siblings[record] if s not in self.unloadable]
+        if not others:
+            return own
+        pick = others[0] if len(others) == 1 else others[int(torch.randint(len(others), (), generator=generator))]
+        if self.on_error != "skip":
+            return self.images.load(self.records[pick].image)
+        try:
+            return self.images.load(self.records[pick].image)
+        except (AnnotationError, OSError, ValueError, SyntaxError) as err:
+            self.unloadable.add(pick)
+            self.skipped["corrupt_image_at_load"] += 1
+            logger.warning("the teacher's other drawing cannot be decoded (%s); it reads the record's own image", err)
+            return own
 
     def _load_images(self, indices: Sequence[int]) -> tuple[list[torch.Tensor], list[int]]:
         """Return the decoded images of records ``indices`` and the record each one comes from.
@@ -410,3 +438,12 @@ class RetrievalEvalDataset(Dataset):
         else:
             batch = torch.stack([self.transform(img) for img in images])
         return [{"image": batch[row], "index": i} for row, i in enumerate(indices)]
+
+
+def _other_drawings(caption_lists: Sequence[tuple], images: Sequence[str]) -> list[list[int]]:
+    """Return, per record, the other records with the same caption list and another image path (file order)."""
+    groups: dict[tuple, list[int]] = {}
+    for record, captions in enumerate(caption_lists):
+        groups.setdefault(captions, []).append(record)
+    return [[other for other in groups[captions] if images[other] != images[record]]
+            for record, captions in enumerate(caption_lists)]

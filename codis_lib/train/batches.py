@@ -24,9 +24,10 @@ _TEXT_KEYS = (("input_ids", "attention_mask"), ("teacher_input_ids", "teacher_at
 def teacher_view_inputs(model_config: ModelConfig) -> tuple[bool, bool]:
     """Return (own image, other caption): the second inputs the training data carries for the momentum teacher.
 
-    Set by `teacher_view: own` and `teacher_text_view: other_caption`; never in clip mode (no teacher).
+    Set by `teacher_view: own` or `other_drawing` and `teacher_text_view: other_caption`; never in clip mode (no
+    teacher).
     """
-    return (model_config.uses_teacher and model_config.teacher_view == "own",
+    return (model_config.uses_teacher and model_config.teacher_view in ("own", "other_drawing"),
             model_config.uses_teacher and model_config.teacher_text_view == "other_caption")
 
 
