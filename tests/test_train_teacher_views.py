@@ -70,3 +70,8 @@ def test_a_tiny_run_with_other_drawing_hands_the_teacher_the_other_familys_image
             assert same != bool(others)  # another drawing exactly when the emoji has one (no augmentation)
             twins, alone = twins + bool(others), alone + (not others)
     assert twins and alone
+    batches.clear()  # clip has no teacher: the option is accepted and loads nothing more (mode sweeps keep working)
+    overrides = tiny_run_overrides(tmp_path / "clip", 2, **{"model.teacher_view": "other_drawing", "model.mode": "clip"})
+    with contextlib.redirect_stdout(printed):
+        assert pretrain_main([a for value in overrides for a in ("--set", value)]) == 0, printed.getvalue()[-2000:]
+    assert batches and all("image_teacher" not in item for _, items in batches for item in items)

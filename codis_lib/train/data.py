@@ -97,7 +97,7 @@ def build_train_data(config: RunConfig, ctx: RunContext) -> TrainData:
                             cache=data.cache_images, check_images="exists" if data.cache_images else "verify",
                             on_error=data.on_error,
                             teacher_image=own_image, teacher_caption=other_caption,
-                            teacher_other_drawing=config.model.teacher_view == "other_drawing",
+                            teacher_other_drawing=own_image and config.model.teacher_view == "other_drawing",
                             style_variants=data.style_variants)
     seeded = SeededItems(dataset, train_config.seed)
     try:
