@@ -63,6 +63,11 @@ def test_hit_at_k_is_perfect_when_images_sit_on_their_words_and_near_chance_when
     assert "toy" in format_word_table([result]) and "hit@1 100.0 %" in format_word_table([result])
     shuffled = image_feat[torch.randperm(len(names))]
     assert rank_images_for_text(model, tokenizer, shuffled, ["cat"]).shape == (1, len(names))
+    from codis_lib.evaluation.word_queries import text_image_similarity
+
+    scores = text_image_similarity(model, tokenizer, image_feat, ["cat", "sun"])
+    assert scores.shape == (2, len(names)) and not scores.requires_grad  # a query builds no graph
+    assert torch.allclose(scores[0], image_feat @ word_feat["cat"], atol=1e-5)
     with pytest.raises(ValueError, match="toy"):
         word_query_benchmark(model, tokenizer, image_feat[:3], names, gallery="toy")
 

@@ -91,12 +91,12 @@ def gallery_names(dataset, manifest_path: str | Path) -> list[str]:
     return names
 
 
-@torch.no_grad()
 def rank_images_for_text(model, tokenizer, image_feat: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """Return, for each text, the gallery's image indices sorted by contrastive similarity (best first)."""
     return text_image_similarity(model, tokenizer, image_feat, texts).argsort(dim=1, descending=True)
 
 
+@torch.no_grad()
 def text_image_similarity(model, tokenizer, image_feat: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """Return the (texts, images) contrastive similarities of each text's feature with the gallery's unit features."""
     from codis_lib.data.collate import tokenize_captions
