@@ -265,15 +265,22 @@ class _ImageTextDataset(Dataset):
         if not others:
             return own
         pick = others[0] if len(others) == 1 else others[int(torch.randint(len(others), (), generator=generator))]
+        image = self._load_or_skip(pick, "the teacher reads the record's own image instead of this other drawing")
+        return own if image is None else image
+
+    def _load_or_skip(self, record: int, instead: str) -> torch.Tensor | None:
+        """Return record ``record``'s decoded image; with on_error="skip", None for one that fails (then
+        remembered in ``unloadable``, counted, and a warning ending with ``instead``: what happens in its place)."""
         if self.on_error != "skip":
-            return self.images.load(self.records[pick].image)
+            return self.images.load(self.records[record].image)
         try:
-            return self.images.load(self.records[pick].image)
+            return self.images.load(self.records[record].image)
         except (AnnotationError, OSError, ValueError, SyntaxError) as err:
-            self.unloadable.add(pick)
+            self.unloadable.add(record)
             self.skipped["corrupt_image_at_load"] += 1
-            logger.warning("the teacher's other drawing cannot be decoded (%s); it reads the record's own image", err)
-            return own
+            logger.warning("skipping a record whose image cannot be decoded (%s); %s (%d skipped at load in this "
+                           "process so far)", err, instead, self.skipped["corrupt_image_at_load"])
+            return None
 
     def _load_images(self, indices: Sequence[int]) -> tuple[list[torch.Tensor], list[int]]:
         """Return the decoded images of records ``indices`` and the record each one comes from.
@@ -290,15 +297,10 @@ class _ImageTextDataset(Dataset):
                 candidate = (i + step) % len(self.records)
                 if candidate in self.unloadable:
                     continue
-                try:
-                    images.append(self.images.load(self.records[candidate].image))
-                except (AnnotationError, OSError, ValueError, SyntaxError) as err:
-                    self.unloadable.add(candidate)
-                    self.skipped["corrupt_image_at_load"] += 1
-                    logger.warning("skipping a record whose image cannot be decoded (%s); its items are made from "
-                                   "the next record (%d skipped at load in this process so far)", err,
-                                   self.skipped["corrupt_image_at_load"])
+                image = self._load_or_skip(candidate, "its items are made from the next record")
+                if image is None:
                     continue
+                images.append(image)
                 used.append(candidate)
                 break
             else:
