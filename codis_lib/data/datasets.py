@@ -12,10 +12,9 @@ For the momentum teacher's own views (``ModelConfig.teacher_view`` / ``teacher_t
 training datasets built with ``teacher_image=True`` add ``"image_teacher"`` (a second, independent draw
 of the same transform) and with ``teacher_caption=True`` ``"caption_teacher"`` (another caption of the
 record, the same one when it has only one); with ``teacher_other_drawing=True`` too, the teacher's image is
-another record's with the very same captions (on the emoji corpus: the emoji drawn by the other art family;
-one drawn at random when there are several; the record's own image when there is none), under the same
-transform. All are drawn after the student's inputs, so those
-stay the same whatever the teacher sees. The teacher image's flip (``flip_policy="skip"``) respects
+another record's with the very same captions (on the emoji corpus: the emoji drawn by the other art family; one
+at random if several, the record's own if none), under the same transform. All are drawn after the student's
+inputs, so those stay the same whatever the teacher sees. The teacher image's flip (``flip_policy="skip"``) respects
 the sides named by both captions it is paired with; the student's image still looks at its own caption
 only. ``"swap"`` is refused with a teacher view, since the two views could disagree on left and right.
 The datasets define ``__getitems__``, which PyTorch's DataLoader calls with the indices of a whole
@@ -269,8 +268,7 @@ class _ImageTextDataset(Dataset):
         return own if image is None else image
 
     def _load_or_skip(self, record: int, instead: str) -> torch.Tensor | None:
-        """Return record ``record``'s decoded image; with on_error="skip", None for one that fails (then
-        remembered in ``unloadable``, counted, and a warning ending with ``instead``: what happens in its place)."""
+        """Return record ``record``'s image, or with on_error="skip" None if it fails (remembered, counted, warned)."""
         if self.on_error != "skip":
             return self.images.load(self.records[record].image)
         try:
