@@ -123,6 +123,10 @@ class TextConfig:
     mask_token_id: int = 103
     # "sdpa": PyTorch scaled_dot_product_attention (fast); "eager": explicit softmax(QK^T)V.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # True: the text and fusion layers compute their per-token products over the real tokens only
+    # (codis_lib/model/unpadded.py; same values at the real positions, about half the work on the emoji
+    # captions); needs sdpa. False: the padded layers (the paper's path; torch.compile compiles whole layers).
+    unpad: bool = False
     # None: random init (offline). "bert-base-uncased" (or another hub name): from the hub (online only).
     # A local directory saved with save_pretrained, or a state-dict file, works offline.
     pretrained: str | None = None
@@ -283,6 +287,8 @@ class ModelConfig:
         need(0.0 <= v.drop_path_rate < 1.0, "vision.drop_path_rate", f"must be in [0, 1), got {v.drop_path_rate}")
         need(t.hidden_size % t.num_heads == 0, "text.num_heads",
              f"text.hidden_size {t.hidden_size} is not divisible by text.num_heads {t.num_heads}")
+        need(not t.unpad or t.attn_implementation == "sdpa", "text.unpad",
+             f"needs text.attn_implementation sdpa, got {t.attn_implementation!r}")
         need(t.fusion_layers >= 1, "text.fusion_layers", f"must be >= 1 (ITM and MLM need a fusion encoder), "
              f"got {t.fusion_layers}")
         need(t.fusion_layers < t.num_layers, "text.fusion_layers",

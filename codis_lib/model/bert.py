@@ -31,6 +31,7 @@ from transformers.models.bert.modeling_bert import (BertAttention, BertEmbedding
                                                     BertOnlyMLMHead, BertOutput)
 
 from codis_lib.config import TextConfig
+from codis_lib.model import unpadded
 
 __all__ = ["make_bert_config", "FusionLayer", "BertTextFusion", "TextFusionEncoder", "attention_bias"]
 
@@ -201,6 +202,7 @@ class BertTextFusion(nn.Module):
         self.config = make_bert_config(text, encoder_width)
         self.num_text_layers = text.num_layers - text.fusion_layers
         self.attn_implementation = text.attn_implementation
+        self.unpad = text.unpad  # per-token products over the real tokens only (codis_lib.model.unpadded)
         self.embeddings = BertEmbeddings(self.config)
         layers: list[nn.Module] = [BertLayer(self.config, layer_idx=i) for i in range(self.num_text_layers)]
         layers += [FusionLayer(self.config, encoder_width, layer_idx=i)
@@ -225,7 +227,7 @@ class BertTextFusion(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def _run(self, layer: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, layer: Callable, *args) -> torch.Tensor:
         """Return layer(*args), recomputed in backward when gradient checkpointing is on."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(layer, *args, use_reentrant=False)
@@ -235,9 +237,21 @@ class BertTextFusion(nn.Module):
         """Return the text encoder's last hidden state (B, L, D): embeddings, then the text-only layers."""
         hidden = self.embeddings(input_ids=input_ids)  # (B, L, D)
         mask = attention_bias(attention_mask, hidden.dtype, self.attn_implementation)
+        packing = self._packing(attention_mask)
+        if packing is not None:  # the same layers over the real tokens only; zeros at the padded positions
+            rows = packing.pack(hidden)
+            for layer in self.encoder.layer[: self.num_text_layers]:
+                rows = self._run(unpadded.text_layer, layer, rows, packing, mask)
+            return packing.unpack(rows)
         for layer in self.encoder.layer[: self.num_text_layers]:
             hidden = self._run(layer, hidden, mask)
         return hidden
+
+    def _packing(self, attention_mask: torch.Tensor | None) -> unpadded.TokenPacking | None:
+        """Return the real tokens' packing when this encoder unpads and the batch holds padding, else None."""
+        if not self.unpad or attention_mask is None or bool(attention_mask.all()):
+            return None
+        return unpadded.TokenPacking.of(attention_mask)
 
     def forward_fusion(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
                        image_attention_mask: torch.Tensor | None = None, *, first_token_only: bool = False,
@@ -254,6 +268,10 @@ class BertTextFusion(nn.Module):
         mask = attention_bias(attention_mask, text_embeds.dtype, self.attn_implementation)
         image_mask = attention_bias(image_attention_mask, text_embeds.dtype, self.attn_implementation)
         layers = self.encoder.layer[self.num_text_layers:]
+        packing = self._packing(attention_mask)
+        if packing is not None:
+            return self._fusion_unpadded(layers, packing, text_embeds, mask, image_embeds, image_mask,
+                                         first_token_only=first_token_only, text_self_attended=text_self_attended)
         hidden = text_embeds
         for index, layer in enumerate(layers):
             last = index == len(layers) - 1
@@ -272,7 +290,30 @@ class BertTextFusion(nn.Module):
         Pass it to forward_fusion(..., text_self_attended=True) with any images.
         """
         mask = attention_bias(attention_mask, text_embeds.dtype, self.attn_implementation)
-        return self.encoder.layer[self.num_text_layers].attend_text(text_embeds, mask)
+        layer = self.encoder.layer[self.num_text_layers]
+        packing = self._packing(attention_mask)
+        if packing is not None:
+            return packing.unpack(unpadded.self_attention(layer.attention, packing.pack(text_embeds), packing, mask))
+        return layer.attend_text(text_embeds, mask)
+
+    def _fusion_unpadded(self, layers: nn.ModuleList, packing: unpadded.TokenPacking, text_embeds: torch.Tensor,
+                         mask: torch.Tensor | None, image_embeds: torch.Tensor, image_mask: torch.Tensor | None, *,
+                         first_token_only: bool, text_self_attended: bool) -> torch.Tensor:
+        """Return `forward_fusion`'s output with the layers over the real tokens only (zeros at padded positions).
+
+        A last layer computed at [CLS] only (first_token_only) runs padded: it projects one position anyway.
+        """
+        rows = packing.pack(text_embeds)
+        for index, layer in enumerate(layers):
+            attended = index == 0 and text_self_attended  # the rows are this layer's self-attention output
+            if index == len(layers) - 1 and first_token_only:
+                hidden = packing.unpack(rows)
+                if attended:
+                    return self._run(layer.attend_image, hidden[:, :1], image_embeds, image_mask)
+                return self._run(layer.forward_first_token, hidden, mask, image_embeds, image_mask)
+            rows = self._run(unpadded.fusion_layer, layer, rows, packing, mask, image_embeds, image_mask,
+                             not attended)
+        return packing.unpack(rows)
 
     def forward_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
                            image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
