@@ -420,3 +420,13 @@ def test_clip_mode_ignores_teacher_views_and_bad_ones_are_named():
     with pytest.raises(ValueError, match=r"teacher_attention_mask shape \(4, 5\) != teacher_input_ids shape"):
         model(image, input_ids, attention_mask, alpha=0.4, teacher_input_ids=teacher_ids,
               teacher_attention_mask=teacher_mask[:, :5])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"losses.mlm": False}, {"losses.mlm": False, "text.unpad": True},
+                                       {"mode": "albef", "losses.mlm": False}, {"losses.itm": False}])
+def test_every_trainable_parameter_gets_a_gradient(overrides):
+    """DistributedDataParallel (without find_unused_parameters) fails on a trainable parameter no loss reaches."""
+    model = _model(**overrides).train()
+    model(*_batch(model.config), alpha=0.4).loss.backward()
+    unreached = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unreached == []

@@ -149,6 +149,9 @@ class CODIS(nn.Module):
             # The decoder weight is the word-embedding table, which the text encoder still trains.
             self.text_encoder.cls.predictions.transform.requires_grad_(False)
             self.text_encoder.cls.predictions.bias.requires_grad_(False)
+            # ITM then reads the last fusion layer at [CLS] only (`forward_first_token`): its self-attention key
+            # bias shifts every logit of the one query alike and cancels in the softmax, so it has no gradient.
+            self.text_encoder.bert.encoder.layer[-1].attention.self.key.bias.requires_grad_(False)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute student encoder activations during backward (less memory, ~30 % more compute)."""
