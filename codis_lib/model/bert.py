@@ -237,15 +237,12 @@ class BertTextFusion(nn.Module):
         """Return the text encoder's last hidden state (B, L, D): embeddings, then the text-only layers."""
         hidden = self.embeddings(input_ids=input_ids)  # (B, L, D)
         mask = attention_bias(attention_mask, hidden.dtype, self.attn_implementation)
-        packing = self._packing(attention_mask)
-        if packing is not None:  # the same layers over the real tokens only; zeros at the padded positions
-            rows = packing.pack(hidden)
-            for layer in self.encoder.layer[: self.num_text_layers]:
-                rows = self._run(unpadded.text_layer, layer, rows, packing, mask)
-            return packing.unpack(rows)
+        packing = self._packing(attention_mask)  # unpadded: the real tokens' rows (N, D); zeros at padding after
+        hidden = hidden if packing is None else packing.pack(hidden)
         for layer in self.encoder.layer[: self.num_text_layers]:
-            hidden = self._run(layer, hidden, mask)
-        return hidden
+            hidden = (self._run(layer, hidden, mask) if packing is None
+                      else self._run(unpadded.text_layer, layer, hidden, packing, mask))
+        return hidden if packing is None else packing.unpack(hidden)
 
     def _packing(self, attention_mask: torch.Tensor | None) -> unpadded.TokenPacking | None:
         """Return the real tokens' packing when this encoder unpads and the batch holds padding, else None."""
@@ -268,21 +265,23 @@ class BertTextFusion(nn.Module):
         mask = attention_bias(attention_mask, text_embeds.dtype, self.attn_implementation)
         image_mask = attention_bias(image_attention_mask, text_embeds.dtype, self.attn_implementation)
         layers = self.encoder.layer[self.num_text_layers:]
-        packing = self._packing(attention_mask)
-        if packing is not None:
-            return self._fusion_unpadded(layers, packing, text_embeds, mask, image_embeds, image_mask,
-                                         first_token_only=first_token_only, text_self_attended=text_self_attended)
-        hidden = text_embeds
+        packing = self._packing(attention_mask)  # unpadded: the real tokens' rows (N, D) until the end
+        hidden = text_embeds if packing is None else packing.pack(text_embeds)
         for index, layer in enumerate(layers):
-            last = index == len(layers) - 1
-            if index == 0 and text_self_attended:  # positions are independent after self-attention
-                states = hidden[:, :1] if last and first_token_only else hidden
-                hidden = self._run(layer.attend_image, states, image_embeds, image_mask)
-            elif last and first_token_only:
-                hidden = self._run(layer.forward_first_token, hidden, mask, image_embeds, image_mask)
+            attended = index == 0 and text_self_attended  # positions are independent after self-attention
+            if index == len(layers) - 1 and first_token_only:  # [CLS] only, in the padded layout (one position)
+                hidden = hidden if packing is None else packing.unpack(hidden)
+                if attended:
+                    return self._run(layer.attend_image, hidden[:, :1], image_embeds, image_mask)
+                return self._run(layer.forward_first_token, hidden, mask, image_embeds, image_mask)
+            if packing is not None:
+                hidden = self._run(unpadded.fusion_layer, layer, hidden, packing, mask, image_embeds, image_mask,
+                                   not attended)
+            elif attended:
+                hidden = self._run(layer.attend_image, hidden, image_embeds, image_mask)
             else:
                 hidden = self._run(layer, hidden, mask, image_embeds, image_mask)
-        return hidden
+        return hidden if packing is None else packing.unpack(hidden)
 
     def fusion_text_states(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Return the first fusion layer's self-attention output (B, L, D): the fusion work that needs no image.
@@ -295,25 +294,6 @@ class BertTextFusion(nn.Module):
         if packing is not None:
             return packing.unpack(unpadded.self_attention(layer.attention, packing.pack(text_embeds), packing, mask))
         return layer.attend_text(text_embeds, mask)
-
-    def _fusion_unpadded(self, layers: nn.ModuleList, packing: unpadded.TokenPacking, text_embeds: torch.Tensor,
-                         mask: torch.Tensor | None, image_embeds: torch.Tensor, image_mask: torch.Tensor | None, *,
-                         first_token_only: bool, text_self_attended: bool) -> torch.Tensor:
-        """Return `forward_fusion`'s output with the layers over the real tokens only (zeros at padded positions).
-
-        A last layer computed at [CLS] only (first_token_only) runs padded: it projects one position anyway.
-        """
-        rows = packing.pack(text_embeds)
-        for index, layer in enumerate(layers):
-            attended = index == 0 and text_self_attended  # the rows are this layer's self-attention output
-            if index == len(layers) - 1 and first_token_only:
-                hidden = packing.unpack(rows)
-                if attended:
-                    return self._run(layer.attend_image, hidden[:, :1], image_embeds, image_mask)
-                return self._run(layer.forward_first_token, hidden, mask, image_embeds, image_mask)
-            rows = self._run(unpadded.fusion_layer, layer, rows, packing, mask, image_embeds, image_mask,
-                             not attended)
-        return packing.unpack(rows)
 
     def forward_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
                            image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
